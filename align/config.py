@@ -1,0 +1,292 @@
+"""Typed configs: one dataclass per concern, loaded from YAML with `--key value` overrides.
+
+The convention is HfArgumentParser's (and TRL's): a flat YAML whose keys are the fields of a few
+dataclasses, passed with `--config`, and any field overridable on the command line. What we add:
+an unknown key (in the YAML or on the command line) is an error that names it and suggests the
+nearest valid key, and YAML values are type-checked, because YAML bypasses argparse's `choices`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from align.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its help text (shown by `align <command> --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class Validated:
+    """Mixin: checks `Literal` choices and `Optional` types after construction, from YAML or code."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks; subclasses override and raise ConfigError."""
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+            return None  # `--eval_file none` on the command line
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(name, inner, value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [coerce(name, args[0], v) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            converted = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != converted:
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return converted
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Shared concerns
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArgs(Validated):
+    _argument_group_name = "model"
+
+    model: str = option(
+        "smollm2-135m-instruct",
+        "Model spec: the alias smollm2-135m-instruct (embedded, offline), a local model or adapter "
+        "directory, a training run directory, or a Hugging Face hub id.",
+    )
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Weights dtype. auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    attn_implementation: Optional[str] = option(None, "Attention kernel, e.g. sdpa or flash_attention_2.")
+
+
+@dataclass
+class LoraArgs(Validated):
+    _argument_group_name = "lora"
+
+    use_lora: bool = option(True, "Train a LoRA adapter (peft). false: full fine-tuning.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = option(
+        ["all-linear"], "Modules to adapt: all-linear, or names such as q_proj,v_proj."
+    )
+
+    def validate(self) -> None:
+        _positive("lora_r", self.lora_r)
+        _positive("lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class TrainArgs(Validated):
+    """The optimisation loop shared by every training recipe."""
+
+    _argument_group_name = "training"
+
+    output_dir: str = option("runs/sft", "Run directory: adapter, checkpoints, metrics, version.json.")
+    max_steps: int = option(-1, "Optimizer steps; -1 means num_train_epochs decides.")
+    num_train_epochs: float = option(1.0, "Passes over the training data (when max_steps is -1).")
+    per_device_train_batch_size: int = option(8, "Sequences per device per micro-batch.")
+    per_device_eval_batch_size: int = option(8, "Sequences per device per evaluation batch.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    learning_rate: float = option(2e-4, "Peak learning rate (LoRA tolerates ~10x full fine-tuning's).")
+    lr_scheduler_type: str = option("cosine", "Learning-rate schedule (transformers names).")
+    warmup_steps: float = option(0.03, "Warm-up: a step count, or a fraction of all steps when < 1.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    logging_steps: int = option(10, "Log metrics every N optimizer steps.")
+    eval_steps: int = option(50, "Evaluate every N steps (0: only at the end).")
+    save_steps: int = option(50, "Checkpoint every N steps.")
+    save_total_limit: int = option(2, "Checkpoints kept on disk.")
+    early_stopping_patience: int = option(0, "Stop after N evaluations without eval-loss improvement; 0: off.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).")
+    seed: int = option(42, "Random seed (data order, LoRA init, dropout).")
+    resume: bool = option(False, "Resume from the last checkpoint in output_dir.")
+    merge: bool = option(False, "Also save the base model with the adapter merged in (output_dir/merged).")
+    name: Optional[str] = option(None, "Model-version name recorded in version.json (default: output_dir's name).")
+    report_to: str = option("tensorboard", "Tracker for metrics besides metrics.jsonl: tensorboard, trackio or none.")
+
+    def validate(self) -> None:
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _positive(key, getattr(self, key))
+        _positive("learning_rate", self.learning_rate)
+        _positive("logging_steps", self.logging_steps)
+        _positive("save_steps", self.save_steps)
+        _positive("eval_steps", self.eval_steps, allow_zero=True)
+        _positive("early_stopping_patience", self.early_stopping_patience, allow_zero=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be -1 or > 0, got {self.max_steps}")
+
+
+@dataclass
+class SFTDataArgs(Validated):
+    _argument_group_name = "data"
+
+    train_file: str = option("data/sft/train.jsonl", "Chat-format JSONL: one {\"messages\": [...]} per line.")
+    eval_file: Optional[str] = option("data/sft/eval.jsonl", "Held-out JSONL in the same format (none: no eval).")
+    max_length: int = option(512, "Longest tokenised conversation kept; longer ones are truncated.")
+    max_train_samples: Optional[int] = option(None, "Use only the first N training rows (quick runs).")
+    max_eval_samples: Optional[int] = option(None, "Use only the first N evaluation rows.")
+
+    def validate(self) -> None:
+        _positive("max_length", self.max_length)
+
+
+SFT_CONFIG = (ModelArgs, LoraArgs, SFTDataArgs, TrainArgs)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def field_names(dataclass_types: typing.Sequence[type]) -> dict[str, type]:
+    """Every config key, mapped to the dataclass that owns it."""
+    owners: dict[str, type] = {}
+    for dtype in dataclass_types:
+        for f in dataclasses.fields(dtype):
+            if f.name in owners:
+                raise RuntimeError(f"config key {f.name} is defined by both {owners[f.name].__name__} and {dtype.__name__}")
+            owners[f.name] = dtype
+    return owners
+
+
+def unknown_key_error(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' {where}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_config(
+    dataclass_types: typing.Sequence[type], argv: Optional[list[str]] = None, prog: Optional[str] = None
+) -> tuple:
+    """Build the dataclasses from `--config FILE` and `--key value` overrides (command line wins).
+
+    Returns one instance per dataclass type, in order.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    owners = field_names(dataclass_types)
+    parser = _parser_class()(dataclass_types, prog=prog, allow_abbrev=False)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of config keys (see recipes/configs).")
+
+    values: dict[str, Any] = {}
+    config_path = _pop_config_path(argv)
+    if config_path is not None:
+        for key, value in load_yaml(config_path).items():
+            if key not in owners:
+                raise unknown_key_error(key, owners, f"in {config_path}")
+            values[key] = value
+    parser.set_defaults(**values)
+
+    namespace, remaining = parser.parse_known_args(argv)
+    for token in remaining:
+        if token.startswith("--"):
+            raise unknown_key_error(token[2:].split("=")[0].replace("-", "_"), owners, "on the command line")
+        raise ConfigError(f"unexpected argument '{token}' (options are written --key value)")
+    parsed = vars(namespace)
+    parsed.pop("config", None)
+    instances = []
+    for dtype in dataclass_types:
+        kwargs = {f.name: parsed[f.name] for f in dataclasses.fields(dtype) if f.init}
+        instances.append(dtype(**kwargs))
+    return tuple(instances)
+
+
+def _parser_class() -> type:
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> typing.NoReturn:  # one clear line instead of argparse's usage dump
+            raise ConfigError(message)
+
+    return Parser
+
+
+def _pop_config_path(argv: list[str]) -> Optional[str]:
+    for i, token in enumerate(argv):
+        if token == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    """Flatten config instances into one YAML-ready mapping (the resolved config of a run)."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        out.update(dataclasses.asdict(cfg))
+    return out
+
+
+def save_config(path: str | Path, *configs: Any) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(*configs), sort_keys=False))

