@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.db"]  # store fixtures: SQLite always, PostgreSQL when ALIGN_TEST_POSTGRES_URL is set
+
 # Tests never touch the network; the hub client fails fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

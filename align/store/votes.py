@@ -1,0 +1,235 @@
+"""Votes as an append-only event log: add, undo, and the view of the votes that currently count.
+
+Design: every action is a new `vote` row, never an UPDATE or DELETE.
+- kind "vote": a judgment (choice in a/b/tie/both_bad, in response order; strength 1 = slightly, 2 = much).
+- kind "skip": the annotator passed on the pair; kind "flag": the pair is broken (flag_reason says why).
+- kind "undo": takes back the event named by `supersedes_id`; a "vote" with `supersedes_id` is an edit.
+An event is in effect while nothing supersedes it; `supersedes_id` is unique, so each event is superseded once at
+most. The votes that count ("effective votes") are the kind "vote" rows in effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy.orm import Session, aliased
+
+from align.errors import DataError
+from align.store.clock import utc, utcnow
+from align.store.db import Store
+from align.store.schema import VOTE_CHOICES, VOTE_KINDS, Assignment, Pair, Vote
+
+ANSWER_KINDS = ("vote", "skip")  # one per annotator and pair; flags are side notes and may come on top
+
+
+_LATER = aliased(Vote, name="later_vote")  # built once: aliasing per query costs more than the query itself
+
+
+def in_effect() -> ColumnElement[bool]:
+    """True for vote rows that no later event supersedes."""
+    return ~select(_LATER.id).where(_LATER.supersedes_id == Vote.id).exists()
+
+
+def source_filter(source: str | None) -> ColumnElement[bool] | None:
+    """"human", "simulated" (any "sim:<judge>"), an exact source, or None for all."""
+    if source is None:
+        return None
+    if source == "simulated":
+        return Vote.source.like("sim:%")
+    return Vote.source == source
+
+
+def check_source(source: str) -> None:
+    if source != "human" and not (source.startswith("sim:") and len(source) > 4):
+        raise DataError(f"unknown vote source {source!r}; expected 'human' or 'sim:<judge name>'")
+
+
+def check_event(kind: str, annotator: str, choice: str | None, strength: int, left: str | None,
+                supersedes_id: int | None) -> None:
+    if kind not in VOTE_KINDS:
+        raise DataError(f"unknown vote kind {kind!r}; expected one of {', '.join(VOTE_KINDS)}")
+    if not annotator:
+        raise DataError("a vote needs an annotator name")
+    if kind == "vote":
+        if choice not in VOTE_CHOICES:
+            raise DataError(f"unknown choice {choice!r}; expected one of {', '.join(VOTE_CHOICES)}")
+        if strength not in (1, 2):
+            raise DataError(f"strength must be 1 (slightly) or 2 (much), got {strength!r}")
+    elif choice is not None:
+        raise DataError(f"a {kind!r} event carries no choice (got {choice!r})")
+    if left not in ("a", "b", None):
+        raise DataError(f"left must be 'a' or 'b' (the response shown on the left), got {left!r}")
+    if kind == "undo" and supersedes_id is None:
+        raise DataError("an undo needs supersedes_id: the event it takes back")
+    if kind in ("skip", "flag") and supersedes_id is not None:
+        raise DataError(f"a {kind!r} cannot supersede an event; undo it first")
+
+
+def add_vote(
+    store: Store,
+    pair_id: int,
+    annotator: str,
+    choice: str | None,
+    strength: int = 1,
+    rationale: str | None = None,
+    reasons: dict[str, Any] | None = None,
+    left: str | None = "a",
+    guidelines_version: str | None = "v1",
+    shown_at: datetime | None = None,
+    source: str = "human",
+    kind: str = "vote",
+    supersedes_id: int | None = None,
+    flag_reason: str | None = None,
+    answered_at: datetime | None = None,
+) -> int:
+    """Append one labeling event in one transaction and return its id. See the module docstring for kinds."""
+    check_event(kind, annotator, choice, strength, left, supersedes_id)
+    check_source(source)
+    with store.write() as session:
+        # Lock the pair so two events of one annotator on it (a double click) are checked one after the other.
+        if session.get(Pair, pair_id, with_for_update=True) is None:
+            raise DataError(f"no pair with id {pair_id}")
+        if supersedes_id is not None:
+            check_supersedes(session, supersedes_id, pair_id, annotator, kind)
+        elif kind in ANSWER_KINDS:
+            check_unanswered(session, pair_id, annotator)
+        vote = Vote(
+            pair_id=pair_id, annotator=annotator, kind=kind, choice=choice,
+            strength=strength if kind == "vote" else None, rationale=rationale, reasons=reasons,
+            left=None if kind == "undo" else left, guidelines_version=guidelines_version, shown_at=utc(shown_at),
+            answered_at=utc(answered_at) or utcnow(), supersedes_id=supersedes_id, flag_reason=flag_reason,
+            source=source, created_at=utcnow(),
+        )
+        session.add(vote)
+        session.flush()
+        if kind in ANSWER_KINDS:
+            finish_lease(session, pair_id, annotator)
+        return vote.id
+
+
+def check_supersedes(session: Session, target_id: int, pair_id: int, annotator: str, kind: str) -> None:
+    target = session.get(Vote, target_id)
+    if target is None or target.pair_id != pair_id or target.annotator != annotator:
+        raise DataError(f"event {target_id} is not one of {annotator!r}'s events on pair {pair_id}")
+    if target.kind == "undo":
+        raise DataError(f"event {target_id} is an undo; record the vote again instead of undoing the undo")
+    if kind == "vote" and target.kind not in ANSWER_KINDS:
+        # An edit replaces the annotator's one answer; replacing a flag could leave two votes in effect.
+        raise DataError(f"event {target_id} is a {target.kind!r}; only a vote or skip can be edited")
+    if is_superseded(session, target_id):
+        raise DataError(f"event {target_id} was already undone or edited")
+
+
+def check_unanswered(session: Session, pair_id: int, annotator: str) -> None:
+    query = select(Vote.id).where(
+        Vote.pair_id == pair_id, Vote.annotator == annotator, Vote.kind.in_(ANSWER_KINDS), in_effect()
+    )
+    previous = session.scalars(query).first()
+    if previous is not None:
+        raise DataError(
+            f"{annotator!r} already answered pair {pair_id} (event {previous}); "
+            f"pass supersedes_id={previous} to change it"
+        )
+
+
+def is_superseded(session: Session, vote_id: int) -> bool:
+    return session.scalars(select(Vote.id).where(Vote.supersedes_id == vote_id)).first() is not None
+
+
+def finish_lease(session: Session, pair_id: int, annotator: str) -> None:
+    session.execute(
+        update(Assignment)
+        .where(Assignment.pair_id == pair_id, Assignment.annotator == annotator, Assignment.status == "active")
+        .values(status="done")
+    )
+
+
+def undo_last_vote(store: Store, annotator: str, lease_seconds: int = 600, now: datetime | None = None) -> int | None:
+    """Take back the annotator's latest vote or skip still in effect; return the undo event's id, or None if
+    there is nothing to undo (or a concurrent undo got there first). The pair is leased back to the annotator,
+    so `lease_next_pair` shows it again next."""
+    from align.store.leases import renew_lease  # leases imports this module
+
+    with store.write() as session:
+        store.lock(session, "lease")  # the lease renewal below must not race lease_next_pair
+        query = select(Vote).where(Vote.annotator == annotator, Vote.kind.in_(ANSWER_KINDS), in_effect())
+        target = session.scalars(query.order_by(Vote.id.desc()).limit(1)).first()
+        if target is None:
+            return None
+        session.get(Pair, target.pair_id, with_for_update=True)
+        if is_superseded(session, target.id):
+            return None
+        undo = Vote(
+            pair_id=target.pair_id, annotator=annotator, kind="undo", supersedes_id=target.id,
+            guidelines_version=target.guidelines_version, source=target.source,
+            answered_at=utcnow(), created_at=utcnow(),
+        )
+        session.add(undo)
+        session.flush()
+        now = utc(now) or utcnow()
+        renew_lease(session, target.pair_id, annotator, now, now + timedelta(seconds=lease_seconds))
+        return undo.id
+
+
+def effective_votes_query(
+    *,
+    pair_ids: Sequence[int] | None = None,
+    annotators: Sequence[str] | None = None,
+    source: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Select[tuple[Vote]]:
+    """The votes that count, filtered; since/until bound `answered_at` (since inclusive, until exclusive)."""
+    query = select(Vote).where(Vote.kind == "vote", in_effect()).order_by(Vote.id)
+    if pair_ids is not None:
+        query = query.where(Vote.pair_id.in_(list(pair_ids)))
+    if annotators is not None:
+        query = query.where(Vote.annotator.in_(list(annotators)))
+    if (clause := source_filter(source)) is not None:
+        query = query.where(clause)
+    if since is not None:
+        query = query.where(Vote.answered_at >= utc(since))
+    if until is not None:
+        query = query.where(Vote.answered_at < utc(until))
+    return query
+
+
+def effective_votes(store: Store, **filters: Any) -> list[Vote]:
+    """The votes that count (kind "vote", not undone or edited), oldest first; filters as effective_votes_query."""
+    with store.read() as session:
+        return list(session.scalars(effective_votes_query(**filters)))
+
+
+def open_pairs(store: Store, annotator: str | None = None, limit: int | None = None) -> list[int]:
+    """Ids of pairs with fewer effective human votes than they require, fewest votes first; with `annotator`,
+    leaving out pairs that annotator already voted on, skipped or flagged."""
+    votes = human_vote_count()
+    query = select(Pair.id).where(votes < Pair.votes_required).order_by(votes, Pair.id)
+    if annotator is not None:
+        query = query.where(~answered_by(annotator))
+    if limit is not None:
+        query = query.limit(limit)
+    with store.read() as session:
+        return list(session.scalars(query))
+
+
+def human_vote_count() -> ColumnElement[int]:
+    """Effective human votes on the enclosing query's pair. Simulated judges label everything and do not use up
+    the human quota."""
+    return (
+        select(func.count(Vote.id))
+        .where(Vote.pair_id == Pair.id, Vote.kind == "vote", Vote.source == "human", in_effect())
+        .scalar_subquery()
+    )
+
+
+def answered_by(annotator: str) -> ColumnElement[bool]:
+    """The enclosing query's pair has a vote, skip or flag of this annotator in effect."""
+    return (
+        select(Vote.id)
+        .where(Vote.pair_id == Pair.id, Vote.annotator == annotator, Vote.kind != "undo", in_effect())
+        .exists()
+    )
