@@ -290,3 +290,99 @@ def to_dict(*configs: Any) -> dict[str, Any]:
 
 def save_config(path: str | Path, *configs: Any) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(*configs), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Preference training: DPO and the reward model (align/trainers/dpo.py, align/trainers/reward.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceDataArgs(Validated):
+    _argument_group_name = "data"
+
+    train_file: str = option(
+        "data/preferences/train.jsonl", "Preference JSONL (TRL conversational format, as `align export` writes it)."
+    )
+    eval_file: Optional[str] = option(None, "Held-out preference JSONL in the same format (none: no eval).")
+    max_length: int = option(1024, "Longest prompt + completion in tokens; longer completions are cut (and counted).")
+    max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens (counted).")
+    max_train_samples: Optional[int] = option(None, "Use only the first N training rows (quick runs).")
+    max_eval_samples: Optional[int] = option(None, "Use only the first N evaluation rows.")
+
+    def validate(self) -> None:
+        _positive("max_length", self.max_length)
+        _positive("max_prompt_length", self.max_prompt_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+
+
+@dataclass
+class DPOArgs(Validated):
+    _argument_group_name = "dpo"
+
+    beta: float = option(0.1, "KL strength β: implicit reward = β·(log π - log π_ref).")
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge"] = option(
+        "sigmoid", "DPO-family loss (align/losses.py): sigmoid (DPO), ipo, robust (cDPO), hinge (SLiC)."
+    )
+    label_smoothing: float = option(0.0, "robust only: probability ε that a label is flipped.")
+    sft_weight: float = option(0.0, "Weight of an SFT term (per-token NLL of chosen, non-tie pairs); 0: off.")
+    tie_nu: float = option(1.0, "Davidson tie parameter ν > 0 for pairs labelled tie (larger: ties likelier a priori).")
+    both_bad: Literal["drop", "tie"] = option(
+        "drop", "Pairs labelled both_bad: drop them (counted, logged) or train them as ties."
+    )
+    precompute_ref: bool = option(True, "Reference log-probs in one no-grad pass before training, not every step.")
+    use_soft_labels: bool = option(
+        False, "robust only: label_agreement is the probability that chosen is preferred (per-pair ε)."
+    )
+
+    def validate(self) -> None:
+        _positive("beta", self.beta)
+        _positive("tie_nu", self.tie_nu)
+        _positive("sft_weight", self.sft_weight, allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if (self.label_smoothing or self.use_soft_labels) and self.loss_type != "robust":
+            raise ConfigError("label_smoothing and use_soft_labels need loss_type: robust")
+
+
+@dataclass
+class WeightingArgs(Validated):
+    _argument_group_name = "weighting"
+
+    weighting_scheme: Literal["none", "sequence", "tempered", "length_normalized", "mixture", "wpo"] = option(
+        "none", "Importance weights for pairs sampled by older versions (align/weighting.py); none: the `weight` "
+        "column of the data if present, else 1."
+    )
+    weighting_alpha: float = option(1.0, "Tempering exponent α for tempered and mixture (0: unweighted, 1: plain IS).")
+    weighting_clip: Optional[float] = option(5.0, "Truncate weights at c (≥ 1) after normalising to mean 1; none: off.")
+    weighting_target: Literal["static", "dynamic"] = option(
+        "static", "static: target = the starting policy, scored once before training. dynamic (DPO only): the current "
+        "policy each step, detached, normalised by a running dataset mean."
+    )
+
+    def validate(self) -> None:
+        _positive("weighting_alpha", self.weighting_alpha, allow_zero=True)
+        if self.weighting_clip is not None and self.weighting_clip < 1:
+            raise ConfigError(f"weighting_clip must be >= 1 (weights have mean 1), got {self.weighting_clip}")
+
+
+DPO_CONFIG = (ModelArgs, LoraArgs, PreferenceDataArgs, DPOArgs, WeightingArgs, TrainArgs)
+
+
+@dataclass
+class RewardArgs(Validated):
+    _argument_group_name = "reward"
+
+    margin_scale: float = option(0.0, "Margin m = margin_scale · the `margin` column in -log σ(r_c - r_r - m); 0: off.")
+    center_coef: float = option(0.0, "Centering coefficient η: adds η·(r_c + r_r)², keeping rewards near 0; 0: off.")
+    tie_nu: float = option(1.0, "Davidson tie parameter ν > 0 for pairs labelled tie.")
+    both_bad: Literal["drop", "tie"] = option("drop", "Pairs labelled both_bad: drop them (counted) or train as ties.")
+
+    def validate(self) -> None:
+        _positive("margin_scale", self.margin_scale, allow_zero=True)
+        _positive("center_coef", self.center_coef, allow_zero=True)
+        _positive("tie_nu", self.tie_nu)
+
+
+REWARD_CONFIG = (ModelArgs, LoraArgs, PreferenceDataArgs, RewardArgs, WeightingArgs, TrainArgs)

@@ -1,0 +1,320 @@
+"""Preference pairs for DPO and reward models: load and validate JSONL, tokenise, batch, score.
+
+Input rows are what `align export` writes (TRL's conversational preference format, data/README.md):
+`prompt` (messages or a string), `chosen` and `rejected` (one assistant message or a string), and optional
+`label` (chosen | tie | both_bad), `margin`, `label_agreement`, `weight`, `gen_chosen_logps`, `gen_rejected_logps`,
+`chosen_token_ids`, `rejected_token_ids`, `gen_model_version`, `gen_logps_by_version`, `pair_id`.
+
+A completion's token ids are the stored ones when present (exactly what the sampler produced, which importance
+weights need), else the response text followed by the tokenizer's eos token (the end of an assistant turn).
+Chosen and rejected go into ONE padded batch of 2B rows, so one forward pass scores both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from align.data import as_messages, prompt_ids, read_jsonl
+from align.errors import DataError
+from align.logprobs import IGNORE_INDEX, sequence_logps, shift_for_causal_lm, token_log_collision
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+LABELS = ("chosen", "tie", "both_bad")
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class PreferenceSet:
+    """Validated rows of one file. Each row keeps `where` ("file:line") so later errors can name it."""
+
+    path: str
+    rows: list[dict[str, Any]]
+    n_read: int
+    both_bad_dropped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# --- loading and validation ------------------------------------------------------------------------------------------
+
+
+def _line_numbers(path: Path) -> list[int]:
+    """Line number of each non-blank line (read_jsonl skips blank lines, so row i is on line numbers[i])."""
+    with path.open(encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _prompt(value: Any, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str) and value.strip():
+        return as_messages(value)
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+
+
+def response_text(value: Any, column: str, where: str) -> str:
+    """A response given as a string or as a list with one assistant message, as text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        message = value[0]
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    raise DataError(f"{where}: '{column}' must be a string or a list with one assistant message")
+
+
+def _number(row: dict, key: str, where: str) -> Optional[float]:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: '{key}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise DataError(f"{where}: '{key}' is {value}, not a finite number")
+    return float(value)
+
+
+def _token_ids(row: dict, key: str, where: str) -> Optional[list[int]]:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise DataError(f"{where}: '{key}' must be a non-empty list of integer token ids")
+    return value
+
+
+def _by_version(row: dict, where: str) -> Optional[dict[str, tuple[float, float]]]:
+    value = row.get("gen_logps_by_version")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: 'gen_logps_by_version' must be an object {{version: [chosen_logp, rejected_logp]}}")
+    out = {}
+    for version, pair in value.items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise DataError(f"{where}: gen_logps_by_version[{version!r}] must be [chosen_logp, rejected_logp]")
+        numbers = {"c": pair[0], "r": pair[1]}
+        out[str(version)] = (_number(numbers, "c", where), _number(numbers, "r", where))
+        if None in out[str(version)]:
+            raise DataError(f"{where}: gen_logps_by_version[{version!r}] has a missing value")
+    return out
+
+
+def validate_row(raw: dict, where: str) -> dict[str, Any]:
+    """One JSONL row -> a normalised row; DataError naming `where` on any bad value."""
+    label = raw.get("label") or "chosen"
+    if label not in LABELS:
+        raise DataError(f"{where}: label {label!r} is not one of {', '.join(LABELS)}")
+    row = {
+        "where": where,
+        "prompt": _prompt(raw["prompt"], where),
+        "chosen": response_text(raw["chosen"], "chosen", where),
+        "rejected": response_text(raw["rejected"], "rejected", where),
+        "label": label,
+        "pair_id": raw.get("pair_id"),
+        "gen_logps_by_version": _by_version(raw, where),
+    }
+    for key in ("margin", "label_agreement", "weight", "gen_chosen_logps", "gen_rejected_logps"):
+        row[key] = _number(raw, key, where)
+    for key in ("chosen_token_ids", "rejected_token_ids"):
+        row[key] = _token_ids(raw, key, where)
+    if row["label_agreement"] is not None and not 0 <= row["label_agreement"] <= 1:
+        raise DataError(f"{where}: label_agreement must lie in [0, 1], got {row['label_agreement']}")
+    if row["weight"] is not None and row["weight"] < 0:
+        raise DataError(f"{where}: weight must be >= 0, got {row['weight']}")
+    version = raw.get("gen_model_version") or raw.get("gen_chosen_model_version")
+    row["gen_model_version"] = None if version is None else str(version)
+    return row
+
+
+def load_preferences(path: str | Path, limit: Optional[int] = None, both_bad: str = "drop") -> PreferenceSet:
+    """Read, validate and count a preference file. both_bad pairs are dropped (counted, logged) or become ties."""
+    path = Path(path)
+    raw_rows = read_jsonl(path, required=("prompt", "chosen", "rejected"))  # names malformed lines
+    lines = _line_numbers(path)
+    raw_rows = raw_rows[:limit] if limit else raw_rows
+    rows = [validate_row(raw, f"{path}:{lines[i]}") for i, raw in enumerate(raw_rows)]
+    counts = {label: sum(r["label"] == label for r in rows) for label in LABELS}
+    dropped = 0
+    if both_bad == "drop":
+        dropped = counts["both_bad"]
+        rows = [r for r in rows if r["label"] != "both_bad"]
+        if dropped:
+            log.warning("%s: dropped %d both-bad pair(s) of %d (both_bad: drop; set both_bad: tie to train on them "
+                        "as ties)", path, dropped, len(raw_rows))
+    else:
+        for r in rows:
+            if r["label"] == "both_bad":
+                r["label"] = "tie"
+    if not rows:
+        raise DataError(f"{path}: no pairs left to train on (every pair was both_bad and both_bad is 'drop')")
+    return PreferenceSet(str(path), rows, len(raw_rows), dropped, counts)
+
+
+# --- tokenisation ----------------------------------------------------------------------------------------------------
+
+
+def completion_ids(row: dict, side: str, tokenizer: "PreTrainedTokenizerBase") -> tuple[list[int], bool]:
+    """(token ids of one response, whether they are the stored sampled ids). Stored ids are checked: each id
+    within the vocabulary, and decoding them reproduces the text (else they belong to another tokenizer)."""
+    stored = row[f"{side}_token_ids"]
+    text = row[side]
+    if stored is None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], False
+    vocab = len(tokenizer)
+    bad = [t for t in stored if not 0 <= t < vocab]
+    if bad:
+        raise DataError(f"{row['where']}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
+                        f"(size {vocab}); were the responses generated with another tokenizer?")
+    decoded = tokenizer.decode(stored, skip_special_tokens=True)
+    if decoded.strip() != text.strip():
+        raise DataError(f"{row['where']}: {side}_token_ids do not decode to the '{side}' text "
+                        f"({decoded[:40]!r} vs {text[:40]!r}); were they made by another tokenizer?")
+    return list(stored), True
+
+
+def tokenize_pairs(
+    pset: PreferenceSet, tokenizer: "PreTrainedTokenizerBase", max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(full features, truncated features, counts). Full = untruncated, for importance weights (the stored
+    log-probs cover every sampled token); truncated = what training sees (None: no limit). A feature holds `index`, `prompt_ids`,
+    `chosen_ids`, `rejected_ids`, `is_tie`, `weight` (1.0 until weights are attached), `margin`, `soft_label`."""
+    full, cut = [], []
+    counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0}
+    for i, row in enumerate(pset.rows):
+        feature = {"index": i, "prompt_ids": prompt_ids(tokenizer, row["prompt"]), "is_tie": row["label"] == "tie",
+                   "weight": 1.0 if row["weight"] is None else row["weight"],
+                   "margin": row["margin"] or 0.0, "soft_label": row["label_agreement"]}
+        for side in SIDES:
+            feature[f"{side}_ids"], stored = completion_ids(row, side, tokenizer)
+            counts["stored_token_ids"] += stored
+        full.append(feature)
+        short = dict(feature)
+        if max_prompt_length is not None and len(short["prompt_ids"]) > max_prompt_length:  # keep the end: the question nearest the answer
+            short["prompt_ids"] = short["prompt_ids"][-max_prompt_length:]
+            counts["truncated_prompts"] += 1
+        room = math.inf if max_length is None else max_length - len(short["prompt_ids"])
+        for side in SIDES:
+            if len(short[f"{side}_ids"]) > room:
+                short[f"{side}_ids"] = short[f"{side}_ids"][:room]
+                counts["truncated_completions"] += 1
+        cut.append(short)
+    if counts["truncated_prompts"] or counts["truncated_completions"]:
+        log.warning("%s: truncated %d prompt(s) to max_prompt_length=%d and %d completion(s) to max_length=%d",
+                    pset.path, counts["truncated_prompts"], max_prompt_length, counts["truncated_completions"], max_length)
+    return full, cut, counts
+
+
+# --- batching --------------------------------------------------------------------------------------------------------
+
+# Per-pair float columns a feature may carry into the batch (B,); missing soft labels default per row.
+FLOAT_COLUMNS = ("weight", "margin", "ref_chosen_logps", "ref_rejected_logps",
+                 "ref_chosen_log_collision", "ref_rejected_log_collision")
+
+
+@dataclass
+class PreferenceCollator:
+    """Features -> one batch of 2B rows: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+
+    `labels` is -100 on prompt and padding (right padding), so log-probs cover completion tokens only.
+    Also (B,): `index`, `is_tie`, `label_agreement` (NaN where missing), `soft_label` (label_agreement, default
+    1 - label_smoothing), and the FLOAT_COLUMNS that every feature carries.
+    """
+
+    pad_token_id: int
+    label_smoothing: float = 0.0
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        seqs, labels = [], []
+        for side in SIDES:
+            for f in features:
+                seqs.append(f["prompt_ids"] + f[f"{side}_ids"])
+                labels.append([IGNORE_INDEX] * len(f["prompt_ids"]) + f[f"{side}_ids"])
+        width = max(map(len, seqs))
+        batch = {
+            "input_ids": torch.tensor([s + [self.pad_token_id] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+            "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
+            "index": torch.tensor([f["index"] for f in features]),
+            "is_tie": torch.tensor([bool(f["is_tie"]) for f in features]),
+            "label_agreement": torch.tensor([math.nan if f["soft_label"] is None else f["soft_label"] for f in features]),
+            "soft_label": torch.tensor([1.0 - self.label_smoothing if f["soft_label"] is None else f["soft_label"]
+                                        for f in features]),
+        }
+        for key in FLOAT_COLUMNS:
+            if all(key in f for f in features):
+                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+        return batch
+
+
+def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> dict[str, "torch.Tensor"]:
+    """One forward over the 2B rows -> (B,) float32 `chosen_logps`, `rejected_logps` (sums over completion
+    tokens), `chosen_lengths`, `rejected_lengths`, and `*_log_collision` (WPO's Σ log Σ_v p²) on request."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits, labels = shift_for_causal_lm(logits, batch["labels"])
+    half = labels.shape[0] // 2
+    logps = sequence_logps(logits, labels)
+    lengths = (labels != IGNORE_INDEX).sum(-1).float()
+    out = {"chosen_logps": logps[:half], "rejected_logps": logps[half:],
+           "chosen_lengths": lengths[:half], "rejected_lengths": lengths[half:]}
+    if with_collision:
+        with torch.no_grad():  # only ever used for detached weights
+            coll = token_log_collision(logits.detach(), labels).sum(-1)
+        out["chosen_log_collision"], out["rejected_log_collision"] = coll[:half], coll[half:]
+    return out
+
+
+def to_device(batch: dict, device: Any) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def score_pairs(
+    model: Any, features: Sequence[dict], collator: PreferenceCollator, batch_size: int,
+    accelerator: Any = None, with_collision: bool = False, fn: Optional[Callable[[Any, dict], dict]] = None,
+) -> dict[str, "torch.Tensor"]:
+    """No-grad pass: completion_logps (or `fn(model, batch)` -> {name: (B,)}) for every feature, as (N,) float64
+    tensors in feature order.
+
+    Under data parallelism each rank scores its share and the results are gathered, so every rank ends with the
+    values of the WHOLE dataset (importance weights are normalised over all of it, identically on every rank).
+    Rows are batched by length to waste little padding.
+    """
+    import torch
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = sorted(range(rank, len(features), world), key=lambda i: len(features[i]["chosen_ids"]) +
+                  len(features[i]["rejected_ids"]) + len(features[i]["prompt_ids"]))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[tuple[int, dict[str, float]]] = []
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            batch = to_device(collator([features[i] for i in chunk]), device)
+            out = fn(model, batch) if fn is not None else completion_logps(model, batch, with_collision)
+            values = {k: v.double().cpu().tolist() for k, v in out.items()}
+            results += [(i, {k: v[j] for k, v in values.items()}) for j, i in enumerate(chunk)]
+    model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    results.sort(key=lambda item: item[0])
+    keys = results[0][1].keys()
+    return {k: torch.tensor([r[k] for _, r in results], dtype=torch.float64) for k in keys}

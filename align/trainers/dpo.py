@@ -1,0 +1,192 @@
+"""DPO with LoRA: tie-aware, per-example weighted preference losses, importance weights for reused pairs.
+
+The policy is the starting model plus a fresh LoRA adapter; the reference is the same model with the adapter
+disabled, which is exactly the starting model (align.models merges earlier adapters into the base on load), so
+no frozen copy is kept. Reference log-probs are computed either once before training (precompute_ref) or in
+each step under `disable_adapter()`. Full fine-tuning has no adapter to disable and always precomputes.
+
+Losses come from align.losses (sigmoid, ipo, robust, hinge; tie rows use Davidson's tie term; optional SFT term).
+Per-example weights enter through the `weight` column: computed by the weighting config, or read from the file.
+Metrics: loss, rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}, weights/ess_frac (at step 0)
+and kl/ref: the mean over chosen responses of log π(y_c) - log π_ref(y_c). That is a cheap KL proxy, not
+KL(π‖π_ref) itself (the chosen responses are samples of the labelled data, not of π), but it tracks drift.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from align import runs
+from align.config import (DPO_CONFIG, DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs,
+                          parse_config, save_config, to_dict)
+from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
+from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
+from align.preference import PreferenceCollator, PreferenceSet, completion_logps, load_preferences, score_pairs, \
+    tokenize_pairs
+from align.trainers.loop import Task, make_accelerator, train_loop
+from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
+
+log = logging.getLogger(__name__)
+
+
+class DPOObjective:
+    """loss(model, batch) and eval_step(model, batch) for the loop (see align.trainers.loop.Task)."""
+
+    def __init__(self, args: DPOArgs, weighting: WeightingArgs, accelerator: Any = None):
+        self.args = args
+        self.accelerator = accelerator
+        self.dynamic = None
+        if weighting.weighting_target == "dynamic":
+            self.dynamic = DynamicWeights(weighting.weighting_scheme, weighting.weighting_alpha,
+                                          weighting.weighting_clip, accelerator)
+        # WPO's dynamic weight also moves its collision term, so both sides need it.
+        self.need_collision = self.dynamic is not None and weighting.weighting_scheme == "wpo"
+
+    def reference(self, model: Any, batch: dict) -> dict[str, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return {k.removeprefix("ref_"): v for k, v in batch.items() if k.startswith("ref_")}
+        peft_model = self.accelerator.unwrap_model(model) if self.accelerator else model
+        with torch.no_grad(), peft_model.disable_adapter():  # the adapter off = the starting model
+            return completion_logps(peft_model, batch, self.need_collision)
+
+    def _loss_args(self, batch: dict) -> dict[str, Any]:
+        soft = self.args.use_soft_labels
+        return {"label_smoothing": 0.0 if soft else self.args.label_smoothing,
+                "soft_label": batch["soft_label"] if soft else None}
+
+    def __call__(self, model: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a = self.args
+        policy = completion_logps(model, batch, self.need_collision)
+        ref = self.reference(model, batch)
+        weights = batch["weight"] if self.dynamic is None else self.dynamic(batch["weight"], policy, ref)
+        loss, metrics = preference_loss(
+            a.loss_type, policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"],
+            a.beta, is_tie=batch["is_tie"], weights=weights, tie_nu=a.tie_nu, **self._loss_args(batch),
+        )
+        if a.sft_weight:
+            # SFT on chosen responses of decided pairs only: a tie's (or both-bad's) "chosen" is not a target.
+            nll = sft_loss(policy["chosen_logps"], policy["chosen_lengths"])
+            w = weights.detach() * (~batch["is_tie"]).to(weights.dtype)
+            loss = loss + a.sft_weight * torch.where(w == 0, torch.zeros_like(nll), w * nll).sum() / nll.numel()
+        metrics["kl/ref"] = (policy["chosen_logps"] - ref["chosen_logps"]).detach().mean()
+        if self.dynamic is not None:
+            metrics["weights/mean"] = weights.mean()
+        return loss, metrics
+
+    def eval_step(self, model: Any, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-example values (unweighted: held-out data needs no correction)."""
+        a = self.args
+        policy = completion_logps(model, batch)
+        ref = self.reference(model, batch)
+        args = (policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"], a.beta)
+        losses = DPO_LOSSES[a.loss_type](*args, **self._loss_args(batch))
+        losses = torch.where(batch["is_tie"], tie_loss(*args, tie_nu=a.tie_nu), losses)
+        return {"loss": losses, "h_chosen": a.beta * (args[0] - args[2]), "h_rejected": a.beta * (args[1] - args[3]),
+                "is_tie": batch["is_tie"].float(), "logps_chosen": args[0], "logps_rejected": args[1],
+                "kl": args[0] - args[2]}
+
+    @staticmethod
+    def eval_summary(v: dict[str, torch.Tensor]) -> dict[str, float]:
+        decided = v["is_tie"] == 0
+        wins = (v["h_chosen"] > v["h_rejected"]).float()[decided]
+        return {"loss": v["loss"].mean(), "rewards/chosen": v["h_chosen"].mean(),
+                "rewards/rejected": v["h_rejected"].mean(), "rewards/margins": (v["h_chosen"] - v["h_rejected"]).mean(),
+                "rewards/accuracies": wins.mean() if wins.numel() else math.nan,
+                "logps/chosen": v["logps_chosen"].mean(), "logps/rejected": v["logps_rejected"].mean(),
+                "kl/ref": v["kl"].mean()}
+
+
+def attach_reference(features: list[dict], scores: dict[str, torch.Tensor]) -> None:
+    """Store reference outputs as per-pair columns (ref_chosen_logps, ...), which the collator carries."""
+    for name, values in scores.items():
+        if name.endswith(("_logps", "_log_collision")):
+            for feature, value in zip(features, values.tolist()):
+                feature[f"ref_{name}"] = value
+
+
+def _same_ids(a: Sequence[dict], b: Sequence[dict]) -> bool:
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    return all(x[k] == y[k] for x, y in zip(a, b) for k in keys)
+
+
+def data_metrics(pset: PreferenceSet, counts: dict[str, int], prefix: str = "data") -> dict[str, int]:
+    return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r["label"] == "tie" for r in pset.rows),
+            f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()}}
+
+
+def write_run_record(out: Path, method: str, model_args: ModelArgs, model_dir: Path, data_args: PreferenceDataArgs,
+                     configs: Sequence[Any], metrics: dict, tokenizer: Any, command: Optional[str]) -> None:
+    """version.json and the model card for a preference run (DPO or reward)."""
+    runs.record_run(out, method=method, name=configs[-1].name, model_spec=model_args.model, revision=model_args.revision,
+                    model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
+                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
+
+
+def train_dpo(
+    model_args: ModelArgs, lora_args: LoraArgs, data_args: PreferenceDataArgs, dpo_args: DPOArgs,
+    weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),
+) -> Path:
+    """Run DPO end to end and return the run directory. `callbacks`: see align.trainers.loop.train_loop."""
+    from accelerate.utils import set_seed
+
+    configs = (model_args, lora_args, data_args, dpo_args, weighting, train)
+    accelerator = make_accelerator(train, resolve_dtype(model_args.dtype))
+    with accelerator.main_process_first():
+        out = runs.prepare_output_dir(train.output_dir, train.resume)
+    set_seed(train.seed)
+    train_set = load_preferences(data_args.train_file, data_args.max_train_samples, dpo_args.both_bad)
+    eval_set = (load_preferences(data_args.eval_file, data_args.max_eval_samples, dpo_args.both_bad)
+                if data_args.eval_file else None)
+    model, tokenizer = load_model(model_args, device=str(accelerator.device))
+    collator = PreferenceCollator(tokenizer.pad_token_id, dpo_args.label_smoothing)
+    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length)
+    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length)[1]
+                     if eval_set else [])
+
+    def score(feats: Sequence[dict], with_collision: bool) -> dict[str, torch.Tensor]:
+        return score_pairs(model, feats, collator, train.per_device_eval_batch_size, accelerator, with_collision)
+
+    # Static target = the starting model = the reference: score it before the adapter exists.
+    weights, target = dataset_weights(train_set, full, weighting, score)
+    for feature, w in zip(features, weights.weights.tolist()):
+        feature["weight"] = w
+    objective = DPOObjective(dpo_args, weighting, accelerator)
+    if dpo_args.precompute_ref or not lora_args.use_lora:
+        reusable = target is not None and _same_ids(full, features) and (
+            not objective.need_collision or "chosen_log_collision" in target)
+        attach_reference(features, target if reusable else score(features, objective.need_collision))
+        if eval_features:
+            attach_reference(eval_features, score(eval_features, False))
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args)
+    if accelerator.is_main_process:
+        save_config(out / "config.yaml", *configs)
+    report(weights, train_set, out if accelerator.is_main_process else None)
+
+    start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
+    task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
+                state=objective.dynamic)
+    metrics = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
+    metrics.update({k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model_dir = save_trained(model, tokenizer, out, model_args.model, train.merge)
+        write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """`align dpo --config FILE [--key value ...]`."""
+    from accelerate import PartialState
+
+    from align.cli import print_run_summary
+
+    out = train_dpo(*parse_config(DPO_CONFIG, argv, prog="align dpo"))
+    if PartialState().is_main_process:
+        print_run_summary(out)

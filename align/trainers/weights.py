@@ -1,0 +1,291 @@
+"""Importance weights of a preference dataset: compute, report (weights.json + weights.png), `align weights`.
+
+Static target (the default): the target policy π is the model a run starts from (the DPO reference), scored once
+before training, with log-softmax in float32 over the STORED sampled token ids, on the whole dataset (every
+data-parallel rank ends with the same weights: they are normalised before the data is sharded).
+
+Dynamic target (DPO only, `DynamicWeights`): the current policy, recomputed each step and detached. The dataset
+normaliser cannot be recomputed every step, so a running estimate is used; see `DynamicWeights`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from align import runs
+from align.config import WeightingArgs
+from align.errors import ConfigError, DataError
+from align.preference import PreferenceSet
+from align.weighting import WeightResult, compute_importance_weights, weight_diagnostics
+
+log = logging.getLogger(__name__)
+
+NEEDS_GEN_LOGPS = ("sequence", "tempered", "length_normalized")
+_HINT = ("use weighting_scheme 'wpo' (self-weights, no generation log-probs needed), or run `align rescore` to score "
+         "the stored responses under the model version that generated them")
+
+
+def check_columns(pset: PreferenceSet, scheme: str) -> None:
+    """Fail early, naming the first row that lacks what `scheme` needs."""
+    for row in pset.rows:
+        if scheme in NEEDS_GEN_LOGPS and (row["gen_chosen_logps"] is None or row["gen_rejected_logps"] is None):
+            raise DataError(f"{row['where']}: no gen_chosen_logps/gen_rejected_logps, which weighting scheme "
+                            f"'{scheme}' needs; {_HINT}")
+        if scheme == "mixture" and (row["gen_logps_by_version"] is None or row["gen_model_version"] is None):
+            raise DataError(f"{row['where']}: weighting scheme 'mixture' needs gen_model_version and "
+                            f"gen_logps_by_version (log-probs under every pooled version); {_HINT}")
+    if scheme == "mixture":
+        versions = {r["gen_model_version"] for r in pset.rows}
+        for row in pset.rows:
+            missing = versions - set(row["gen_logps_by_version"])
+            if missing:
+                raise DataError(f"{row['where']}: gen_logps_by_version lacks pooled version(s) {sorted(missing)}")
+    if scheme != "none" and scheme != "wpo":
+        unstored = sum(r["chosen_token_ids"] is None or r["rejected_token_ids"] is None for r in pset.rows)
+        if unstored:
+            log.warning("%s: %d pair(s) have no stored token ids; their target log-probs use re-tokenised text, which "
+                        "may not be the sampled tokens the generation log-probs cover", pset.path, unstored)
+
+
+def _versions(pset: PreferenceSet) -> Optional[list[str]]:
+    versions = [r["gen_model_version"] for r in pset.rows]
+    return None if any(v is None for v in versions) else versions
+
+
+def file_weights(pset: PreferenceSet) -> WeightResult:
+    """Scheme none: the data's `weight` column (missing entries count 1), or all ones; with diagnostics."""
+    given = [r["weight"] for r in pset.rows]
+    weights = torch.tensor([1.0 if w is None else w for w in given], dtype=torch.float32)
+    if float(weights.sum()) <= 0:
+        raise DataError(f"{pset.path}: every pair has weight 0")
+    log_w = torch.log(weights.double().clamp_min(1e-30))
+    diag = weight_diagnostics(weights, log_w, source_version=_versions(pset))
+    diag["scheme"] = "none" if all(w is None for w in given) else "none (weight column)"
+    return WeightResult(weights, log_w.float(), diag)
+
+
+def dataset_weights(
+    pset: PreferenceSet, full_features: Sequence[dict], weighting: WeightingArgs, score: Any,
+) -> tuple[WeightResult, Optional[dict[str, torch.Tensor]]]:
+    """(weights for every row, target scores or None). `score(features, with_collision)` runs the static target
+    over untruncated features (see `align.preference.score_pairs`); it is called only when the scheme needs it."""
+    scheme = weighting.weighting_scheme
+    if scheme == "none":
+        return file_weights(pset), None
+    check_columns(pset, scheme)
+    if any(r["weight"] is not None for r in pset.rows):
+        log.info("%s: weights computed by scheme %s replace the file's weight column", pset.path, scheme)
+    scores = score(full_features, scheme == "wpo")
+    rows = pset.rows
+    by_version = None
+    if scheme == "mixture":
+        versions = sorted({r["gen_model_version"] for r in rows})
+        by_version = {v: ([r["gen_logps_by_version"][v][0] for r in rows],
+                          [r["gen_logps_by_version"][v][1] for r in rows]) for v in versions}
+    gen = {}
+    if all(r["gen_chosen_logps"] is not None and r["gen_rejected_logps"] is not None for r in rows):
+        gen = {"gen_chosen_logps": [r["gen_chosen_logps"] for r in rows],
+               "gen_rejected_logps": [r["gen_rejected_logps"] for r in rows]}
+    result = compute_importance_weights(
+        scheme, alpha=weighting.weighting_alpha, clip=weighting.weighting_clip,
+        target_chosen_logps=scores["chosen_logps"], target_rejected_logps=scores["rejected_logps"],
+        chosen_lengths=scores["chosen_lengths"], rejected_lengths=scores["rejected_lengths"],
+        source_version=_versions(pset), version_logps=by_version,
+        target_chosen_log_collision=scores.get("chosen_log_collision"),
+        target_rejected_log_collision=scores.get("rejected_log_collision"), **gen,
+    )
+    return result, scores
+
+
+def scalar_diagnostics(diag: dict) -> dict[str, float]:
+    """The numeric diagnostics (for metrics.jsonl and version.json)."""
+    return {k: v for k, v in diag.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def report(result: WeightResult, pset: PreferenceSet, out: Optional[Path] = None) -> None:
+    """Log the headline numbers (warn when ESS/N < 0.1) and, given `out`, write weights.json and weights.png."""
+    diag = result.diagnostics
+    log.info("weights (%s): ESS/N = %.3f over %d pairs", diag.get("scheme"), diag["weights/ess_frac"],
+             diag["weights/n"])
+    if "warning" in diag:
+        log.warning("importance weights: %s", diag["warning"])
+    if out is None:
+        return
+    runs.write_json(out / "weights.json", {
+        "diagnostics": diag,
+        "weights": [round(float(w), 6) for w in result.weights],
+        "log_weights": [round(float(w), 6) for w in result.log_weights],
+        "pair_id": [r["pair_id"] for r in pset.rows],
+        "where": [r["where"] for r in pset.rows],
+    })
+    plot(diag, out / "weights.png")
+
+
+def plot(diag: dict, path: Path) -> None:
+    """Three panels: log-weight histogram, ESS/N per source version, the (ℓ_c/T, ℓ_r/T) support map."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.2))
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    hist_ax, ess_ax, map_ax = fig.subplots(1, 3)
+    hist = diag["weights/log_hist"]
+    hist_ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.7)
+    hist_ax.set(title=f"log-weights ({diag.get('scheme')})", xlabel="log w (mean-1 scale, before truncation)",
+                ylabel="pairs")
+    versions = sorted(k.split("/", 2)[2] for k in diag if k.startswith("weights/ess_frac/"))
+    labels = ["all"] + versions
+    ess_ax.bar(labels, [diag["weights/ess_frac"]] + [diag[f"weights/ess_frac/{v}"] for v in versions],
+               color=["tab:gray"] + ["tab:blue"] * len(versions))
+    ess_ax.axhline(0.1, color="tab:red", linestyle="--", label="0.1: collect new data")
+    ess_ax.set(title="ESS/N per source version", ylabel="ESS/N", ylim=(0, 1.05))
+    ess_ax.legend(loc="upper right")
+    if "map/class" in diag:
+        colors = {"off_support": "tab:red", "equally_likely": "tab:green", "other": "tab:blue"}
+        x, y, cls = diag["map/chosen_per_token"], diag["map/rejected_per_token"], diag["map/class"]
+        for name, color in colors.items():
+            idx = [i for i, c in enumerate(cls) if c == name]
+            map_ax.scatter([x[i] for i in idx], [y[i] for i in idx], s=10, c=color, label=f"{name} ({len(idx)})")
+        map_ax.set(title="support map", xlabel="ℓ_chosen / T (nat/token)", ylabel="ℓ_rejected / T (nat/token)")
+        map_ax.legend(loc="best", fontsize=8)
+    else:
+        map_ax.text(0.5, 0.5, "no generation log-probs:\nno support map", ha="center", va="center")
+        map_ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# --- dynamic target ---------------------------------------------------------------------------------------------------
+
+
+def log_weight_shift(scheme: str, alpha: float, policy: dict, ref: dict) -> torch.Tensor:
+    """Δ = (scheme log-weight under π_θ) - (under the reference), (B,), from d = log π_θ - log π_ref per response.
+
+    Only the target moves, so the sampler terms (and mixture's denominator) cancel: sequence d_c + d_r; tempered
+    and mixture α(d_c + d_r); length_normalized d_c/T_c + d_r/T_r; wpo the same with WPO's collision term moved too.
+    """
+    d_c = (policy["chosen_logps"] - ref["chosen_logps"]).detach()
+    d_r = (policy["rejected_logps"] - ref["rejected_logps"]).detach()
+    if scheme == "none":
+        return torch.zeros_like(d_c)
+    if scheme == "sequence":
+        return d_c + d_r
+    if scheme in ("tempered", "mixture"):
+        return alpha * (d_c + d_r)
+    if scheme == "wpo":
+        d_c = d_c - (policy["chosen_log_collision"] - ref["chosen_log_collision"])
+        d_r = d_r - (policy["rejected_log_collision"] - ref["rejected_log_collision"])
+    return d_c / policy["chosen_lengths"].clamp_min(1) + d_r / policy["rejected_lengths"].clamp_min(1)
+
+
+class DynamicWeights:
+    """Per-step weights against the current policy π_θ (weighting_target: dynamic), always detached.
+
+        w_i(θ) = min(c, w0_i · exp(Δ_i(θ)) / r)
+
+    w0 = the static weights (reference target, normalised to mean 1 over the whole dataset and truncated at c), Δ =
+    `log_weight_shift`. Normalisation: r estimates the dataset mean of w0·exp(Δ) under the current θ, as an
+    exponential moving average (momentum 0.9) of the global-batch mean (combined across ranks, so every rank uses
+    the same r). At step 0, Δ = 0 and r = 1: exactly the static weights. Everything stays in log space.
+    """
+
+    def __init__(self, scheme: str, alpha: float, clip: Optional[float], accelerator: Any = None,
+                 momentum: float = 0.9):
+        self.scheme, self.alpha, self.clip, self.accelerator, self.momentum = scheme, alpha, clip, accelerator, momentum
+        self.log_scale = 0.0  # log r
+
+    def __call__(self, static_weights: torch.Tensor, policy: dict, ref: dict) -> torch.Tensor:
+        log_raw = torch.log(static_weights.float()) + log_weight_shift(self.scheme, self.alpha, policy, ref).float()
+        stats = torch.stack([torch.logsumexp(log_raw, 0), torch.tensor(float(log_raw.numel()), device=log_raw.device)])
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            stats = self.accelerator.gather(stats.unsqueeze(0))
+        stats = stats.reshape(-1, 2)
+        log_mean = float(torch.logsumexp(stats[:, 0], 0) - torch.log(stats[:, 1].sum()))
+        if math.isfinite(log_mean):
+            self.log_scale = float(torch.logaddexp(torch.tensor(math.log(self.momentum) + self.log_scale),
+                                                   torch.tensor(math.log(1 - self.momentum) + log_mean)))
+        log_w = log_raw - self.log_scale
+        if self.clip is not None:
+            log_w = log_w.clamp_max(math.log(self.clip))
+        return torch.exp(log_w).detach()
+
+    def state_dict(self) -> dict:
+        return {"log_scale": self.log_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log_scale = float(state["log_scale"])
+
+
+# --- `align weights` -------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line through the CLI's error handling
+        raise ConfigError(message)
+
+
+def main(argv: list[str]) -> None:
+    """`align weights --data PATH --model SPEC [--scheme ...] [--out DIR]`: weights and diagnostics, no training."""
+    from align.config import ModelArgs
+    from align.models import DEFAULT_MODEL, load_model
+    from align.preference import PreferenceCollator, load_preferences, score_pairs, tokenize_pairs
+
+    parser = _Parser(prog="align weights", description=main.__doc__)
+    parser.add_argument("--data", required=True, help="Preference JSONL (as `align export` writes it).")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Target policy: the model the next round starts from.")
+    parser.add_argument("--revision", default=None, help="Hub revision for hub ids.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--scheme", default="sequence", choices=["none", "sequence", "tempered", "length_normalized",
+                                                                 "mixture", "wpo"])
+    parser.add_argument("--alpha", type=float, default=1.0, help="Tempering α (tempered, mixture).")
+    parser.add_argument("--clip", type=float, default=5.0, help="Truncation c (>= 1); 0: off.")
+    parser.add_argument("--both_bad", default="drop", choices=["drop", "tie"])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--out", default=None, help="Directory for weights.json and weights.png.")
+    args = parser.parse_args(argv)
+    weighting = WeightingArgs(weighting_scheme=args.scheme, weighting_alpha=args.alpha,
+                              weighting_clip=args.clip or None)
+
+    pset = load_preferences(args.data, both_bad=args.both_bad)
+    model = tokenizer = None
+    if args.scheme != "none":
+        check_columns(pset, args.scheme)  # before loading a model
+        model, tokenizer = load_model(ModelArgs(model=args.model, revision=args.revision, dtype=args.dtype),
+                                      device="cuda" if torch.cuda.is_available() else None)
+    if tokenizer is not None:
+        full, _, _ = tokenize_pairs(pset, tokenizer)  # untruncated: the stored log-probs cover every token
+    else:
+        full = []
+    collator = PreferenceCollator(tokenizer.pad_token_id) if tokenizer is not None else None
+    result, _ = dataset_weights(
+        pset, full, weighting, lambda feats, coll: score_pairs(model, feats, collator, args.batch_size,
+                                                               with_collision=coll))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    report(result, pset, out)
+    print_summary(result.diagnostics, pset, out)
+
+
+def print_summary(diag: dict, pset: PreferenceSet, out: Optional[Path]) -> None:
+    print(f"weights for {diag['weights/n']} pairs of {pset.path} (scheme {diag.get('scheme')}, "
+          f"alpha {diag.get('alpha', 1.0):g}, clip {diag.get('clip')})")
+    if pset.both_bad_dropped:
+        print(f"  both-bad pairs dropped: {pset.both_bad_dropped}")
+    print(f"  ESS/N overall: {diag['weights/ess_frac']:.3f}   top-1% weight share: {diag['weights/top1pct_share']:.3f}")
+    for key in sorted(k for k in diag if k.startswith("weights/ess_frac/")):
+        version = key.split("/", 2)[2]
+        print(f"  ESS/N {version}: {diag[key]:.3f}   (pairs {diag[f'data/share/{version}']:.0%}, "
+              f"weight {diag[f'weights/share/{version}']:.0%})")
+    if "kl/per_token" in diag:
+        print(f"  KL(sampler ‖ target) per token: {diag['kl/per_token']:.4f} nat")
+    if "warning" in diag:
+        print(f"  warning: {diag['warning']}")
+    if out is not None:
+        print(f"  wrote {out / 'weights.json'} and {out / 'weights.png'}")
