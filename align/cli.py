@@ -18,6 +18,15 @@ from align.errors import AlignError
 # name -> (module:function taking argv, one-line help). Modules import lazily: `align --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("align.cli:cmd_sft", "Supervised fine-tuning (LoRA by default) on chat data."),
+    "demo": ("align.demo:main", "Run the main job on the embedded model (what `make demo` runs)."),
+    "generate": ("align.collect:generate_main", "Sample responses with provenance (token ids, log-probs) into the store."),
+    "export": ("align.collect:export_main", "Export labeled pairs (TRL preference format), SFT or unpaired rows."),
+    "rescore": ("align.collect:rescore_main", "Re-score stored responses with their model; check log-probs agree."),
+    "dpo": ("align.trainers.dpo:main", "DPO with LoRA on preference pairs (ties, soft labels, importance weights)."),
+    "reward": ("align.trainers.reward:main", "Train a reward model (scalar head + LoRA) on preference pairs."),
+    "weights": ("align.trainers.weights:main", "Importance weights and ESS/N per source version, without training."),
+    "label": ("align.label_cli:cmd_label", "Run the pairwise labeling app (login, queue, dashboard); --simulate JUDGE."),
+    "users": ("align.label_cli:cmd_users", "Add or list logins of the labeling app (align users add NAME --role ...)."),
 }
 
 
@@ -42,7 +51,7 @@ def print_run_summary(out) -> None:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: align <command> [--config FILE] [--key value ...] [--debug]", "", "commands:"]
+    lines = ["usage: align <command> [--config FILE] [--key value ...] [--debug]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`align <command> --help` lists every option of a command.", "Add --debug to see tracebacks."]
     return "\n".join(lines)

@@ -113,3 +113,66 @@ def command_line() -> str:
     import sys
 
     return " ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])
+
+
+def lineage(model_spec: str, revision: Optional[str] = None) -> dict[str, Any]:
+    """The version.json fields that say where a run started: base weights, parent version name and spec.
+
+    `parent` is the starting model's version name (a run directory's own name, else the spec itself, which
+    is the name base models are registered under); `parent_spec` is where to load it from.
+    """
+    from align.models import base_revision, portable_spec, resolve_model
+
+    resolved = resolve_model(model_spec, revision)
+    return {
+        "base_model": resolved.base,
+        "base_revision": base_revision(resolved),
+        "parent": version_name(model_spec),
+        "parent_spec": portable_spec(model_spec),
+    }
+
+
+def version_name(model_spec: str) -> str:
+    """The model-version name of a spec: a training run's recorded name, else the (portable) spec."""
+    from align.models import portable_spec
+
+    version_file = Path(model_spec).expanduser() / "version.json"
+    if version_file.is_file():
+        return json.loads(version_file.read_text())["name"]
+    return portable_spec(model_spec)
+
+
+def record_run(
+    out: Path,
+    *,
+    method: str,
+    name: Optional[str],
+    model_spec: str,
+    revision: Optional[str],
+    model_dir: Path,
+    data_files: tuple,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    tokenizer: Any,
+    command: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write version.json and the model card, as every training run does; return the version record."""
+    from align.data import files_sha256
+    from align.models import tokenizer_fingerprint
+
+    version = write_version(
+        out,
+        {
+            "name": name or out.resolve().name,
+            "method": method,
+            **lineage(model_spec, revision),
+            "adapter_path": str(model_dir.resolve()),
+            "adapter_hash": dir_sha256(model_dir),
+            "data_hash": files_sha256(*data_files),
+            "config": config,
+            "metrics": metrics,
+            **tokenizer_fingerprint(tokenizer),
+        },
+    )
+    write_model_card(out, version, metrics, command or command_line())
+    return version

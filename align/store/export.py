@@ -6,18 +6,16 @@ Ties and both-bad majorities are kept with their own `label`, never turned into 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from align.data import write_jsonl  # noqa: F401  (re-exported: the store's writer is the project's one)
 from align.store.db import Store
 from align.store.ops import chunks, get_model_version
 from align.store.pairs import prompt_messages
@@ -156,24 +154,6 @@ def export_unpaired(store: Store, **filters: Any) -> list[dict[str, Any]]:
         rows.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
     return rows
 
-
-def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write one JSON object per line, atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8")
-    try:
-        with handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def to_dataset(rows: list[dict[str, Any]]):

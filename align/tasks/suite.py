@@ -11,6 +11,7 @@ import random
 import sys
 from pathlib import Path
 
+from align.data import write_jsonl
 from align.errors import AlignError, DataError
 from align.tasks.families import FAMILIES
 
@@ -119,14 +120,6 @@ def sft_rows(tasks: list[dict]) -> list[dict]:
     return [{"messages": reference_messages(row), "family": row["family"], "id": row["id"]} for row in tasks]
 
 
-def write_jsonl(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-
-
 def write_suite(out, seed: int = 0, n_per_family: int = 100, eval_fraction: float = 0.2) -> dict[str, int]:
     """(Re)write <out>/tasks/{train,eval}.jsonl and <out>/sft/{train,eval}.jsonl; returns rows per file."""
     out = Path(out)
@@ -138,7 +131,7 @@ def write_suite(out, seed: int = 0, n_per_family: int = 100, eval_fraction: floa
         out / "sft" / "eval.jsonl": sft_rows(evaluation),
     }
     for path, rows in files.items():
-        write_jsonl(path, rows)
+        write_jsonl(rows, path, sort_keys=True)
     return {str(path): len(rows) for path, rows in files.items()}
 
 

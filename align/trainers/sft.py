@@ -14,17 +14,9 @@ from typing import Any, Optional, Sequence
 
 from align import runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
-from align.data import files_sha256, load_chat_file, tokenize_chat
+from align.data import load_chat_file, tokenize_chat
 from align.errors import DataError
-from align.models import (
-    apply_lora,
-    base_revision,
-    load_model,
-    portable_spec,
-    resolve_model,
-    save_trained,
-    tokenizer_fingerprint,
-)
+from align.models import apply_lora, load_model, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +71,7 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
         seed=train.seed,
         data_seed=train.seed,
         report_to="none",  # TensorBoard is added as a callback writing to DIR/tensorboard
+        dataloader_pin_memory=torch.cuda.is_available(),
         max_length=None,  # already truncated by build_dataset
         dataset_num_proc=None,
     )
@@ -135,22 +128,8 @@ def train_sft(
     if not trainer.is_world_process_zero():
         return out
     model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge)
-    resolved = resolve_model(model_args.model, model_args.revision)
-    version = runs.write_version(
-        out,
-        {
-            "name": train.name or out.resolve().name,
-            "method": "sft",
-            "base_model": resolved.base,
-            "base_revision": base_revision(resolved),
-            "parent": portable_spec(model_args.model),
-            "adapter_path": str(model_dir.resolve()),
-            "adapter_hash": runs.dir_sha256(model_dir),
-            "data_hash": files_sha256(data_args.train_file, data_args.eval_file),
-            "config": to_dict(model_args, lora_args, data_args, train),
-            "metrics": metrics,
-            **tokenizer_fingerprint(tokenizer),
-        },
-    )
-    runs.write_model_card(out, version, metrics, command or runs.command_line())
+    runs.record_run(out, method="sft", name=train.name, model_spec=model_args.model, revision=model_args.revision,
+                    model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
+                    config=to_dict(model_args, lora_args, data_args, train), metrics=metrics, tokenizer=tokenizer,
+                    command=command)
     return out

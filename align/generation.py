@@ -1,0 +1,240 @@
+"""Sample responses with full provenance: token ids, finish reason, and per-token log-probs.
+
+Log-probs come from one teacher-forced pass over prompt + completion after sampling, not from the
+sampler's running scores: the same function re-scores stored responses later (`align rescore`), so
+generation and every later consumer (importance weights, KL) agree to float32 round-off.
+Two log-probs per token are stored, both float32:
+- `sample_token_logps`: under the sampling distribution actually used (temperature, top-k, top-p);
+- `token_logps`: under the raw model at temperature 1 (what importance weights compare).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+from align.data import prompt_ids
+from align.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Decoding settings, stored with every response. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_new_tokens < 1:
+            raise ConfigError("top_k must be >= 0 and max_new_tokens >= 1")
+
+    @property
+    def truncates(self) -> bool:
+        """Top-k/top-p sampling gives some tokens zero probability, which breaks importance weights."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop": ended with an end-of-turn token; "length": hit max_new_tokens
+    sample_token_logps: list[float]
+    token_logps: list[float]
+
+    @property
+    def sample_logp(self) -> float:
+        return float(math.fsum(self.sample_token_logps))
+
+    @property
+    def logp(self) -> float:
+        return float(math.fsum(self.token_logps))
+
+
+def warn_if_truncating(settings: SamplingSettings) -> None:
+    if settings.truncates:
+        log.warning(
+            "top_p=%s / top_k=%s truncate the sampling distribution: responses get zero probability under "
+            "other settings, so importance weights for these pairs will be unreliable. Prefer top_p=1, top_k=0.",
+            settings.top_p,
+            settings.top_k,
+        )
+
+
+def warp_logits(logits: "torch.Tensor", settings: SamplingSettings) -> "torch.Tensor":
+    """Apply temperature, then top-k, then top-p (transformers' order), masking with -inf."""
+    import torch
+
+    logits = logits.float() / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(logits, min(settings.top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - settings.top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def score_completions(
+    model: "PreTrainedModel",
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    settings: Optional[SamplingSettings] = None,
+    pad_token_id: int = 0,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Teacher-forced per-token log-probs of each completion given its prompt.
+
+    Returns (token_logps at temperature 1, sample_token_logps under `settings`), float32 values, one
+    list per completion, each as long as its completion. Greedy settings give 0 for every token.
+    """
+    import torch
+
+    from align.logprobs import token_logps
+
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(map(len, rows))
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        labels[i, len(p) : len(row)] = input_ids[i, len(p) : len(row)]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+    labels = labels[:, 1:].to(device)
+    raw = token_logps(logits, labels)
+    if settings is None or settings.temperature == 0:
+        sampled = torch.zeros_like(raw)
+    elif settings.truncates:
+        sampled = token_logps(warp_logits(logits, settings), labels)
+    else:
+        sampled = token_logps(logits, labels, temperature=settings.temperature)
+    out_raw, out_sampled = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        span = slice(len(p) - 1, len(p) - 1 + len(c))
+        out_raw.append(raw[i, span].tolist())
+        out_sampled.append(sampled[i, span].tolist())
+    return out_raw, out_sampled
+
+
+def _completion(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], str]:
+    """Cut a generated row after its first end-of-turn token; say why it ended."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1], "stop"
+    while tokens and tokens[-1] == pad_id and pad_id not in eos_ids:
+        tokens = tokens[:-1]
+    return tokens, "length"
+
+
+def sample_responses(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[list[dict]],
+    n: int,
+    settings: SamplingSettings,
+    batch_size: int = 16,
+    skip: Optional[set[tuple[int, int]]] = None,
+    with_logps: bool = True,
+) -> Iterator[list[Sample]]:
+    """Sample `n` responses per prompt, yielding one list of Samples per batch of prompts.
+
+    Prompts are cut into fixed chunks, each seeded from (seed, chunk start): the samples do not depend
+    on what was skipped, so a resumed run draws exactly what an uninterrupted one would. `skip` holds
+    (prompt_index, sample_index) pairs already stored; chunks with nothing left to do are not run.
+    `with_logps=False` skips the teacher-forced pass (about half the cost) when nobody needs log-probs.
+    """
+    import torch
+
+    model.eval()
+    skip = skip or set()
+    eos_ids = _eos_ids(model, tokenizer)
+    per_batch = max(1, batch_size // n)
+    for start in range(0, len(prompts), per_batch):
+        chunk = list(range(start, min(start + per_batch, len(prompts))))
+        if all((i, s) in skip for i in chunk for s in range(n)):
+            continue
+        encoded = [prompt_ids(tokenizer, prompts[i]) for i in chunk]
+        torch.manual_seed(settings.seed * 1_000_003 + chunk[0])
+        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids)
+        samples = []
+        for j, tokens in enumerate(generated):
+            p_index, s_index = chunk[j // n], j % n
+            if (p_index, s_index) in skip:
+                continue
+            completion, reason = _completion(tokens, eos_ids, tokenizer.pad_token_id)
+            samples.append(Sample(p_index, s_index, completion, tokenizer.decode(completion, skip_special_tokens=True), reason, [], []))
+        if with_logps:
+            _attach_logps(model, tokenizer, samples, {i: e for i, e in zip(chunk, encoded)}, settings)
+        yield samples
+
+
+def _eos_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> set[int]:
+    ids = model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    found.add(tokenizer.eos_token_id)
+    return {i for i in found if i is not None}
+
+
+def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: SamplingSettings, eos_ids: set[int]) -> list[list[int]]:
+    import torch
+
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    # Left padding: every row's next token sits in the last column.
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    device = next(model.parameters()).device
+    greedy = settings.temperature == 0
+    kwargs = dict(
+        do_sample=not greedy,
+        num_return_sequences=n,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos_ids),
+        # Every warper explicit: library defaults (e.g. top_k=50) would silently truncate the distribution.
+        top_k=settings.top_k if not greedy else None,
+        top_p=settings.top_p if not greedy else None,
+        temperature=settings.temperature if not greedy else None,
+        repetition_penalty=None,
+        min_p=None,
+        typical_p=None,
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    return out[:, width:].tolist()
+
+
+def _attach_logps(model, tokenizer, samples: list[Sample], encoded: dict[int, list[int]], settings, batch_size: int = 16) -> None:
+    for start in range(0, len(samples), batch_size):
+        part = samples[start : start + batch_size]
+        raw, sampled = score_completions(
+            model, [encoded[s.prompt_index] for s in part], [s.token_ids for s in part], settings, tokenizer.pad_token_id
+        )
+        for s, r, q in zip(part, raw, sampled):
+            s.token_logps, s.sample_token_logps = r, q

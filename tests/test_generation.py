@@ -1,0 +1,74 @@
+"""Generation stores exact log-probs: equal to transformers' own sampling scores and to a re-score."""
+
+import pytest
+import torch
+
+from align.config import ModelArgs
+from align.data import prompt_ids
+from align.generation import SamplingSettings, sample_responses, score_completions
+from align.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(ModelArgs(model=str(tiny_model_dir)))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(temperature=0.7, max_new_tokens=8),
+        SamplingSettings(temperature=1.3, top_k=20, max_new_tokens=8),
+        SamplingSettings(temperature=1.0, top_p=0.8, max_new_tokens=8),
+    ],
+    ids=["temperature", "top_k", "top_p"],
+)
+def test_sampling_logps_match_transformers_scores(tiny, settings):
+    """The teacher-forced log-probs under the settings equal log_softmax of the scores generate() sampled from."""
+    model, tok = tiny
+    ids = prompt_ids(tok, [{"role": "user", "content": "hello there"}])
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=torch.tensor([ids]), do_sample=True, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, max_new_tokens=8, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
+    )
+    completion = out.sequences[0, len(ids):].tolist()
+    expected = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, completion)]
+    raw, sampled = score_completions(model, [ids], [completion], settings, tok.pad_token_id)
+    assert sampled[0] == pytest.approx(expected, abs=1e-4)
+    assert all(r <= 0 for r in raw[0]) and raw[0] != sampled[0]
+
+
+def test_stored_logps_equal_teacher_forced_recomputation(tiny):
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=3)
+    samples = [s for batch in sample_responses(model, tok, prompts, 2, settings, batch_size=4) for s in batch]
+    assert sorted((s.prompt_index, s.sample_index) for s in samples) == [(p, i) for p in range(3) for i in range(2)]
+    for s in samples:
+        assert len(s.token_ids) == len(s.token_logps) == len(s.sample_token_logps) <= 6
+        assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
+        raw, _ = score_completions(model, [prompt_ids(tok, prompts[s.prompt_index])], [s.token_ids], settings, tok.pad_token_id)
+        assert raw[0] == pytest.approx(s.token_logps, abs=1e-5)
+        # At temperature 1 with no truncation the sampling distribution is the raw model.
+        assert s.sample_logp == pytest.approx(s.logp, abs=1e-4)
+
+
+def test_sampling_is_deterministic_and_skips_are_exact(tiny):
+    """A resumed run (skipping what is stored) draws the same samples as an uninterrupted one."""
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=5, seed=7)
+    full = {(s.prompt_index, s.sample_index): s.token_ids for b in sample_responses(model, tok, prompts, 2, settings, 4) for s in b}
+    skip = {(0, 0), (0, 1), (1, 0), (1, 1)}  # the first chunk (2 prompts x 2 samples) was stored
+    resumed = {(s.prompt_index, s.sample_index): s.token_ids for b in sample_responses(model, tok, prompts, 2, settings, 4, skip) for s in b}
+    assert set(resumed) == set(full) - skip
+    assert all(resumed[k] == full[k] for k in resumed)
+
+
+def test_greedy_has_zero_sampling_logps(tiny):
+    model, tok = tiny
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=4)
+    (batch,) = list(sample_responses(model, tok, [[{"role": "user", "content": "x"}]], 1, settings))
+    assert batch[0].sample_token_logps == [0.0] * len(batch[0].token_ids)
