@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from align.errors import DataError
 
@@ -20,13 +20,11 @@ if TYPE_CHECKING:
 ROLES = ("system", "user", "assistant")
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a malformed line or a missing column raises DataError naming it."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line; a malformed line raises DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    required = tuple(required)
-    rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -37,10 +35,18 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str,
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [key for key in required if key not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing column(s) {', '.join(missing)}")
-            rows.append(row)
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a malformed line or a missing column raises DataError naming it."""
+    required = tuple(required)
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        missing = [key for key in required if key not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing column(s) {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows

@@ -303,7 +303,7 @@ def test_load_tasks_names_the_line_of_malformed_json(tmp_path):
     path = tmp_path / "tasks.jsonl"
     good = json.dumps({"id": "a-0", "family": "arithmetic", "prompt": "p", "gold": {}, "split": "train"})
     path.write_text(good + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: not valid JSON"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: malformed JSON"):
         load_tasks(path)
 
 

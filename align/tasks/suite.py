@@ -6,12 +6,11 @@ the reference answers, data/sft/{train,eval}.jsonl.
 """
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
 
-from align.data import write_jsonl
+from align.data import iter_jsonl, write_jsonl
 from align.errors import AlignError, DataError
 from align.tasks.families import FAMILIES
 
@@ -79,20 +78,7 @@ def build_suite(seed: int = 0, n_per_family: int = 100, eval_fraction: float = 0
 
 def load_tasks(path) -> list[dict]:
     """Task rows from a JSONL file; blank lines are skipped, anything malformed raises DataError with its line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-            rows.append(_check_row(row, f"{path}:{line_number}"))
-    return rows
+    return [_check_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
 
 
 def _check_row(row: object, where: str) -> dict:
