@@ -108,6 +108,9 @@ class ModelArgs(Validated):
         "auto", "Weights dtype. auto: bfloat16 on a GPU that supports it, else float32."
     )
     attn_implementation: Optional[str] = option(None, "Attention kernel, e.g. sdpa or flash_attention_2.")
+    load_in_4bit: bool = option(
+        False, "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA only); train a LoRA adapter on top."
+    )
 
 
 @dataclass
@@ -386,3 +389,120 @@ class RewardArgs(Validated):
 
 
 REWARD_CONFIG = (ModelArgs, LoraArgs, PreferenceDataArgs, RewardArgs, WeightingArgs, TrainArgs)
+
+
+# --------------------------------------------------------------------------------------------
+# RLHF: online RL against a trained reward model (align/trainers/rlhf.py, align/monitor.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptDataArgs(Validated):
+    _argument_group_name = "data"
+
+    prompts_file: str = option(
+        "data/tasks/train.jsonl", "Prompt JSONL: task rows ({\"prompt\", \"family\", \"gold\"}), chat rows "
+        "({\"messages\"}) or {\"prompt\": text}."
+    )
+    eval_prompts_file: Optional[str] = option(
+        "data/tasks/eval.jsonl", "Held-out task rows for the periodic gold evaluation (none: no gold evaluation)."
+    )
+    max_prompts: Optional[int] = option(None, "Use only the first N training prompts (quick runs).")
+
+    def validate(self) -> None:
+        if self.max_prompts is not None:
+            _positive("max_prompts", self.max_prompts)
+
+
+@dataclass
+class RLHFArgs(Validated):
+    _argument_group_name = "rlhf"
+
+    algorithm: Literal["rloo", "grpo"] = option(
+        "rloo", "rloo: REINFORCE leave-one-out, KL folded into the reward (TRL RLOOTrainer). grpo: group-normalised "
+        "advantages, KL added to the loss (TRL GRPOTrainer)."
+    )
+    reward_model: str = option("runs/reward-smollm2", "Reward-model run directory (what `align reward` wrote).")
+    beta: float = option(0.05, "KL coefficient to the reference (the starting model); the start value when kl_target is set.")
+    kl_target: Optional[float] = option(
+        None, "Adaptive KL: steer beta so the logged per-token KL approaches this value (Ziegler et al. 2019); "
+        "none: beta stays fixed."
+    )
+    kl_horizon: int = option(1000, "Adaptive KL horizon in samples: how fast beta moves toward the target.")
+    num_generations: int = option(4, "Completions sampled per prompt (RLOO/GRPO baselines are per prompt group).")
+    max_new_tokens: int = option(64, "Longest completion in tokens.")
+    temperature: float = option(1.0, "Sampling temperature of the rollouts.")
+    length_penalty: float = option(
+        0.0, "Subtracted from the normalised reward per completion token (0: off); counters length hacking."
+    )
+    reward_batch_size: int = option(16, "Sequences per reward-model forward.")
+    eval_per_family: int = option(
+        4, "Held-out prompts per task family in each gold evaluation (run every eval_steps steps and at the end)."
+    )
+    judge_reward_model: Optional[str] = option(
+        None, "A second, held-out reward-model run: its reward on the evaluation answers is logged as "
+        "eval/judge_reward and watched by the monitor (none: off)."
+    )
+    use_vllm: bool = option(False, "Generate rollouts with vLLM (TRL colocate mode; needs vllm and a GPU).")
+
+    def validate(self) -> None:
+        _positive("beta", self.beta, allow_zero=True)
+        if self.kl_target is not None:
+            _positive("kl_target", self.kl_target)
+            if self.beta == 0:
+                raise ConfigError("kl_target needs a start beta > 0 (beta 0 turns the reference model off)")
+        _positive("kl_horizon", self.kl_horizon)
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (the baseline is the other samples), got {self.num_generations}")
+        _positive("max_new_tokens", self.max_new_tokens)
+        _positive("temperature", self.temperature)
+        _positive("length_penalty", self.length_penalty, allow_zero=True)
+        _positive("reward_batch_size", self.reward_batch_size)
+        _positive("eval_per_family", self.eval_per_family)
+
+
+@dataclass
+class MonitorArgs(Validated):
+    """Reward-hacking monitor (align/monitor.py): flags, and optionally stops, runs that game the reward."""
+
+    _argument_group_name = "monitor"
+
+    monitor: bool = option(True, "Watch the run for reward hacking; flags go to metrics and DIR/monitor.json.")
+    monitor_stop: bool = option(False, "Stop training when the monitor raises a flag.")
+    monitor_window: int = option(5, "Evaluations in the proxy-vs-gold trend window.")
+    monitor_min_rho: float = option(
+        0.8, "Flag when, over the window, Spearman ρ(step, proxy) ≥ this and ρ(step, gold or judge) ≤ -this ..."
+    )
+    monitor_min_drop: float = option(
+        0.05, "... and gold (or judge) fell at least this much over the window (least-squares fit, its own units)."
+    )
+    monitor_kl_budget: Optional[float] = option(None, "Flag when the logged per-token KL passes this (none: off).")
+    monitor_length_ratio: Optional[float] = option(
+        2.5, "Flag when the mean completion length reaches this multiple of its starting value (none: off)."
+    )
+    monitor_repetition_increase: Optional[float] = option(
+        0.3, "Flag when the share of repeated 3-grams rises this much above its starting value (none: off)."
+    )
+    monitor_top_k: int = option(8, "Highest-reward samples kept for inspection (DIR/monitor.json) and audit.")
+    audit_db: Optional[str] = option(
+        None, "Store URL: push the top-k samples, each paired with a reference-model sample on the same prompt, "
+        "as pairs of rule 'audit' for humans to label (none: off)."
+    )
+    audit_votes_required: int = option(3, "Votes required on each audit pair.")
+
+    def validate(self) -> None:
+        if self.monitor_window < 3:
+            raise ConfigError(f"monitor_window must be >= 3 (a trend needs three points), got {self.monitor_window}")
+        if not 0 < self.monitor_min_rho <= 1:
+            raise ConfigError(f"monitor_min_rho must be in (0, 1], got {self.monitor_min_rho}")
+        _positive("monitor_min_drop", self.monitor_min_drop, allow_zero=True)
+        for key in ("monitor_kl_budget", "monitor_repetition_increase"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+        if self.monitor_length_ratio is not None and self.monitor_length_ratio <= 1:
+            raise ConfigError(f"monitor_length_ratio must be > 1, got {self.monitor_length_ratio}")
+        _positive("monitor_top_k", self.monitor_top_k, allow_zero=True)
+        _positive("audit_votes_required", self.audit_votes_required)
+
+
+RLHF_CONFIG = (ModelArgs, LoraArgs, PromptDataArgs, RLHFArgs, MonitorArgs, TrainArgs)

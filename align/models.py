@@ -176,6 +176,9 @@ def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTra
     kwargs = {"dtype": resolve_dtype(args.dtype), "revision": resolved.revision}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
+    if args.load_in_4bit:
+        kwargs.update(_qlora_kwargs(device))
+        device = None  # placed by device_map: a 4-bit model cannot be moved with .to()
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except OSError as exc:
@@ -187,9 +190,32 @@ def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTra
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and upcasts its non-quantised parameters to fp32; checkpointing stays the training
+        # config's choice (gradient_checkpointing), not forced on here.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _qlora_kwargs(device: Optional[str]) -> dict:
+    """from_pretrained arguments for QLoRA: NF4 weights, bf16 compute, on this process's GPU."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("QLoRA (load_in_4bit) needs a CUDA GPU and the bitsandbytes package; install it with "
+                         "pip install 'align[qlora]', or train without load_in_4bit (LoRA on bf16 weights)")
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    # Under accelerate launch each process loads onto its own GPU (LOCAL_RANK), not all onto cuda:0.
+    target = device if device and device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return {"quantization_config": quant, "device_map": {"": target}, "dtype": torch.bfloat16}
 
 
 def _load_error(resolved: ResolvedModel, exc: Exception) -> ModelError:
@@ -307,17 +333,23 @@ def portable_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def save_trained(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", out: Path, base_spec: str, merge: bool) -> Path:
+def save_trained(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", out: Path, base_spec: str, merge: bool,
+    state_dict: Optional[dict] = None,
+) -> Path:
     """Save a trained model: the LoRA adapter in out/adapter (merged weights in out/merged on request),
-    the full model in out/merged after full fine-tuning. Returns the directory that holds the model."""
+    the full model in out/merged after full fine-tuning. Returns the directory that holds the model.
+
+    `state_dict`: the full state dict gathered on every rank (`accelerator.get_state_dict`) when the weights are
+    sharded (FSDP2, ZeRO-3); without it the in-memory parameters are saved."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        model.save_pretrained(out / "merged")
+        model.save_pretrained(out / "merged", state_dict=state_dict)
         tokenizer.save_pretrained(out / "merged")
         return out / "merged"
     adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(adapter_dir, state_dict=state_dict)
     tokenizer.save_pretrained(adapter_dir)
     # peft records the directory the base was loaded from (a cache path here); record the spec instead,
     # so the adapter resolves on another machine and through adapter chains (see resolve_model).

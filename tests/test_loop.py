@@ -34,8 +34,8 @@ def run(out, **overrides):
     model = torch.nn.Linear(3, 1)
     final = Final()
     out.mkdir(exist_ok=True)
-    metrics = train_loop(make_accelerator(train, torch.float32), model, Task(DATA, collate, mse), train, out,
-                         callbacks=[final])
+    metrics, _ = train_loop(make_accelerator(train, torch.float32), model, Task(DATA, collate, mse), train, out,
+                            callbacks=[final])
     return final.params, metrics
 
 

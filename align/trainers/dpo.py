@@ -171,11 +171,13 @@ def train_dpo(
     start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
                 state=objective.dynamic)
-    metrics = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
+    metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     metrics.update({k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")})
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(prepared)  # every rank: gathers FSDP2/ZeRO-3 shards
     if accelerator.is_main_process:
-        model_dir = save_trained(model, tokenizer, out, model_args.model, train.merge)
+        model_dir = save_trained(accelerator.unwrap_model(prepared), tokenizer, out, model_args.model, train.merge,
+                                 state_dict=state_dict)
         write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
     accelerator.wait_for_everyone()
     return out
@@ -183,10 +185,6 @@ def train_dpo(
 
 def main(argv: list[str]) -> None:
     """`align dpo --config FILE [--key value ...]`."""
-    from accelerate import PartialState
-
     from align.cli import print_run_summary
 
-    out = train_dpo(*parse_config(DPO_CONFIG, argv, prog="align dpo"))
-    if PartialState().is_main_process:
-        print_run_summary(out)
+    print_run_summary(train_dpo(*parse_config(DPO_CONFIG, argv, prog="align dpo")))

@@ -148,7 +148,11 @@ def resume_step(accelerator: Any, out: Path) -> int:
     if ckpt is None:
         log.warning("resume: no checkpoint in %s/checkpoints; starting from step 0", out)
         return 0
-    accelerator.load_state(str(ckpt), strict=False)
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed's loader takes load_module_strict; the others take strict.
+    strict = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+    accelerator.load_state(str(ckpt), **strict)
     step = int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
@@ -173,6 +177,8 @@ def _optimizer_step(accelerator, model, task, group, optimizer, scheduler, max_g
     rows = []
     for i, batch in enumerate(group):
         last = i == len(group) - 1
+        # Tell Accelerate which micro-batch ends the step: DeepSpeed's engine steps inside backward() otherwise.
+        accelerator.gradient_state._set_sync_gradients(last)
         with nullcontext() if last else accelerator.no_sync(model):
             loss, metrics = task.loss(model, batch)
             if not bool(torch.isfinite(loss.detach())):
@@ -182,6 +188,7 @@ def _optimizer_step(accelerator, model, task, group, optimizer, scheduler, max_g
         rows.append({"loss": loss.detach(), **metrics})
     if max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
         rows[-1]["grad_norm"] = norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
     rows[-1]["learning_rate"] = torch.tensor(scheduler.get_last_lr()[0])
     optimizer.step()
@@ -195,7 +202,14 @@ def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
     from transformers import get_scheduler
 
     if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from accelerate.utils import DistributedType
+
+        # PEFT under ZeRO-3 crashes with non-reentrant checkpointing (TRL forces reentrant there too); reentrant
+        # needs inputs that require grad when the embeddings are frozen.
+        reentrant = accelerator.distributed_type == DistributedType.DEEPSPEED
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if reentrant and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
     loader = DataLoader(list(task.train_data), batch_size=train.per_device_train_batch_size, shuffle=True,
@@ -221,8 +235,10 @@ def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
 def train_loop(
     accelerator: Any, model: Any, task: Task, train: TrainArgs, out: Path,
     start_metrics: Optional[dict[str, Any]] = None, callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Train to max_steps (or num_train_epochs) and return final metrics: train_loss, global_step, eval_*.
+) -> tuple[dict[str, Any], Any]:
+    """Train to max_steps (or num_train_epochs); return (final metrics: train_loss, global_step, eval_*, the
+    prepared model). Save from `accelerator.get_state_dict(prepared)` called on every rank: under FSDP2 or
+    ZeRO-3 only the prepared model can gather the shards.
 
     `callbacks` may define on_train_begin(model), on_log(step, metrics), on_train_end(model).
     """
@@ -272,7 +288,7 @@ def train_loop(
     logger.close()
     _call(callbacks, "on_train_end", accelerator.unwrap_model(model))
     train_loss = sum(losses) / len(losses) if losses else math.nan
-    return {"train_loss": train_loss, "global_step": step, **final}
+    return {"train_loss": train_loss, "global_step": step, **final}, model
 
 
 def _call(callbacks: Sequence[Any], name: str, *args: Any) -> None:

@@ -205,14 +205,16 @@ def train_reward(
     objective = RewardObjective(reward_args)
     start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary)
-    metrics = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
+    metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     stats = reward_stats(model, features, collator, train.per_device_eval_batch_size, accelerator)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"],
                     **{k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")}})
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(prepared)  # every rank: gathers FSDP2/ZeRO-3 shards
     if accelerator.is_main_process:
         runs.write_json(out / "reward_stats.json", stats)
-        model_dir = save_trained(model, tokenizer, out, model_args.model, train.merge)
+        model_dir = save_trained(accelerator.unwrap_model(prepared), tokenizer, out, model_args.model, train.merge,
+                                 state_dict=state_dict)
         write_run_record(out, "reward", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
     accelerator.wait_for_everyone()
     return out
@@ -279,10 +281,6 @@ def score(
 
 def main(argv: list[str]) -> None:
     """`align reward --config FILE [--key value ...]`."""
-    from accelerate import PartialState
-
     from align.cli import print_run_summary
 
-    out = train_reward(*parse_config(REWARD_CONFIG, argv, prog="align reward"))
-    if PartialState().is_main_process:
-        print_run_summary(out)
+    print_run_summary(train_reward(*parse_config(REWARD_CONFIG, argv, prog="align reward")))

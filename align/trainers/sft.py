@@ -77,11 +77,11 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
     )
 
 
-def callbacks(train: TrainArgs, out: Path, has_eval: bool) -> list:
+def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True) -> list:
     from transformers import EarlyStoppingCallback
 
     found = [runs.metrics_callback(out / "metrics.jsonl")]
-    if train.report_to == "tensorboard":
+    if train.report_to == "tensorboard" and main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -100,17 +100,23 @@ def train_sft(
     extra_callbacks: Sequence[Any] = (),
 ) -> Path:
     """Run SFT end to end and return the run directory. `extra_callbacks` are transformers TrainerCallbacks."""
+    from accelerate import PartialState
+    from transformers import set_seed
     from trl import SFTTrainer
 
-    out = runs.prepare_output_dir(train.output_dir, train.resume)
+    state = PartialState()
+    with state.main_process_first():  # one rank probes and creates the run directory
+        out = runs.prepare_output_dir(train.output_dir, train.resume)
     train_rows = load_chat_file(data_args.train_file, data_args.max_train_samples)
     eval_rows = load_chat_file(data_args.eval_file, data_args.max_eval_samples) if data_args.eval_file else []
     model, tokenizer = load_model(model_args)
     train_ds = build_dataset(train_rows, tokenizer, data_args.max_length, data_args.train_file)
     eval_ds = build_dataset(eval_rows, tokenizer, data_args.max_length, data_args.eval_file) if eval_rows else None
+    set_seed(train.seed)  # the LoRA init is random: same seed, same run
     if lora_args.use_lora:
         model = apply_lora(model, lora_args)
-    save_config(out / "config.yaml", model_args, lora_args, data_args, train)
+    if state.is_main_process:
+        save_config(out / "config.yaml", model_args, lora_args, data_args, train)
 
     trainer = SFTTrainer(
         model=model,
@@ -118,16 +124,18 @@ def train_sft(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks(train, out, eval_ds is not None) + list(extra_callbacks),
+        callbacks=callbacks(train, out, eval_ds is not None, state.is_main_process) + list(extra_callbacks),
     )
     checkpoint = runs.last_checkpoint(out) if train.resume else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    # Every rank: gathers the full weights when they are sharded (FSDP2, ZeRO-3).
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
         return out
-    model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge)
+    model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge, state_dict=state_dict)
     runs.record_run(out, method="sft", name=train.name, model_spec=model_args.model, revision=model_args.revision,
                     model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
                     config=to_dict(model_args, lora_args, data_args, train), metrics=metrics, tokenizer=tokenizer,
