@@ -24,9 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rescore": ("align.collect:rescore_main", "Re-score stored responses with their model; check log-probs agree."),
     "dpo": ("align.trainers.dpo:main", "DPO with LoRA on preference pairs (ties, soft labels, importance weights)."),
     "reward": ("align.trainers.reward:main", "Train a reward model (scalar head + LoRA) on preference pairs."),
+    "rlhf": ("align.trainers.rlhf:main", "RLHF with LoRA (RLOO or GRPO) against a reward model, with a reward-hacking monitor."),
     "weights": ("align.trainers.weights:main", "Importance weights and ESS/N per source version, without training."),
+    "memory": ("align.memory:main", "Estimate peak GPU memory of a run and which accelerate config fits."),
     "label": ("align.label_cli:cmd_label", "Run the pairwise labeling app (login, queue, dashboard); --simulate JUDGE."),
     "users": ("align.label_cli:cmd_users", "Add or list logins of the labeling app (align users add NAME --role ...)."),
+    "eval": ("align.eval_cli:eval_main", "Compare model versions on prompts: win rates, gold, KL, failures -> HTML report."),
+    "report": ("align.eval_cli:report_main", "Turn training runs into an HTML report (curves, weights, monitor, lineage)."),
 }
 
 
@@ -39,8 +43,13 @@ def cmd_sft(argv: list[str]) -> None:
 
 
 def print_run_summary(out) -> None:
+    """Print what a training run saved (main process only: other ranks have nothing to say)."""
     import json
 
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     version = json.loads((out / "version.json").read_text())
     metrics = version.get("metrics", {})
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))

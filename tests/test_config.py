@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from align.config import DPO_CONFIG, REWARD_CONFIG, SFT_CONFIG, LoraArgs, TrainArgs, parse_config
+from align.config import DPO_CONFIG, REWARD_CONFIG, RLHF_CONFIG, SFT_CONFIG, LoraArgs, TrainArgs, parse_config
 from align.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_TYPES = {"sft": SFT_CONFIG, "dpo": DPO_CONFIG, "reward": REWARD_CONFIG}
+CONFIG_TYPES = {"sft": SFT_CONFIG, "dpo": DPO_CONFIG, "reward": REWARD_CONFIG, "rlhf": RLHF_CONFIG}
 
 
 def test_yaml_then_command_line_wins(tmp_path):

@@ -1,0 +1,375 @@
+"""The Gradio labeling app: annotate pairs, read the guidelines, compare two models live, review (reviewers).
+
+    demo = build_app("runs/store.db")
+    launch_app(demo, host="127.0.0.1", port=7860)
+
+All logic lives in `labeling.handlers.Labeling`; this module wires components to it. Every handler reads the
+user from `gr.Request.username` (Gradio's login, backed by the store's users) and the handlers check roles
+themselves, so calling an endpoint directly is no way around the UI. Events that only touch the database run
+without a concurrency limit (the store serialises writers); live generation shares a small budget.
+(No `from __future__ import annotations` here: Gradio finds `gr.Request` parameters by their annotation.)
+"""
+
+import functools
+import json
+import secrets
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gradio as gr
+
+from align.generation import SamplingSettings
+from align.store import connect
+from labeling.handlers import (
+    FLAG_REASONS,
+    REASON_TAGS,
+    REVIEW_ROLES,
+    SCREEN_CHOICES,
+    STRENGTHS,
+    Item,
+    Labeling,
+    LabelingConfig,
+    LabelingError,
+    Sessions,
+    load_guidelines,
+)
+from labeling.render import safe_markdown
+
+render_stream = safe_markdown.__wrapped__
+
+# Keyboard shortcuts: key -> elem_id of the button it clicks. Keys are ignored while a text field has focus.
+SHORTCUTS = {"1": "vote-left", "2": "vote-right", "3": "vote-tie", "4": "vote-both-bad", "s": "skip-button",
+             "f": "flag-button", "u": "undo-button"}
+BUTTON_IDS = {"left": "vote-left", "right": "vote-right", "tie": "vote-tie", "both_bad": "vote-both-bad"}
+BUTTON_LABELS = {"left": "A is better [1]", "right": "B is better [2]", "tie": "Tie [3]", "both_bad": "Both bad [4]"}
+SAVED = {"left": "A (left) better", "right": "B (right) better", "tie": "tie", "both_bad": "both bad"}
+
+SHORTCUT_SCRIPT = """
+<script>
+(() => {
+  if (window.__alignShortcuts) return;
+  window.__alignShortcuts = true;
+  const KEYS = __KEYS__;
+  const TEXT_TYPES = new Set(["text", "search", "email", "password", "number", "url", "tel", "date",
+                              "datetime-local", "month", "time", "week"]);
+  function typing(el) {
+    if (!el) return false;
+    if (el.isContentEditable) return true;
+    const tag = el.tagName;
+    if (tag === "TEXTAREA" || tag === "SELECT") return true;
+    return tag === "INPUT" && TEXT_TYPES.has((el.getAttribute("type") || "text").toLowerCase());
+  }
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey || event.repeat || event.isComposing) return;
+    if (typing(document.activeElement) || typing(event.target)) return;
+    const id = KEYS[(event.key || "").toLowerCase()];
+    if (!id) return;
+    let button = document.getElementById(id);
+    if (button && button.tagName !== "BUTTON") button = button.querySelector("button") || button;
+    if (!button || button.disabled || button.offsetParent === null) return;  // absent, busy, or another tab
+    event.preventDefault();
+    button.click();
+  });
+})();
+</script>
+""".replace("__KEYS__", json.dumps(SHORTCUTS))
+
+CSS = """
+.response-pane { padding: 4px 8px; }
+.prompt-pane { background: var(--background-fill-secondary); border-radius: 8px; padding: 8px 12px; }
+"""
+
+AUTH_MESSAGE = "Log in with the name and password your admin created with: align users add."
+
+
+def build_app(
+    store_url: str,
+    *,
+    guidelines_version: str | None = None,
+    lease_seconds: int = 600,
+    rationale_required: Sequence[str] = ("strong", "both_bad"),
+    responders: Sequence[Any] | None = None,
+    sampling: SamplingSettings | None = None,
+    release_grace: float = 15.0,
+) -> gr.Blocks:
+    """The app over the store at `store_url`. `responders`: two `labeling.compare.Responder`s enable the live
+    side-by-side tab. Launch it with `launch_app` (login, keyboard shortcuts and styles are launch options)."""
+    version, guidelines = load_guidelines(guidelines_version)
+    store = connect(store_url)
+    labeling = Labeling(store, LabelingConfig(version, lease_seconds, frozenset(rationale_required)))
+    sessions = Sessions(labeling.release, grace=release_grace)
+    if responders is not None and len(responders) != 2:
+        raise ValueError("side-by-side mode needs exactly two responders")
+
+    with gr.Blocks(title="align · labeling", analytics_enabled=False) as demo:
+        with gr.Row():
+            header = gr.Markdown()
+            logout = gr.Button("Log out", size="sm", scale=0, elem_id="logout-button")
+        with gr.Tabs():
+            with gr.Tab("Annotate", id="annotate"):
+                item = annotate_tab()
+            with gr.Tab("Guidelines", id="guidelines"):
+                gr.Markdown(f"*Guidelines {version}* (stored with every vote)\n\n{guidelines}")
+            with gr.Tab("Compare live", id="compare", visible=False) as compare_tab:
+                compare = compare_tab_body()
+            with gr.Tab("Dashboard", id="dashboard", visible=False) as dashboard_tab:
+                board = dashboard_tab_body()
+        wire(demo, labeling, sessions, item, compare, board, header, logout, dashboard_tab, compare_tab,
+             responders, sampling or SamplingSettings(temperature=0.7, max_new_tokens=256))
+
+    demo.labeling, demo.sessions = labeling, sessions  # for launch_app and tests
+    return demo
+
+
+def annotate_tab() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["progress"] = gr.Markdown(elem_id="progress")
+    c["prompt"] = gr.Markdown(elem_id="prompt", elem_classes="prompt-pane", max_height=240)
+    with gr.Row(equal_height=True):
+        for side, title in (("left", "A"), ("right", "B")):
+            with gr.Column():
+                gr.Markdown(f"#### Response {title}")
+                c[side] = gr.Markdown(elem_id=f"response-{side}", elem_classes="response-pane", max_height=520)
+    with gr.Row():
+        for choice in SCREEN_CHOICES:
+            c[f"vote_{choice}"] = gr.Button(BUTTON_LABELS[choice], elem_id=BUTTON_IDS[choice],
+                                            variant="primary" if choice in ("left", "right") else "secondary")
+    with gr.Row():
+        c["strength"] = gr.Radio(list(STRENGTHS), value="slightly", label="How much better?", elem_id="strength")
+        c["rationale"] = gr.Textbox(label="Rationale (required for 'much better' and 'both bad')", lines=2,
+                                    elem_id="rationale", scale=3)
+    with gr.Row():
+        c["reasons_left"] = gr.CheckboxGroup(list(REASON_TAGS), label="About A (optional)", elem_id="reasons-left")
+        c["reasons_right"] = gr.CheckboxGroup(list(REASON_TAGS), label="About B (optional)", elem_id="reasons-right")
+    with gr.Row():
+        c["skip"] = gr.Button("Skip [s]", elem_id="skip-button", size="sm")
+        c["undo"] = gr.Button("Undo last [u]", elem_id="undo-button", size="sm")
+        c["reload"] = gr.Button("Reload item", elem_id="reload-button", size="sm")
+    with gr.Row():
+        c["flag_reason"] = gr.Radio(list(FLAG_REASONS), label="Flag as", elem_id="flag-reason")
+        c["flag_note"] = gr.Textbox(label="Flag note (optional)", elem_id="flag-note", scale=2)
+        c["flag"] = gr.Button("Flag [f]", elem_id="flag-button", variant="stop", size="sm", scale=0)
+    c["status"] = gr.Markdown(elem_id="status")
+    c["pair_id"] = gr.Number(visible=False, precision=0)
+    return c
+
+
+def compare_tab_body() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    gr.Markdown("Two model versions answer your prompt; their names stay hidden. Vote when both are done.")
+    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="compare-prompt")
+    c["generate"] = gr.Button("Generate both answers", variant="primary", elem_id="compare-generate")
+    with gr.Row(equal_height=True):
+        c["left"] = gr.Markdown(elem_id="compare-left", elem_classes="response-pane", max_height=520)
+        c["right"] = gr.Markdown(elem_id="compare-right", elem_classes="response-pane", max_height=520)
+    with gr.Row():
+        for choice in SCREEN_CHOICES:
+            c[f"vote_{choice}"] = gr.Button(BUTTON_LABELS[choice].split(" [")[0], elem_id=f"compare-{choice}")
+    with gr.Row():
+        c["strength"] = gr.Radio(list(STRENGTHS), value="slightly", label="How much better?")
+        c["rationale"] = gr.Textbox(label="Rationale", lines=1, scale=3)
+    c["status"] = gr.Markdown()
+    c["pair_id"] = gr.Number(visible=False, precision=0)
+    return c
+
+
+def dashboard_tab_body() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["refresh"] = gr.Button("Refresh", size="sm")
+    c["summary"] = gr.Markdown()
+    c["annotators"] = gr.Dataframe(label="Annotators: votes, position bias, speed, gold accuracy")
+    c["cohen"] = gr.Dataframe(label="Cohen's kappa per annotator pair")
+    c["leaderboard"] = gr.Dataframe(label="Model versions (Bradley–Terry, 95% bootstrap interval)")
+    c["flags"] = gr.Dataframe(label="Flagged items to adjudicate")
+    with gr.Row():
+        c["review_id"] = gr.Number(label="Pair id", precision=0, scale=1)
+        c["review"] = gr.Button("Show pair", size="sm", scale=0)
+        c["gold_choice"] = gr.Radio(["a", "b", "tie", "both_bad"], label="Gold answer", scale=2)
+        c["set_gold"] = gr.Button("Make gold item", size="sm", scale=0)
+    c["review_md"] = gr.Markdown()
+    with gr.Row():
+        c["export"] = gr.Button("Export preferences (JSONL)", size="sm", scale=0)
+        c["export_file"] = gr.File(label="Export", interactive=False)
+    return c
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn refusals into a message for the user (gr.Error) instead of a crash."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LabelingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    return wrapper
+
+
+def item_values(item: Item) -> tuple:
+    prompt = item.prompt or "*Nothing to label right now.*"
+    return (item.pair_id, prompt, item.left, item.right, item.progress.markdown(), item.message,
+            "slightly", [], [], "", None, "")
+
+
+ITEM_KEYS = ("pair_id", "prompt", "left", "right", "progress", "status", "strength", "reasons_left",
+             "reasons_right", "rationale", "flag_reason", "flag_note")
+
+
+def wire(demo, labeling: Labeling, sessions: Sessions, c, cmp, board, header, logout, dashboard_tab, compare_tab,
+         responders, sampling: SamplingSettings) -> None:
+    item_outputs = [c[k] for k in ITEM_KEYS]
+    fast = {"concurrency_limit": None, "show_progress": "hidden"}
+
+    def on_load(request: gr.Request):
+        user = request.username
+        role = labeling.role(user)
+        if request.session_hash:
+            sessions.opened(user, request.session_hash)
+        title = f"**align labeling** · signed in as **{safe_markdown(user)}** ({role})"
+        return (title, gr.Tab(visible=role in REVIEW_ROLES), gr.Tab(visible=responders is not None),
+                *item_values(labeling.next_item(user)))
+
+    demo.load(guarded(on_load), None, [header, dashboard_tab, compare_tab, *item_outputs], api_name="load", **fast)
+
+    def on_next(request: gr.Request):
+        return item_values(labeling.next_item(request.username))
+
+    c["reload"].click(guarded(on_next), None, item_outputs, api_name="next", **fast)
+
+    def make_vote(choice: str):
+        def on_vote(pair_id, strength, reasons_left, reasons_right, rationale, request: gr.Request):
+            labeling.vote(request.username, pair_id, choice, strength, reasons_left, reasons_right, rationale)
+            return item_values(labeling.next_item(request.username, f"Saved: {SAVED[choice]}."))
+        return on_vote
+
+    vote_inputs = [c["pair_id"], c["strength"], c["reasons_left"], c["reasons_right"], c["rationale"]]
+    for choice in SCREEN_CHOICES:
+        c[f"vote_{choice}"].click(guarded(make_vote(choice)), vote_inputs, item_outputs, api_name=f"vote_{choice}",
+                                  **fast)
+
+    def on_skip(pair_id, request: gr.Request):
+        labeling.skip(request.username, pair_id)
+        return item_values(labeling.next_item(request.username, "Skipped."))
+
+    def on_flag(pair_id, reason, note, request: gr.Request):
+        labeling.flag(request.username, pair_id, reason, note)
+        return item_values(labeling.next_item(request.username, "Flagged for review. Thank you."))
+
+    def on_undo(pair_id, request: gr.Request):
+        labeling.undo(request.username, pair_id)
+        return item_values(labeling.next_item(request.username, "Undone: here is that pair again."))
+
+    c["skip"].click(guarded(on_skip), [c["pair_id"]], item_outputs, api_name="skip", **fast)
+    c["flag"].click(guarded(on_flag), [c["pair_id"], c["flag_reason"], c["flag_note"]], item_outputs,
+                    api_name="flag", **fast)
+    c["undo"].click(guarded(on_undo), [c["pair_id"]], item_outputs, api_name="undo", **fast)
+
+    def on_logout(request: gr.Request):
+        if request.username:
+            labeling.release(request.username)
+
+    logout.click(on_logout, None, None, api_visibility="private", **fast).then(
+        None, None, None, js="() => { window.location.href = window.location.pathname.replace(/\\/$/, '') + '/logout'; }"
+    )
+
+    def on_unload(request: gr.Request):
+        if request.username and request.session_hash:
+            sessions.closed(request.username, request.session_hash)
+
+    demo.unload(on_unload)
+    wire_dashboard(labeling, board, dashboard_tab, fast)
+    wire_compare(labeling, cmp, responders, sampling, fast)
+
+
+def wire_dashboard(labeling: Labeling, board, dashboard_tab, fast) -> None:
+    from labeling.dashboard import build_dashboard, summary_markdown
+
+    def on_dashboard(request: gr.Request):
+        labeling.require(request.username, REVIEW_ROLES)
+        data = build_dashboard(labeling.store)
+        return (summary_markdown(data), table(data["annotator_rows"]), table(data["cohen_rows"]),
+                table(data["leaderboard"]), table(data["flags"]))
+
+    outputs = [board["summary"], board["annotators"], board["cohen"], board["leaderboard"], board["flags"]]
+    board["refresh"].click(guarded(on_dashboard), None, outputs, api_name="dashboard", **fast)
+    dashboard_tab.select(guarded(on_dashboard), None, outputs, api_visibility="private", **fast)
+
+    def on_export(request: gr.Request):
+        return str(labeling.export(request.username, tempfile.mkdtemp(prefix="align-export-")))
+
+    def on_review(pair_id, request: gr.Request):
+        return labeling.review_pair(request.username, pair_id)
+
+    def on_gold(pair_id, choice, request: gr.Request):
+        message = labeling.set_gold(request.username, pair_id, choice)
+        return f"{message}\n\n{labeling.review_pair(request.username, pair_id)}"
+
+    board["export"].click(guarded(on_export), None, board["export_file"], api_name="export", **fast)
+    board["review"].click(guarded(on_review), [board["review_id"]], board["review_md"], api_name="review_pair",
+                          **fast)
+    board["set_gold"].click(guarded(on_gold), [board["review_id"], board["gold_choice"]], board["review_md"],
+                            api_name="set_gold", **fast)
+
+
+def table(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    return frame.round(3) if not frame.empty else pd.DataFrame({"": ["none yet"]})
+
+
+def wire_compare(labeling: Labeling, cmp, responders, sampling: SamplingSettings, fast) -> None:
+    from dataclasses import replace
+
+    from labeling.compare import compare_stream
+
+    def on_generate(prompt, request: gr.Request):
+        if responders is None:
+            raise gr.Error("side-by-side mode is off (start the app with --compare MODEL_A MODEL_B)")
+        settings = replace(sampling, seed=secrets.randbelow(2**31))
+        try:
+            for frame in compare_stream(labeling, request.username, prompt, tuple(responders), settings):
+                status = "Both answers are in: vote below." if frame.done else "Generating…"
+                # Uncached: a stream renders a growing text many times, each version once.
+                yield render_stream(frame.left), render_stream(frame.right), frame.pair_id, status
+        except LabelingError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    cmp["generate"].click(on_generate, [cmp["prompt"]], [cmp["left"], cmp["right"], cmp["pair_id"], cmp["status"]],
+                          api_name="compare", concurrency_limit=2, concurrency_id="llm")
+
+    def make_vote(choice: str):
+        def on_vote(pair_id, strength, rationale, request: gr.Request):
+            labeling.vote(request.username, pair_id, choice, strength, [], [], rationale)
+            return f"Saved: {SAVED[choice]}. Type another prompt to go on.", None
+        return on_vote
+
+    for choice in SCREEN_CHOICES:
+        cmp[f"vote_{choice}"].click(guarded(make_vote(choice)), [cmp["pair_id"], cmp["strength"], cmp["rationale"]],
+                                    [cmp["status"], cmp["pair_id"]], api_name=f"compare_vote_{choice}", **fast)
+
+
+def launch_app(
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    *,
+    block: bool = True,
+    quiet: bool = False,
+    max_threads: int = 64,
+) -> str:
+    """Launch with login (the store's users), keyboard shortcuts and styles; returns the local URL."""
+    demo.queue(default_concurrency_limit=None)
+    _, local_url, _ = demo.launch(
+        server_name=host, server_port=port, auth=demo.labeling.authenticate, auth_message=AUTH_MESSAGE,
+        head=SHORTCUT_SCRIPT, css=CSS, prevent_thread_lock=not block, quiet=quiet, max_threads=max_threads,
+        ssr_mode=False, show_error=False,
+    )
+    return local_url
+
+
+def close_app(demo: gr.Blocks) -> None:
+    demo.close()
+    demo.labeling.store.close()

@@ -1,0 +1,466 @@
+"""What the labeling app does, without Gradio: login and roles, the queue, votes, skips, flags, undo, progress.
+
+Every public method takes the logged-in user's name (the app reads it from `gr.Request.username`) and checks
+the user's role in the store itself, so hidden buttons are never the only guard. Rules:
+- the queue is the store's lease table: `lease_next_pair` hands each pair to k annotators, a refresh gets the
+  same pair back, and a vote, skip or flag for a pair not leased to the user is rejected;
+- the left/right order is a function of (pair, annotator) recomputed from the database, never sent by the
+  client: a hash of the pair sets the order of its first annotator and each later annotator gets the opposite
+  order of the one before (counterbalancing); the order shown is stored with every event (`left`);
+- screen choices (left/right) are mapped back to response order (a/b) before anything is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from pathlib import Path
+from time import monotonic
+from typing import Any
+
+from sqlalchemy import case, func, select
+
+from align.errors import AlignError, DataError
+from align.store import (
+    Assignment,
+    Pair,
+    Store,
+    User,
+    Vote,
+    add_vote,
+    export_preferences,
+    get_pair,
+    has_live_lease,
+    lease_next_pair,
+    release_lease,
+    set_gold,
+    undo_last_vote,
+    verify_user,
+    write_jsonl,
+)
+from align.store.clock import utcnow
+from align.store.votes import human_vote_count, in_effect
+from labeling.render import prompt_markdown, safe_markdown
+
+SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
+STRENGTHS = {"slightly": 1, "much": 2}
+FLAG_REASONS = ("unsafe", "private data", "broken")
+REASON_TAGS = (
+    "correct", "helpful", "clear", "well formatted",
+    "incorrect", "unhelpful", "unsafe", "ignores instructions", "too long",
+)
+ANNOTATE_ROLES = ("annotator", "reviewer", "admin")
+REVIEW_ROLES = ("reviewer", "admin")
+RATIONALE_RULES = ("strong", "both_bad")
+
+
+class LabelingError(AlignError):
+    """A refused action, with a message for the annotator."""
+
+
+class PermissionDenied(LabelingError):
+    """The user is not logged in, unknown, or lacks the role."""
+
+
+class Rejected(LabelingError):
+    """The action is invalid now: pair not leased, rationale missing, nothing to undo, ..."""
+
+
+@dataclass(frozen=True)
+class LabelingConfig:
+    guidelines_version: str = "v1"
+    lease_seconds: int = 600
+    # When a rationale is required: "strong" (a "much better" vote), "both_bad"; empty: never.
+    rationale_required: frozenset[str] = frozenset(RATIONALE_RULES)
+    # Seconds the project-wide progress count may be stale (it scans every pair; every screen shows it).
+    progress_ttl: float = 5.0
+    # Seconds a user's role is trusted before it is read again (every call checks it).
+    role_ttl: float = 5.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rationale_required) - set(RATIONALE_RULES)
+        if unknown:
+            raise AlignError(f"unknown rationale rule(s) {sorted(unknown)}; expected some of {RATIONALE_RULES}")
+        if self.lease_seconds < 10:
+            raise AlignError(f"lease_seconds must be at least 10, got {self.lease_seconds}")
+
+
+@dataclass
+class Progress:
+    mine_today: int = 0
+    mine_total: int = 0
+    pairs_done: int = 0
+    pairs_total: int = 0
+
+    def markdown(self) -> str:
+        share = f" ({100 * self.pairs_done / self.pairs_total:.0f}%)" if self.pairs_total else ""
+        return (
+            f"**You:** {self.mine_today} today · {self.mine_total} in all  \n"
+            f"**Project:** {self.pairs_done} of {self.pairs_total} pairs have all their votes{share}"
+        )
+
+
+@dataclass
+class Item:
+    """One screen: a pair (or none left), with the sides as safe markdown in screen order."""
+
+    pair_id: int | None
+    prompt: str = ""
+    left: str = ""
+    right: str = ""
+    left_is: str | None = None  # "a" or "b": which response is on the left
+    progress: Progress = field(default_factory=Progress)
+    message: str = ""
+
+
+GUIDELINES_DIR = Path(__file__).parent / "guidelines"
+
+
+def load_guidelines(version: str | None = None, directory: Path = GUIDELINES_DIR) -> tuple[str, str]:
+    """(version, markdown) of labeling/guidelines/<version>.md; without a version, the newest (v1, v2, ...)."""
+    found = {path.stem: path for path in directory.glob("v*.md") if path.stem[1:].isdigit()}
+    if not found:
+        raise AlignError(f"no guidelines in {directory} (expected files like v1.md)")
+    if version is None:
+        version = max(found, key=lambda stem: int(stem[1:]))
+    if version not in found:
+        raise AlignError(f"no guidelines version {version!r}; have {', '.join(sorted(found))}")
+    return version, found[version].read_text(encoding="utf-8")
+
+
+def shown_order(pair_id: int, rank: int) -> str:
+    """Which response ("a" or "b") goes left for the pair's `rank`-th annotator (0-based, in lease order).
+
+    A hash of the pair id (blake2b: stable across processes, unlike hash()) picks the first annotator's order,
+    so across pairs "a" is left half the time; each later annotator gets the opposite of the one before.
+    """
+    first = hashlib.blake2b(f"pair:{pair_id}".encode(), digest_size=8).digest()[0] & 1
+    return "a" if (first + rank) % 2 == 0 else "b"
+
+
+def to_response_choice(screen_choice: str, left: str) -> str:
+    """Map a screen choice (left/right/tie/both_bad) to response order (a/b/tie/both_bad)."""
+    if screen_choice not in SCREEN_CHOICES:
+        raise Rejected(f"unknown choice {screen_choice!r}; expected one of {', '.join(SCREEN_CHOICES)}")
+    right = "b" if left == "a" else "a"
+    return {"left": left, "right": right}.get(screen_choice, screen_choice)
+
+
+class Labeling:
+    """The app's logic over one store. Thread-safe: it keeps no per-user state in memory beyond a few seconds'
+    cache of roles and of the project-wide progress count."""
+
+    def __init__(self, store: Store, config: LabelingConfig | None = None):
+        self.store = store
+        self.config = config or LabelingConfig()
+        self._progress_lock = threading.Lock()
+        self._project_cache: tuple[float, tuple[int, int]] | None = None
+        self._roles: dict[str, tuple[float, str]] = {}  # user -> (when read, role); a dict write is atomic
+        # SQLite has one writer at a time, and a writer that finds the database locked sleeps in growing steps
+        # (1, 2, 5, 10, 25 ms...). Queueing this process's writers on a mutex wakes each one as soon as the
+        # previous commits, which keeps vote latency flat under load. PostgreSQL locks rows and needs none.
+        self.writing = threading.Lock() if store.dialect == "sqlite" else contextlib.nullcontext()
+
+    # ---- identity -------------------------------------------------------------------------------------------
+
+    def authenticate(self, name: str, password: str) -> bool:
+        """Gradio's auth= callable: the user exists and the password is right."""
+        return bool(name) and verify_user(self.store, name, password) is not None
+
+    def role(self, user: str | None) -> str:
+        if not user:
+            raise PermissionDenied("log in first")
+        now = monotonic()
+        cached = self._roles.get(user)
+        if cached is not None and now - cached[0] < self.config.role_ttl:
+            return cached[1]
+        with self.store.read() as session:
+            role = session.scalar(select(User.role).where(User.name == user))
+        if role is None:
+            raise PermissionDenied(f"unknown user {user!r}")
+        self._roles[user] = (now, role)
+        return role
+
+    def require(self, user: str | None, roles: tuple[str, ...]) -> str:
+        role = self.role(user)
+        if role not in roles:
+            raise PermissionDenied(f"{user!r} has the role {role}; this needs {' or '.join(roles)}")
+        return role
+
+    # ---- the queue ------------------------------------------------------------------------------------------
+
+    def next_item(self, user: str | None, message: str = "") -> Item:
+        """The pair leased to the user (the same one on a refresh or in a second tab), or a new lease."""
+        self.require(user, ANNOTATE_ROLES)
+        with self.writing:
+            pair_id = lease_next_pair(self.store, user, lease_seconds=self.config.lease_seconds)
+        progress = self.progress(user)
+        if pair_id is None:
+            done = "Nothing left to label for you right now. Thank you!"
+            return Item(None, progress=progress, message=" ".join(m for m in (message, done) if m))
+        pair = get_pair(self.store, pair_id)
+        left, _ = self.shown(user, pair_id)
+        sides = {"a": pair["response_a"]["text"], "b": pair["response_b"]["text"]}
+        right = "b" if left == "a" else "a"
+        return Item(
+            pair_id=pair_id,
+            prompt=prompt_markdown(pair["prompt"]),
+            left=safe_markdown(sides[left]),
+            right=safe_markdown(sides[right]),
+            left_is=left,
+            progress=progress,
+            message=message,
+        )
+
+    def shown(self, user: str, pair_id: int) -> tuple[str, datetime | None]:
+        """(response shown on the left, when the pair was shown) for this user, from the database alone."""
+        with self.store.read() as session:
+            pair = session.get(Pair, pair_id)
+            if pair is None:
+                raise Rejected(f"no pair with id {pair_id}")
+            fixed = ((pair.rule_params or {}).get("shown_left") or {}).get(user)
+            rows = session.execute(
+                select(Assignment.annotator, Assignment.leased_at)
+                .where(Assignment.pair_id == pair_id)
+                .order_by(Assignment.id)
+            ).all()
+        names = [name for name, _ in rows]
+        rank = names.index(user) if user in names else len(names)
+        shown_at = rows[rank][1] if user in names else None
+        return (fixed if fixed in ("a", "b") else shown_order(pair_id, rank)), shown_at
+
+    def release(self, user: str) -> int:
+        """Give back every pair leased to the user (tab closed, logout); returns how many."""
+        with self.store.read() as session:
+            pair_ids = session.scalars(
+                select(Assignment.pair_id).where(Assignment.annotator == user, Assignment.status == "active")
+            ).all()
+        with self.writing:
+            return sum(release_lease(self.store, user, pair_id) for pair_id in pair_ids)
+
+    # ---- answers --------------------------------------------------------------------------------------------
+
+    def leased_pair(self, user: str, pair_id: Any) -> int:
+        try:
+            pair_id = int(pair_id)
+        except (TypeError, ValueError):
+            raise Rejected("no pair on screen; reload the page") from None
+        if not has_live_lease(self.store, user, pair_id):
+            raise Rejected(
+                f"pair {pair_id} is not leased to you (the lease expired, or you answered it in another tab); "
+                "reload to get your current pair"
+            )
+        return pair_id
+
+    def vote(
+        self,
+        user: str | None,
+        pair_id: Any,
+        screen_choice: str,
+        strength: str | int = "slightly",
+        reasons_left: list[str] | None = None,
+        reasons_right: list[str] | None = None,
+        rationale: str | None = "",
+    ) -> int:
+        """Record a vote on the leased pair; returns the vote's id."""
+        self.require(user, ANNOTATE_ROLES)
+        if screen_choice not in SCREEN_CHOICES:
+            raise Rejected(f"unknown choice {screen_choice!r}; expected one of {', '.join(SCREEN_CHOICES)}")
+        level = STRENGTHS.get(strength, strength) if isinstance(strength, str) else strength
+        if level not in (1, 2):
+            raise Rejected(f"strength must be one of {', '.join(STRENGTHS)}, got {strength!r}")
+        if screen_choice in ("tie", "both_bad"):
+            level = 1  # strength grades a preference; a tie or both-bad has none
+        rationale = (rationale or "").strip()
+        self.check_rationale(screen_choice, level, rationale)
+        reasons = self.check_reasons(reasons_left, reasons_right)
+        pair_id = self.leased_pair(user, pair_id)
+        left, shown_at = self.shown(user, pair_id)
+        right = "b" if left == "a" else "a"
+        return self.record(
+            pair_id, user, kind="vote", choice=to_response_choice(screen_choice, left), strength=level,
+            rationale=rationale or None, left=left, shown_at=shown_at,
+            reasons={left: reasons[0], right: reasons[1]} if any(reasons) else None,
+        )
+
+    def check_rationale(self, screen_choice: str, level: int, rationale: str) -> None:
+        rules = self.config.rationale_required
+        if rationale:
+            return
+        if "both_bad" in rules and screen_choice == "both_bad":
+            raise Rejected("please say in the rationale why both responses are bad")
+        if "strong" in rules and level == 2:
+            raise Rejected("please give a rationale for a 'much better' vote")
+
+    @staticmethod
+    def check_reasons(left: list[str] | None, right: list[str] | None) -> tuple[list[str], list[str]]:
+        picked = (list(left or []), list(right or []))
+        unknown = {tag for side in picked for tag in side} - set(REASON_TAGS)
+        if unknown:
+            raise Rejected(f"unknown reason tag(s) {sorted(unknown)}")
+        return picked
+
+    def skip(self, user: str | None, pair_id: Any) -> int:
+        self.require(user, ANNOTATE_ROLES)
+        pair_id = self.leased_pair(user, pair_id)
+        left, shown_at = self.shown(user, pair_id)
+        return self.record(pair_id, user, kind="skip", left=left, shown_at=shown_at)
+
+    def flag(self, user: str | None, pair_id: Any, reason: str | None, note: str | None = "") -> int:
+        """Flag the leased pair for reviewers (unsafe, private data, broken) and move on."""
+        self.require(user, ANNOTATE_ROLES)
+        if reason not in FLAG_REASONS:
+            raise Rejected(f"choose why you flag this item: {', '.join(FLAG_REASONS)}")
+        pair_id = self.leased_pair(user, pair_id)
+        left, shown_at = self.shown(user, pair_id)
+        note = (note or "").strip()
+        flag_reason = f"{reason}: {note}" if note else reason
+        vote_id = self.record(pair_id, user, kind="flag", left=left, shown_at=shown_at, flag_reason=flag_reason)
+        # A flag is no answer, so the store keeps the lease; the flagger never gets the pair again either way.
+        with self.writing:
+            release_lease(self.store, user, pair_id)
+        return vote_id
+
+    def record(self, pair_id: int, user: str, **fields: Any) -> int:
+        try:
+            with self.writing:
+                return add_vote(
+                    self.store, pair_id, user, fields.pop("choice", None),
+                    guidelines_version=self.config.guidelines_version, source="human", **fields,
+                )
+        except DataError as error:  # e.g. already answered in another tab
+            raise Rejected(str(error)) from error
+
+    def undo(self, user: str | None, current_pair_id: Any = None) -> int:
+        """Take back the user's last vote or skip (a superseding event); its pair is shown again next."""
+        self.require(user, ANNOTATE_ROLES)
+        with self.writing:
+            undo_id = undo_last_vote(self.store, user, lease_seconds=self.config.lease_seconds)
+        if undo_id is None:
+            raise Rejected("nothing to undo")
+        with self.store.read() as session:
+            undone_pair = session.scalar(select(Vote.pair_id).where(Vote.id == undo_id))
+        try:
+            current = int(current_pair_id)
+        except (TypeError, ValueError):
+            current = None
+        if current is not None and current != undone_pair:
+            # Hand the pair on screen back, so the queue shows the undone pair now, not after it.
+            with self.writing:
+                release_lease(self.store, user, current)
+        return undo_id
+
+    # ---- progress -------------------------------------------------------------------------------------------
+
+    def progress(self, user: str) -> Progress:
+        midnight = datetime.combine(utcnow().date(), time())
+        today = func.coalesce(func.sum(case((Vote.answered_at >= midnight, 1), else_=0)), 0)
+        mine = select(func.count(Vote.id), today).where(
+            Vote.annotator == user, Vote.kind == "vote", Vote.source == "human", in_effect()
+        )
+        with self.store.read() as session:
+            total, today_count = session.execute(mine).one()
+        done, pairs = self.project_progress()
+        return Progress(mine_today=int(today_count), mine_total=int(total), pairs_done=done, pairs_total=pairs)
+
+    def project_progress(self) -> tuple[int, int]:
+        """(pairs with all their votes, pairs), cached for `config.progress_ttl` seconds."""
+        now = monotonic()
+        with self._progress_lock:
+            if self._project_cache is not None and now - self._project_cache[0] < self.config.progress_ttl:
+                return self._project_cache[1]
+        with self.store.read() as session:
+            counts = (
+                session.scalar(select(func.count(Pair.id)).where(human_vote_count() >= Pair.votes_required)) or 0,
+                session.scalar(select(func.count(Pair.id))) or 0,
+            )
+        with self._progress_lock:
+            self._project_cache = (now, counts)
+        return counts
+
+    # ---- reviewers ------------------------------------------------------------------------------------------
+
+    def export(self, user: str | None, directory: str | Path) -> Path:
+        """What `align export` writes: the preference rows as JSONL, for download."""
+        self.require(user, REVIEW_ROLES)
+        stamp = utcnow().strftime("%Y%m%d-%H%M%S")
+        return write_jsonl(export_preferences(self.store), Path(directory) / f"preferences-{stamp}.jsonl")
+
+    def review_pair(self, user: str | None, pair_id: Any) -> str:
+        """Everything about one pair for adjudication: both responses with their versions, every event."""
+        self.require(user, REVIEW_ROLES)
+        try:
+            pair = get_pair(self.store, int(pair_id))
+        except (TypeError, ValueError, DataError):
+            raise Rejected(f"no pair with id {pair_id!r}") from None
+        from labeling.dashboard import pair_events, response_versions  # dashboard imports this module
+
+        versions = response_versions(self.store, pair["response_a"]["id"], pair["response_b"]["id"])
+        gold = f" · gold: **{pair['gold_choice']}**" if pair["is_gold"] else ""
+        title = (f"### Pair {pair['pair_id']} (rule {safe_markdown(pair['rule'])}, {pair['votes_required']} votes "
+                 f"required{gold})")
+        lines = [title, "**Prompt**", prompt_markdown(pair["prompt"])]
+        for side in ("a", "b"):
+            lines += ["---", f"**Response {side}** (model version {safe_markdown(versions[side])})",
+                      safe_markdown(pair[f"response_{side}"]["text"])]
+        lines.append("---")
+        lines += ["**Events**", pair_events(self.store, pair["pair_id"])]
+        return "\n\n".join(lines)
+
+    def set_gold(self, user: str | None, pair_id: Any, choice: str) -> str:
+        self.require(user, REVIEW_ROLES)
+        try:
+            set_gold(self.store, int(pair_id), choice)
+        except (TypeError, ValueError, DataError) as error:
+            raise Rejected(str(error)) from None
+        return f"pair {int(pair_id)} is now a gold item with answer {choice}"
+
+
+def lease_pair_to(store: Store, pair_id: int, user: str, lease_seconds: int) -> None:
+    """Lease one given pair to a user (side-by-side mode creates the pair it shows)."""
+    from align.store.leases import renew_lease
+
+    now = utcnow()
+    with store.write() as session:
+        store.lock(session, "lease")
+        renew_lease(session, pair_id, user, now, now + timedelta(seconds=lease_seconds))
+
+
+class Sessions:
+    """Which browser sessions each user has open, so closing one of two tabs does not take the other's lease.
+
+    When a user's last session closes, `on_last_closed(user)` runs after `grace` seconds unless a session of
+    theirs opened meanwhile: a page refresh closes the old session just before the new one opens.
+    """
+
+    def __init__(self, on_last_closed, grace: float = 15.0):
+        self.on_last_closed = on_last_closed
+        self.grace = grace
+        self.open: dict[str, set[str]] = {}
+        self.lock = threading.Lock()
+
+    def opened(self, user: str, session: str) -> None:
+        with self.lock:
+            self.open.setdefault(user, set()).add(session)
+
+    def closed(self, user: str, session: str) -> None:
+        with self.lock:
+            self.open.get(user, set()).discard(session)
+            if self.open.get(user):
+                return
+        if self.grace <= 0:
+            self.release_if_gone(user)
+            return
+        timer = threading.Timer(self.grace, self.release_if_gone, args=(user,))
+        timer.daemon = True
+        timer.start()
+
+    def release_if_gone(self, user: str) -> None:
+        with self.lock:
+            if self.open.get(user):
+                return
+            self.open.pop(user, None)
+        self.on_last_closed(user)

@@ -1,0 +1,167 @@
+"""One real labeling session in headless Debian chromium (Playwright): log in, vote once by click and once by
+keyboard shortcut, check the stored rows (choice in response order + the side shown), prove that hostile
+prompts and responses execute nothing, and save a screenshot (also to docs/labeling_app.png for the README).
+
+Skipped when Playwright or chromium is missing, unless ALIGN_REQUIRE_BROWSER=1 (CI), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from align.store import (
+    Vote,
+    add_prompts,
+    add_responses,
+    add_user,
+    connect,
+    get_pair,
+    make_pairs,
+    register_model_version,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000  # generous: CI machines have 2 cores
+
+PALINDROME = "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces."
+GOOD = (
+    "Normalise the text, then compare it with its reverse:\n\n```python\ndef is_palindrome(text: str) -> bool:\n"
+    "    cleaned = \"\".join(text.lower().split())\n    return cleaned == cleaned[::-1]\n```\n\n"
+    "`is_palindrome(\"Never odd or even\")` returns **True**."
+)
+NAIVE = (
+    "Compare the string with its reverse:\n\n```python\ndef is_palindrome(s):\n    return s == s[::-1]\n```\n\n"
+    "Note: this version is *case-sensitive* and counts spaces, so `\"Never odd or even\"` gives False."
+)
+HOSTILE_PROMPT = "Summarise <script>window.__xss = 1; alert('prompt')</script> [this](javascript:window.__xss=1)"
+HOSTILE_A = "Sure <img src=x onerror=\"window.__xss=1;alert('a')\"> and [click me](javascript:alert('link'))"
+HOSTILE_B = "Here: <svg onload=\"window.__xss=1\"></svg> `<b onmouseover=alert(1)>` <iframe src=\"javascript:alert(2)\">"
+
+
+def find_chromium() -> str | None:
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def browser_or_skip():
+    required = os.environ.get("ALIGN_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install 'playwright>=1.45,<2')"
+        pytest.fail(reason) if required else pytest.skip(reason)
+    chromium = find_chromium()
+    if chromium is None:
+        reason = "chromium is not installed (apt-get install chromium)"
+        pytest.fail(reason) if required else pytest.skip(reason)
+    return sync_playwright, chromium
+
+
+def make_store(url: str) -> None:
+    """Pair 1: an ordinary item; pair 2: hostile markup (added one after the other, so the ids are in order)."""
+    with connect(url) as store:
+        version = register_model_version(store, {"name": "v0", "base_model": "tiny", "adapter_hash": "v0"})
+        for prompt, texts in ((PALINDROME, (GOOD, NAIVE)), (HOSTILE_PROMPT, (HOSTILE_A, HOSTILE_B))):
+            [prompt_id] = add_prompts(store, [{"prompt": prompt}])
+            add_responses(store, [
+                {"prompt_id": prompt_id, "model_version_id": version, "seed": 0, "sample_index": k,
+                 "max_new_tokens": 64, "text": text}
+                for k, text in enumerate(texts)
+            ])
+            make_pairs(store, version, rule="all_pairs", votes_required=1, prompt_ids=[prompt_id])
+        add_user(store, "alice", "pw-alice", "annotator")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shown_left(store_url: str, pair_id: int, left_text: str) -> str:
+    """Which response the page showed on the left, by matching the rendered text to the stored ones."""
+    with connect(store_url) as store:
+        pair = get_pair(store, pair_id)
+    first_words = " ".join(pair["response_a"]["text"].split()[:2])
+    return "a" if left_text.strip().startswith(first_words) else "b"
+
+
+@pytest.mark.browser
+def test_labeling_session_in_chromium(tmp_path):
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    make_store(url)
+    demo = build_app(url, release_grace=0)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    dialogs: list[str] = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(app_url)
+            page.locator("input[type=password]").wait_for()
+            page.locator("input").first.fill("alice")
+            page.locator("input[type=password]").fill("pw-alice")
+            page.get_by_role("button", name="Login").click()
+
+            # Pair 1: a normal item. Vote "B is better" by clicking.
+            wait_for_text(page, "#response-left", "is_palindrome")
+            assert not page.get_by_role("tab", name="Dashboard").is_visible()  # annotators get no dashboard
+            left_1 = shown_left(url, 1, page.inner_text("#response-left"))
+            screenshot = tmp_path / "labeling_app.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            (ROOT / "docs").mkdir(exist_ok=True)
+            shutil.copyfile(screenshot, ROOT / "docs" / "labeling_app.png")
+            page.locator("#vote-right").click()
+            wait_for_text(page, "#status", "Saved: B (right) better.")
+
+            # Pair 2: hostile content renders as text and runs nothing.
+            wait_for_text(page, "#prompt", "Summarise")
+            page.wait_for_timeout(1000)  # time for an onerror/onload handler to fire, were there one
+            assert "<script>" in page.inner_text("#prompt")
+            assert "onerror" in page.inner_text("#response-left") + page.inner_text("#response-right")
+            assert page.locator("#response-left img, #response-right img, #response-right svg[onload]").count() == 0
+            assert page.locator("a[href^='javascript']").count() == 0
+            assert page.evaluate("window.__xss") is None and dialogs == []
+            left_2 = shown_left(url, 2, page.inner_text("#response-left"))
+
+            # Digits typed into the rationale are text, not votes; outside a text box "1" votes A (left).
+            page.locator("#rationale textarea").fill("")
+            page.locator("#rationale textarea").press_sequentially("3 1 4")
+            page.wait_for_timeout(500)
+            assert page.inner_text("#status").strip() == "Saved: B (right) better."
+            page.locator("#prompt").click()
+            page.keyboard.press("1")
+            wait_for_text(page, "#status", "Saved: A (left) better.")
+            assert page.evaluate("window.__xss") is None and dialogs == []
+            browser.close()
+    finally:
+        close_app(demo)
+
+    with connect(url) as store, store.read() as session:
+        votes = list(session.scalars(select(Vote).where(Vote.kind == "vote").order_by(Vote.id)))
+    assert [(v.pair_id, v.left) for v in votes] == [(1, left_1), (2, left_2)]
+    assert votes[0].choice == ("b" if left_1 == "a" else "a")  # B (right) better, in response order
+    assert votes[1].choice == left_2 and votes[1].rationale == "3 1 4"  # A (left) better, typed rationale kept
+    assert screenshot.stat().st_size > 10_000
+
+
+def wait_for_text(page, selector: str, text: str) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const el = document.querySelector(sel); return el && el.innerText.includes(text); }",
+        arg=[selector, text],
+    )
