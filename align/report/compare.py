@@ -1,0 +1,299 @@
+"""Compare model versions on a prompt set: sample into the store, judge, and gather every section of the report.
+
+    from align.report.compare import EvalSpec, run_eval
+    report = run_eval(store, EvalSpec(models=["v0", "runs/v1-dpo"], prompt_rows=rows, judges=["gold"]))
+
+Samples go through `generate_to_store` (full provenance, resumable: a re-run reuses what is stored). Judges:
+"gold" (the task's program check, reward in [0, 1]) and "reward" (a trained reward model, normalised reward).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from align.errors import AlignError
+from align.generation import SamplingSettings
+from align.report import artifacts, clusters, stats
+from align.report.sections import (failures, heldout_accuracy, human_votes, kl_to_reference, ranking,
+                                   score_summary, side_by_side, win_rates)
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class EvalSpec:
+    models: list[str]
+    prompt_rows: list[dict]
+    judges: list[str] = field(default_factory=lambda: ["gold"])  # "gold" and/or "reward"
+    reward_model: Optional[str] = None  # run dir of a reward model, for the "reward" judge
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    n: int = 1
+    reference: Optional[str] = None  # default: the first model
+    heldout_pairs: Optional[list[dict]] = None  # preference rows; default: the store's human-labelled pairs
+    batch_size: int = 16
+    n_boot: int = 1000
+    side_by_side: int = 8
+    prompt_source: str = ""
+    seed: int = 0
+
+
+# ---- judges ------------------------------------------------------------------------------------------------------
+
+
+class GoldJudge:
+    name = "gold"
+
+    def check(self, prompts: Sequence[dict]) -> None:
+        """Every prompt must belong to a task family with a gold check; else name the family that has none."""
+        from align.tasks import FAMILIES
+
+        for p in prompts:
+            family = p.get("family")
+            if family not in FAMILIES:
+                shown = "no task family" if family is None else f"task family {family!r}"
+                raise AlignError(f"the gold judge cannot score {shown} (prompt {p['text'][:60]!r}): gold checks exist "
+                                 f"for {', '.join(FAMILIES)}; use --judge reward:RUN_DIR for other prompts")
+            if not isinstance(p.get("gold"), dict):
+                raise AlignError(f"the gold judge cannot score family {family!r}: prompt {p['text'][:60]!r} has no "
+                                 "gold reference (a JSON object)")
+
+    def score(self, prompts: Sequence[dict], texts: Sequence[str]) -> list[float]:
+        from align.tasks import score_response
+
+        return [score_response(p["family"], t, p["gold"]) for p, t in zip(prompts, texts)]
+
+
+class RewardJudge:
+    name = "reward"
+
+    def __init__(self, run_dir: str, batch_size: int = 8):
+        from align.trainers.reward import load_reward_model
+
+        if not run_dir:
+            raise AlignError("the reward judge needs a reward-model run directory: --judge reward:RUN_DIR")
+        self.run_dir = run_dir
+        self.model, self.tokenizer, self.stats = load_reward_model(run_dir)
+        self.batch_size = batch_size
+
+    def check(self, prompts: Sequence[dict]) -> None:  # a reward model scores any prompt
+        return None
+
+    def score(self, prompts: Sequence[dict], texts: Sequence[str]) -> list[float]:
+        return self.score_messages([p["messages"] for p in prompts], list(texts))
+
+    def score_messages(self, prompts: Sequence, responses: Sequence) -> list[float]:
+        """Normalised rewards; prompts as text or messages, responses as text or one assistant message."""
+        from align.trainers.reward import score
+
+        return score(self.model, self.tokenizer, prompts, responses, self.batch_size, self.stats)
+
+
+# ---- versions and samples --------------------------------------------------------------------------------------
+
+
+def known_versions(store) -> list[str]:
+    from sqlalchemy import select
+
+    from align.store import ModelVersion
+
+    with store.read() as session:
+        return list(session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)))
+
+
+def register(store, spec: str) -> Any:
+    """The stored ModelVersion of a spec or version name, registering it if needed; a clear error if neither."""
+    from align.collect import ensure_registered
+    from align.store import get_model_version
+
+    try:
+        _, name = ensure_registered(store, spec)
+    except AlignError as err:
+        known = known_versions(store)
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "none registered yet"
+        raise AlignError(f"unknown model version {spec!r} ({err}); known versions: {shown}") from None
+    return get_model_version(store, name)
+
+
+def load_samples(store, version_id: int, prompt_ids: Sequence[int], n: int, settings: SamplingSettings) -> dict:
+    """{prompt_id: [response dict, ...]} of this version's samples under these settings, by sample index."""
+    from sqlalchemy import select
+
+    from align.store import Response
+    from align.store.ops import sample_settings
+
+    wanted = sample_settings(settings.as_dict())
+    query = select(Response).where(
+        Response.model_version_id == version_id, Response.prompt_id.in_(list(prompt_ids)),
+        Response.seed == settings.seed, Response.sample_index < n,
+        *(getattr(Response, k) == v for k, v in wanted.items()),
+    ).order_by(Response.prompt_id, Response.sample_index)
+    out: dict[int, list[dict]] = defaultdict(list)
+    with store.read() as session:
+        for r in session.scalars(query):
+            out[r.prompt_id].append({"id": r.id, "sample_index": r.sample_index, "text": r.text, "logp": r.logp,
+                                     "length": r.length, "finish_reason": r.finish_reason,
+                                     "token_ids": r.completion_token_ids})
+    return dict(out)
+
+
+def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
+    from sqlalchemy import select
+
+    from align.store import Prompt
+    from align.store.pairs import prompt_messages
+
+    with store.read() as session:
+        rows = session.scalars(select(Prompt).where(Prompt.id.in_(list(prompt_ids)))).all()
+        return {p.id: {"id": p.id, "text": p.text, "messages": prompt_messages(p), "family": p.family, "gold": p.gold}
+                for p in rows}
+
+
+# ---- the evaluation ----------------------------------------------------------------------------------------------
+
+
+def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT) -> dict:
+    """Sample, judge and summarise; returns the report as a JSON-ready dict (see align.report.html for rendering)."""
+    from align import store as st
+    from align.collect import generate_to_store
+
+    if not spec.prompt_rows:
+        raise AlignError("the prompt set is empty: give a JSONL with at least one prompt (or a larger --per_family)")
+    if len(spec.models) < 1:
+        raise AlignError("--models needs at least one model version")
+    prompt_ids = list(dict.fromkeys(st.add_prompts(store, spec.prompt_rows)))
+    prompts = load_prompts(store, prompt_ids)
+    judges = _make_judges(spec)
+    for judge in judges:  # before any sampling: a judge that cannot score the prompts fails at once
+        judge.check([prompts[i] for i in prompt_ids])
+    versions = [register(store, m) for m in spec.models]
+    names = [v.name for v in versions]
+    repeated = {n for n in names if names.count(n) > 1}
+    if repeated:
+        raise AlignError(f"model version(s) listed twice: {', '.join(sorted(repeated))}")
+    reference = register(store, spec.reference) if spec.reference else versions[0]
+
+    for v in versions:
+        generate_to_store(store, v.name, spec.prompt_rows, spec.n, spec.settings, spec.batch_size, pair_rule=None)
+    samples = {v.name: load_samples(store, v.id, prompt_ids, spec.n, spec.settings) for v in versions}
+    for name in names:
+        missing = [p for p in prompt_ids if p not in samples[name]]
+        if missing:
+            raise AlignError(f"{name}: no stored samples for {len(missing)} prompt(s) after generation")
+    scores = {j.name: _judge_all(j, prompts, prompt_ids, samples) for j in judges}
+
+    report: dict[str, Any] = {"kind": "eval", "notes": {}, "reference": reference.name,
+                              "settings": {**spec.settings.as_dict(), "n": spec.n},
+                              "prompts": _prompt_summary(spec, prompts, prompt_ids),
+                              "judges": [j.name if j.name == "gold" else f"reward:{j.run_dir}" for j in judges]}
+    report["versions"] = [_version_row(store, v, samples[v.name]) for v in versions]
+    report["win_rates"] = {j: win_rates(names, prompt_ids, s, spec.n_boot, spec.seed) for j, s in scores.items()}
+    report["bradley_terry"] = {j: ranking(names, prompt_ids, s, spec.n_boot, spec.seed) for j, s in scores.items()
+                               if len(names) > 1}
+    if len(names) < 2:
+        report["notes"]["win_rates"] = "one version only: nothing to compare"
+    report["scores"] = {j: score_summary(names, prompt_ids, prompts, s, spec.n_boot, spec.seed)
+                        for j, s in scores.items()}
+    if "gold" not in scores:
+        report["notes"]["gold"] = "no gold judge (use --judge gold or both on task prompts)"
+    report["lengths"] = {n: stats.length_summary([r["length"] or 0 for rs in samples[n].values() for r in rs])
+                         | {"values": [r["length"] or 0 for rs in samples[n].values() for r in rs],
+                            "stopped": _share(samples[n], lambda r: r["finish_reason"] == "stop")}
+                         for n in names}
+    _section(report, "kl", lambda: kl_to_reference(reference, versions, prompts, samples, spec.settings,
+                                                          spec.n_boot, spec.seed))
+    _section(report, "reward_model_accuracy", lambda: heldout_accuracy(store, judges, spec.heldout_pairs))
+    _section(report, "human_votes", lambda: human_votes(store, versions, spec.n_boot, spec.seed))
+    _section(report, "failures", lambda: failures(names, prompt_ids, prompts, samples, scores, embed, spec.seed))
+    report["side_by_side"] = side_by_side(names, reference.name, prompt_ids, prompts, samples, scores,
+                                          spec.side_by_side)
+    artifacts.add_run_sections(report, store, versions)
+    return report
+
+
+def _make_judges(spec: EvalSpec) -> list:
+    judges = []
+    for name in spec.judges:
+        if name == "gold":
+            judges.append(GoldJudge())
+        elif name == "reward":
+            judges.append(RewardJudge(spec.reward_model or "", min(spec.batch_size, 8)))
+        else:
+            raise AlignError(f"unknown judge {name!r}; use gold, reward:RUN_DIR or both")
+    if not judges:
+        raise AlignError("no judge given: use --judge gold, reward:RUN_DIR or both")
+    return judges
+
+
+def _section(report: dict, key: str, build: Callable[[], Any]) -> None:
+    """Add an optional section; a section that returns a str is omitted, that str being the reason."""
+    result = build()
+    if isinstance(result, str):
+        report["notes"][key] = result
+    else:
+        report[key] = result
+
+
+def _judge_all(judge, prompts: dict, prompt_ids: Sequence[int], samples: dict) -> dict:
+    """{version: {prompt_id: [score per sample]}}, one batched call per version."""
+    out = {}
+    for name, by_prompt in samples.items():
+        flat = [(pid, r) for pid in prompt_ids for r in by_prompt[pid]]
+        values = judge.score([prompts[pid] for pid, _ in flat], [r["text"] for _, r in flat])
+        per: dict[int, list[float]] = defaultdict(list)
+        for (pid, _), value in zip(flat, values):
+            per[pid].append(float(value))
+        out[name] = dict(per)
+    return out
+
+
+def _share(by_prompt: dict, test: Callable[[dict], bool]) -> float:
+    rows = [r for rs in by_prompt.values() for r in rs]
+    return sum(map(test, rows)) / len(rows) if rows else math.nan
+
+
+def _prompt_summary(spec: EvalSpec, prompts: dict, prompt_ids: Sequence[int]) -> dict:
+    families: dict[str, int] = defaultdict(int)
+    for pid in prompt_ids:
+        families[prompts[pid]["family"] or "-"] += 1
+    return {"source": spec.prompt_source, "n": len(prompt_ids), "families": dict(sorted(families.items()))}
+
+
+def _version_row(store, version, by_prompt: dict) -> dict:
+    return {"name": version.name, "method": version.method, "base_model": version.base_model,
+            "parent": artifacts.parent_name(store, version), "samples": sum(map(len, by_prompt.values())),
+            "created_at": str(version.created_at)[:19]}
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------
+
+
+def resolve_prompts(source: str, per_family: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:
+    """Prompt rows of a JSONL path, or of `tasks:eval` / `tasks:train` (the shipped task suite)."""
+    from align.collect import read_prompts
+    from align.evaluate import stratified
+    from align.tasks import load_tasks
+
+    if source.startswith("tasks:"):
+        split = source.split(":", 1)[1]
+        if split not in ("eval", "train"):
+            raise AlignError(f"unknown task split {split!r} in {source!r}; use tasks:eval or tasks:train")
+        rows = load_tasks(_repo_file(f"data/tasks/{split}.jsonl"))
+    else:
+        rows = read_prompts(source)
+    if per_family is not None:
+        rows = stratified([dict(r, family=r.get("family") or "-") for r in rows], per_family)
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise AlignError(f"the prompt set {source!r} is empty after --per_family/--limit")
+    return rows
+
+
+def _repo_file(relative: str) -> Path:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / relative).is_file():
+            return root / relative
+    raise AlignError(f"{relative} not found (run from the repository root, or pass a JSONL path)")

@@ -1,0 +1,242 @@
+"""align eval / align report end to end on tiny models: report.json values, files, bad input, run reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from align.errors import AlignError
+
+_BUILT: dict = {}  # one fixture report per test session, shared with tests/test_report_browser.py
+
+
+def hash_embed(texts):
+    """A cheap stand-in for the sentence embedder: normalised character-bigram counts."""
+    out = np.zeros((len(texts), 64))
+    for i, t in enumerate(texts):
+        for a, b in zip(t, t[1:]):
+            out[i, (ord(a) * 31 + ord(b)) % 64] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def build_fixture_report(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, str, list[str]]:
+    """Two tiny-model versions sampled on 6 task prompts, judged by gold: (report.html, report dict, db url, names)."""
+    if "report" in _BUILT:
+        return _BUILT["report"]
+    from align import store as st
+    from align.generation import SamplingSettings
+    from align.models import save_tiny_model
+    from align.report import write_report
+    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+
+    root = tmp_path_factory.mktemp("eval")
+    other = save_tiny_model(root / "tiny-seed1", seed=1)
+    rows = resolve_prompts("tasks:eval", per_family=1, limit=6)
+    url = f"sqlite:///{root / 'store.db'}"
+    spec = EvalSpec(models=[str(tiny_model_dir), str(other)], prompt_rows=rows, judges=["gold"], n=1,
+                    settings=SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0), n_boot=200,
+                    prompt_source="tasks:eval")
+    with st.connect(url) as store:
+        report = run_eval(store, spec, embed=hash_embed)
+    report["title"] = "align eval: two tiny models"
+    html = write_report(report, root / "out")
+    _BUILT["report"] = (html, json.loads((root / "out" / "report.json").read_text()), url, spec.models)
+    return _BUILT["report"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model_dir):
+    return build_fixture_report(tmp_path_factory, tiny_model_dir)
+
+
+def test_eval_report_values(built):
+    html, report, url, models = built
+    out = html.parent
+    assert {p.name for p in out.iterdir()} >= {"report.html", "report.json", "summary.md"}
+    names = [v["name"] for v in report["versions"]]
+    assert len(names) == 2 and all(v["samples"] == 6 for v in report["versions"])
+    pairs = {(p["a"], p["b"]): p for p in report["win_rates"]["gold"]["pairs"]}
+    a, b = names
+    for p in pairs.values():
+        assert 0 <= p["low"] <= p["win_rate"] <= p["high"] <= 1 and p["n"] == 6
+    assert pairs[(a, b)]["win_rate"] + pairs[(b, a)]["win_rate"] == pytest.approx(1.0)
+    gold = report["scores"]["gold"]
+    families = set(report["prompts"]["families"])
+    assert len(families) == 6
+    for name in names:
+        assert set(gold[name]["per_family"]) == families
+        assert all(0 <= v <= 1 for v in gold[name]["per_family"].values())
+    kl = report["kl"]["per_version"]
+    assert report["kl"]["reference"] == a
+    assert abs(kl[a]["kl"]) < 1e-4  # the reference re-scored under itself
+    assert np.isfinite(kl[b]["kl"])
+    assert set(report["lengths"]) == set(names) and report["lengths"][a]["n"] == 6
+    assert report["bradley_terry"]["gold"]["versions"] == names
+    assert report["side_by_side"] and report["side_by_side"][0]["a"] == a
+    failures = report["failures"]
+    assert sum(v["failures"] for v in failures["by_family"].values()) == failures["n"]
+    if failures["n"] >= 4:
+        assert sum(c["size"] for c in failures["clusters"]) == failures["n"]
+    # Optional sections the fixture lacks are omitted with a reason, not a crash.
+    for key in ("human_votes", "training", "weights", "monitor", "reward_model_accuracy"):
+        assert key in report["notes"]
+    page = html.read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") >= 4
+
+
+def test_eval_samples_are_stored_with_provenance(built):
+    from sqlalchemy import func, select
+
+    from align import store as st
+
+    _, report, url, _ = built
+    with st.connect(url) as store, store.read() as session:
+        n, with_logps = session.execute(select(func.count(st.Response.id), func.count(st.Response.logp))).one()
+    assert n == with_logps == 12
+
+
+def test_unknown_version_lists_known_versions(built, tmp_path, capsys):
+    from align.cli import main
+
+    _, report, url, _ = built
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say hi.", "family": "arithmetic",
+                                   "gold": {"a": 1, "b": 1, "op": "+", "answer": 2}}) + "\n")
+    code = main(["eval", "--models", "no-such-version", "--prompts", str(prompts), "--db", url,
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model version 'no-such-version'" in err
+    assert report["versions"][0]["name"] in err  # the known versions are listed
+
+
+def test_empty_prompt_set_is_an_error(tmp_path, built):
+    from align import store as st
+    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(AlignError, match="empty"):
+        resolve_prompts(str(empty))
+    with st.connect(built[2]) as store, pytest.raises(AlignError, match="prompt set is empty"):
+        run_eval(store, EvalSpec(models=built[3], prompt_rows=[]))
+
+
+def test_gold_judge_names_the_family_it_cannot_score(built):
+    from align import store as st
+    from align.report.compare import EvalSpec, run_eval
+
+    rows = [{"prompt": "Write a haiku about rain.", "family": "poetry", "gold": {}}]
+    with st.connect(built[2]) as store, pytest.raises(AlignError, match="'poetry'"):
+        run_eval(store, EvalSpec(models=built[3], prompt_rows=rows, judges=["gold"]))
+
+
+def test_judge_option_parsing():
+    from align.eval_cli import parse_judge
+
+    assert parse_judge("gold", None) == (["gold"], None)
+    assert parse_judge("reward:runs/rm", None) == (["reward"], "runs/rm")
+    assert parse_judge("both", "runs/rm") == (["gold", "reward"], "runs/rm")
+    with pytest.raises(AlignError, match="reward-model run directory"):
+        parse_judge("both", None)
+    with pytest.raises(AlignError, match="unknown --judge"):
+        parse_judge("vibes", None)
+
+
+def test_human_votes_between_compared_versions(store):
+    from align.report.sections import human_votes
+    from align.store import add_vote, get_model_version, make_pairs
+    from tests.db import fill_store
+
+    fill_store(store, n_prompts=3, samples=1, version="v0")
+    fill_store(store, n_prompts=3, samples=1, version="v1")
+    versions = [get_model_version(store, "v0"), get_model_version(store, "v1")]
+    pair_ids = make_pairs(store, None, rule="all_pairs")
+    assert len(pair_ids) == 3
+    for pair_id, choice in zip(pair_ids, ("a", "tie", "both_bad")):
+        add_vote(store, pair_id, "ann", choice)
+    section = human_votes(store, versions, n_boot=100, seed=0)
+    [row] = section["pairs"]
+    assert (row["a"], row["b"]) == ("v0", "v1")  # response a of each pair is v0's (stored first)
+    assert row["win_rate"] == pytest.approx((1 + 0.5 + 0.5) / 3) and row["both_bad"] == 1
+
+
+def test_clusters_group_failures():
+    from align.report.clusters import by_embedding, by_family
+
+    items = [{"version": "v", "family": "json" if i < 5 else "arithmetic", "prompt": "p", "reward": 0.0,
+              "response": "{{{{ broken json" if i < 5 else "12345 67890"} for i in range(10)]
+    groups = by_embedding(items, hash_embed, seed=0)
+    assert sum(g["size"] for g in groups) == 10 and len(groups) >= 2
+    assert any(set(g["families"]) == {"json"} for g in groups)
+    assert by_embedding(items[:2], hash_embed) == "2 failure(s): too few to cluster"
+    fam = by_family(items, {"json": 5, "arithmetic": 10})
+    assert fam["json"]["rate"] == 1.0 and fam["arithmetic"]["rate"] == 0.5
+
+
+def _fake_run(root: Path, name: str, parent: str, with_extras: bool) -> Path:
+    run = root / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "version.json").write_text(json.dumps({
+        "name": name, "method": "dpo", "base_model": "tiny", "parent": parent, "parent_spec": parent,
+        "adapter_path": str(run / "adapter"), "config": {"learning_rate": 1e-4, "max_steps": 4},
+        "metrics": {"loss": 0.5, "rewards/margins": 0.2}}))
+    if with_extras:
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 1.0 / s, "rewards/margins": 0.1 * s, "epoch": 0.1 * s}) + "\n"
+            for s in range(1, 5)))
+        (run / "weights.json").write_text(json.dumps({"diagnostics": {
+            "scheme": "sequence", "weights/n": 4, "weights/ess_frac": 0.05, "weights/ess_frac/v0": 0.05,
+            "weights/share/v0": 1.0, "data/share/v0": 1.0, "warning": "overall ESS/N = 0.050 < 0.1",
+            "weights/log_hist": {"edges": [-1.0, 0.0, 1.0], "counts": [1, 3]}}}))
+        (run / "monitor.json").write_text(json.dumps({  # the shape align.monitor writes
+            "flagged": True, "flags": [{"step": 3, "reason": "proxy reward up, gold down"}],
+            "evaluations": [{"step": s, "proxy": 0.1 * s, "gold": 1 - 0.1 * s} for s in (1, 2, 3)],
+            "top_samples": [{"step": 3, "prompt": [{"role": "user", "content": "Say hi"}], "completion": "HI!!!",
+                             "reward": 3.0, "completion_ids": None}], "config": {"monitor_window": 3}}))
+    return run
+
+
+def test_runs_report(tmp_path):
+    from align.eval_cli import build_runs_report
+    from align.report import write_report
+
+    first = _fake_run(tmp_path, "v1-dpo", "smollm2-135m-instruct", with_extras=True)
+    second = _fake_run(tmp_path, "v2-dpo", str(first), with_extras=False)
+    report = build_runs_report([str(first), str(second)])
+    assert set(report["training"]) == {"v1-dpo"} and report["training"]["v1-dpo"]["loss"][0] == [1, 1.0]
+    assert report["weights"]["v1-dpo"]["weights/ess_frac"] == 0.05
+    assert "proxy reward up, gold down" in report["monitor"]["v1-dpo"]["flags"][0]
+    assert [c["name"] for c in report["lineage"]["v2-dpo"]] == ["v2-dpo", "v1-dpo", "smollm2-135m-instruct"]
+    html = write_report(report, tmp_path / "out").read_text()
+    assert "proxy reward up, gold down (step=3)" in html and "ESS/N" in html and "HI!!!" in html
+    with pytest.raises(AlignError, match="no version.json"):
+        build_runs_report([str(tmp_path / "missing")])
+
+
+def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
+    """judge "both": reward-model scores and win rates beside gold, and its accuracy on held-out pairs."""
+    from align import store as st
+    from align.generation import SamplingSettings
+    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+    from align.trainers.reward import train_reward
+    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.test_reward import reward_configs
+
+    rows = pair_rows(load_tokenizer(tiny_model_dir), n=8)
+    data = write_pairs(tmp_path / "pairs.jsonl", rows)
+    run = train_reward(*reward_configs(tiny_model_dir, data, data, tmp_path / "rm"))
+    spec = EvalSpec(models=built[3], prompt_rows=resolve_prompts("tasks:eval", per_family=1, limit=6),
+                    judges=["gold", "reward"], reward_model=str(run), heldout_pairs=rows[:6], n_boot=100,
+                    settings=SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0))
+    with st.connect(built[2]) as store:  # the samples are already stored: nothing is generated again
+        report = run_eval(store, spec, embed=None)
+    assert set(report["win_rates"]) == {"gold", "reward"}
+    pairs = report["win_rates"]["reward"]["pairs"]
+    assert pairs[0]["win_rate"] + pairs[1]["win_rate"] == pytest.approx(1.0)
+    acc = report["reward_model_accuracy"]
+    assert acc["n"] == 6 and 0 <= acc["accuracy"] <= 1 and acc["source"] == "file"
+    assert report["failures"]["clusters_note"] == "embedding clusters were turned off"
