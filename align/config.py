@@ -423,7 +423,9 @@ class RLHFArgs(Validated):
         "advantages, KL added to the loss (TRL GRPOTrainer)."
     )
     reward_model: str = option("runs/reward-smollm2", "Reward-model run directory (what `align reward` wrote).")
-    beta: float = option(0.05, "KL coefficient to the reference (the starting model); the start value when kl_target is set.")
+    beta: float = option(
+        0.05, "KL coefficient to the reference (the starting model); the start value when kl_target is set."
+    )
     kl_target: Optional[float] = option(
         None, "Adaptive KL: steer beta so the logged per-token KL approaches this value (Ziegler et al. 2019); "
         "none: beta stays fixed."
@@ -453,7 +455,8 @@ class RLHFArgs(Validated):
                 raise ConfigError("kl_target needs a start beta > 0 (beta 0 turns the reference model off)")
         _positive("kl_horizon", self.kl_horizon)
         if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 (the baseline is the other samples), got {self.num_generations}")
+            raise ConfigError(
+                f"num_generations must be >= 2 (the baseline is the other samples), got {self.num_generations}")
         _positive("max_new_tokens", self.max_new_tokens)
         _positive("temperature", self.temperature)
         _positive("length_penalty", self.length_penalty, allow_zero=True)

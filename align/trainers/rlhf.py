@@ -1,0 +1,380 @@
+"""Online RL against a trained reward model, with a LoRA policy: RLOO (default) or GRPO, both TRL trainers.
+
+Per step: sample `num_generations` completions per prompt from the policy (HF generate, or vLLM), score them with
+the reward model, subtract the KL penalty to the reference, and take a policy-gradient step on the advantages.
+
+- Reward: the reward model's output normalised with the mean/std it saved over its training set
+  (align.trainers.reward.score), minus `length_penalty` per completion token. RLOO then baselines each completion
+  with the mean of the other completions of its prompt; GRPO with its group's mean, scaled by the group's std.
+- KL: the reference is the starting model, i.e. the policy with its LoRA adapter disabled (align.models merges any
+  SFT adapter into the base first). RLOO subtracts β·Σ_t log(π/π_ref) from each sequence's reward; GRPO adds
+  β·k3 per token to the loss. `kl_target` turns on an adaptive β (AdaptiveKLController below).
+- Evaluation: every `eval_steps` steps (and before the first and after the last) greedy answers to a stratified
+  held-out subset of task prompts are scored by their gold checks (`eval/gold_reward`, `eval/gold/<family>`), by
+  the training reward model (`eval/proxy_reward`) and by an optional held-out judge reward model.
+- The reward-hacking monitor (align/monitor.py) watches all of it.
+
+PPO with a value head is not offered: TRL removed PPOTrainer, and RLOO/GRPO reach PPO's quality on LLM alignment
+without a value model to train and hold in memory (Ahmadian et al. 2024).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from transformers import Trainer, TrainerCallback
+
+from align import runs
+from align.config import (RLHF_CONFIG, LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs,
+                          parse_config, save_config, to_dict)
+from align.errors import ConfigError, DataError
+from align.models import load_model, resolve_dtype, save_trained
+
+log = logging.getLogger(__name__)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+def prompt_dataset(path: str, limit: Optional[int]):
+    """Prompts as TRL's conversational prompt-only format, plus `family` and `gold` (JSON text, "" if none)
+    so the reward function can score rollouts with the task's gold check."""
+    from datasets import Dataset
+
+    from align.collect import read_prompts
+    from align.data import as_messages
+
+    rows = read_prompts(path)[:limit]
+    if not rows:
+        raise DataError(f"{path}: no prompts")
+    return Dataset.from_list([
+        {"prompt": as_messages(r.get("messages") or r["prompt"]), "family": r.get("family") or "",
+         "gold": json.dumps(r["gold"]) if r.get("gold") is not None else ""}
+        for r in rows
+    ])
+
+
+def completion_text(completion: Any) -> str:
+    """TRL passes conversational completions as [{"role": "assistant", "content": ...}]."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+# ---- reward --------------------------------------------------------------------------------------------------------
+
+
+class RewardFunction:
+    """TRL `reward_funcs` callable: normalised reward-model score minus the length penalty.
+
+    Also logs what the monitor watches (align.monitor.rollout_stats) and offers the batch to the monitor.
+    """
+
+    __name__ = "reward_model"  # TRL names the logged reward after it: rewards/reward_model/mean
+
+    def __init__(self, model: Any, tokenizer: Any, stats: dict, length_penalty: float = 0.0, batch_size: int = 16,
+                 monitor: Any = None):
+        self.model, self.tokenizer, self.stats = model, tokenizer, stats
+        self.length_penalty, self.batch_size, self.monitor = length_penalty, batch_size, monitor
+
+    def proxy(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[float]:
+        from align.trainers.reward import score
+
+        return score(self.model, self.tokenizer, prompts, texts, self.batch_size, stats=self.stats)
+
+    def __call__(self, prompts, completions, completion_ids, family=None, gold=None, log_metric=None,
+                 trainer_state=None, **kwargs) -> list[float]:
+        from align.monitor import rollout_stats
+        from align.tasks import score_response
+
+        texts = [completion_text(c) for c in completions]
+        proxy = self.proxy(prompts, texts)
+        rewards = [p - self.length_penalty * len(ids) for p, ids in zip(proxy, completion_ids)]
+        gold_scores = [score_response(f, t, json.loads(g)) if f and g else None
+                       for f, g, t in zip(family or [""] * len(texts), gold or [""] * len(texts), texts)]
+        if log_metric is not None:
+            for key, value in rollout_stats(completion_ids, proxy, gold_scores).items():
+                log_metric(key, value)
+        if self.monitor is not None:
+            step = trainer_state.global_step if trainer_state is not None else 0
+            self.monitor.observe(prompts, texts, proxy, completion_ids, step)
+        return rewards
+
+
+# ---- callbacks -----------------------------------------------------------------------------------------------------
+
+
+class AdaptiveKLController(TrainerCallback):
+    """Steers the trainer's β toward a per-token KL target (Ziegler et al. 2019, §2.2, proportional control):
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2);   β ← β · (1 + e · n / horizon)
+
+    with n the completions sampled since the last update. TRL reads `trainer.beta` at every step (RLOO: in the
+    reward penalty; GRPO: in the loss), so setting it takes effect at the next generation. β is logged as
+    `kl/beta` and restored from the log history on resume.
+    """
+
+    def __init__(self, target: float, horizon: int, samples_per_step: int):
+        self.target, self.horizon, self.samples_per_step = target, horizon, samples_per_step
+        self.trainer: Any = None
+        self._last_step = 0
+
+    @staticmethod
+    def next_beta(beta: float, kl: float, target: float, n: int, horizon: int) -> float:
+        error = min(max(kl / target - 1.0, -0.2), 0.2)
+        return beta * (1.0 + error * n / horizon)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_step = state.global_step
+        for row in reversed(state.log_history):
+            if "kl/beta" in row:
+                self.trainer.beta = row["kl/beta"]
+                break
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "kl" not in logs or logs["kl"] is None:
+            return
+        n = (state.global_step - self._last_step) * self.samples_per_step
+        self._last_step = state.global_step
+        self.trainer.beta = self.next_beta(self.trainer.beta, float(logs["kl"]), self.target, n, self.horizon)
+        logs["kl/beta"] = self.trainer.beta
+        if state.log_history:
+            state.log_history[-1]["kl/beta"] = self.trainer.beta
+
+
+class GoldEvaluator:
+    """Greedy answers to held-out tasks, scored by their gold checks, the training reward model and a judge."""
+
+    def __init__(self, tasks: list[dict], tokenizer: Any, max_new_tokens: int, batch_size: int,
+                 reward: Optional[RewardFunction] = None, judge: Optional[RewardFunction] = None):
+        from align.generation import SamplingSettings
+
+        self.tasks, self.tokenizer, self.batch_size = tasks, tokenizer, batch_size
+        self.settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
+        self.reward, self.judge = reward, judge
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        from align.evaluate import answer_tasks, gold_summary
+
+        was_training = model.training
+        rows = answer_tasks(model, self.tokenizer, self.tasks, self.settings, self.batch_size)
+        if was_training:
+            model.train()
+        summary = gold_summary(rows)
+        metrics = {"eval/gold_reward": summary.pop("all"), **{f"eval/gold/{k}": v for k, v in summary.items()}}
+        texts = [r["response"] for r in rows]
+        metrics["eval/length"] = statistics.fmean(len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                  for t in texts)
+        prompts = [t["prompt"] for t in self.tasks]
+        for key, fn in (("eval/proxy_reward", self.reward), ("eval/judge_reward", self.judge)):
+            if fn is not None:
+                metrics[key] = statistics.fmean(fn.proxy(prompts, texts))
+        return metrics
+
+
+class GoldEvalCallback(TrainerCallback):
+    """Runs the GoldEvaluator before training, every `every` steps, and logs it as its own row (Trainer.log)."""
+
+    def __init__(self, evaluator: GoldEvaluator, every: int):
+        self.evaluator, self.every = evaluator, every
+        self.trainer: Any = None
+        self.last: tuple[int, dict] = (-1, {})
+
+    def run(self, step: int, model: Any) -> dict[str, float]:
+        metrics = self.evaluator(model)
+        self.last = (step, metrics)
+        control = self.trainer.control
+        should_log = control.should_log  # logging resets it, and the step's training row must still be logged
+        # The base Trainer.log: TRL's override would fold its pending training metrics into this row.
+        Trainer.log(self.trainer, dict(metrics))
+        control.should_log = should_log
+        return metrics
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self.run(0, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.run(state.global_step, model)
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+
+def trainer_config(rl: RLHFArgs, train: TrainArgs, model_args: ModelArgs, out: Path) -> Any:
+    """Our config, translated once into TRL's RLOOConfig or GRPOConfig."""
+    import torch
+
+    from trl import GRPOConfig, RLOOConfig
+
+    dtype = resolve_dtype(model_args.dtype)
+    common = dict(
+        output_dir=str(out / "checkpoints"), max_steps=train.max_steps, num_train_epochs=train.num_train_epochs,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm, logging_steps=train.logging_steps, save_strategy="steps",
+        save_steps=train.save_steps, save_total_limit=train.save_total_limit,
+        gradient_checkpointing=train.gradient_checkpointing, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, seed=train.seed, data_seed=train.seed, report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
+        top_p=1.0, top_k=0, beta=rl.beta, use_vllm=rl.use_vllm, remove_unused_columns=False, log_completions=False,
+    )
+    if rl.use_vllm:
+        common["vllm_mode"] = "colocate"
+    return (RLOOConfig if rl.algorithm == "rloo" else GRPOConfig)(**common)
+
+
+def check_setup(rl: RLHFArgs, monitor: MonitorArgs, train: TrainArgs) -> int:
+    """Refuse what cannot run, before loading anything; return the completions per optimizer step (all processes)."""
+    import torch
+    from accelerate import PartialState
+
+    if rl.use_vllm and (importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()):
+        raise ConfigError("use_vllm: true needs the vllm package and a GPU; install vllm or set use_vllm: false")
+    if monitor.audit_db and not (monitor.monitor and monitor.monitor_top_k):
+        raise ConfigError("audit_db needs the monitor on (monitor: true) and monitor_top_k > 0")
+    if train.early_stopping_patience:
+        raise ConfigError("early_stopping_patience applies to eval-loss runs; RLHF stops on the monitor (monitor_stop)")
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * PartialState().num_processes
+    if per_step % rl.num_generations:
+        raise ConfigError(
+            f"per_device_train_batch_size × gradient_accumulation_steps × processes = {per_step} completions per "
+            f"step must be a multiple of num_generations ({rl.num_generations}): each prompt's group is sampled together")
+    return per_step
+
+
+def load_reward(run_dir: str, device: Any, rl: RLHFArgs, monitor: Any = None) -> RewardFunction:
+    from align.trainers.reward import load_reward_model
+
+    model, tokenizer, stats = load_reward_model(run_dir, device=str(device))
+    return RewardFunction(model, tokenizer, stats, rl.length_penalty, rl.reward_batch_size, monitor)
+
+
+def train_rlhf(
+    model_args: ModelArgs, lora_args: LoraArgs, data_args: PromptDataArgs, rl: RLHFArgs, monitor_args: MonitorArgs,
+    train: TrainArgs, command: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
+) -> Path:
+    """Run RLHF end to end and return the run directory."""
+    from accelerate import PartialState
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from align.evaluate import stratified
+    from align.models import apply_lora
+    from align.monitor import RewardHackingMonitor
+    from align.tasks import load_tasks
+    from align.trainers.sft import callbacks as run_callbacks
+
+    samples_per_step = check_setup(rl, monitor_args, train)
+    configs = (model_args, lora_args, data_args, rl, monitor_args, train)
+    out = runs.prepare_output_dir(train.output_dir, train.resume)
+    device = PartialState().device
+
+    dataset = prompt_dataset(data_args.prompts_file, data_args.max_prompts)
+    model, tokenizer = load_model(model_args)
+    monitor = RewardHackingMonitor(monitor_args, out) if monitor_args.monitor else None
+    reward = load_reward(rl.reward_model, device, rl, monitor)
+    reference = None
+    if not lora_args.use_lora and rl.beta > 0:
+        reference = copy.deepcopy(model).eval()  # TRL would rebuild the reference from the base path, not these weights
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args)
+    PartialState().wait_for_everyone()
+    if PartialState().is_main_process:
+        save_config(out / "config.yaml", *configs)
+
+    own_callbacks: list = []
+    controller = None
+    if rl.kl_target is not None:
+        controller = AdaptiveKLController(rl.kl_target, rl.kl_horizon, samples_per_step)
+        own_callbacks.append(controller)
+    if monitor is not None:
+        own_callbacks.append(monitor)
+    evaluation = None
+    if data_args.eval_prompts_file:
+        tasks = stratified(load_tasks(data_args.eval_prompts_file), rl.eval_per_family)
+        judge = load_reward(rl.judge_reward_model, device, rl) if rl.judge_reward_model else None
+        evaluator = GoldEvaluator(tasks, tokenizer, rl.max_new_tokens, train.per_device_eval_batch_size, reward, judge)
+        evaluation = GoldEvalCallback(evaluator, train.eval_steps)
+        own_callbacks.append(evaluation)
+
+    trainer_cls = RLOOTrainer if rl.algorithm == "rloo" else GRPOTrainer
+    trainer = trainer_cls(
+        model=model, reward_funcs=reward, args=trainer_config(rl, train, model_args, out), train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=own_callbacks + run_callbacks(train, out, has_eval=False) + list(extra_callbacks),
+    )
+    for callback in (controller, evaluation):
+        if callback is not None:
+            callback.trainer = trainer
+    if reference is not None:
+        trainer.ref_model = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
+
+    checkpoint = runs.last_checkpoint(out) if train.resume else None
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = final_metrics(trainer, result, evaluation)
+    if monitor is not None:
+        metrics.update({"monitor/flagged": int(monitor.flagged), "monitor/flags": len(monitor.flags)})
+    if not trainer.is_world_process_zero():
+        return out
+    if evaluation is not None:
+        runs.write_json(out / "eval_final.json", metrics)
+    model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge)
+    runs.record_run(out, method="rlhf", name=train.name, model_spec=model_args.model, revision=model_args.revision,
+                    model_dir=model_dir, data_files=(data_args.prompts_file, data_args.eval_prompts_file),
+                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
+    if monitor_args.audit_db:
+        push_audit(monitor_args, monitor, out, model_args, rl, trainer.model, tokenizer, reference, train.seed)
+    return out
+
+
+def final_metrics(trainer: Any, result: Any, evaluation: Optional[GoldEvalCallback]) -> dict[str, Any]:
+    """Training summary, the last logged KL/reward/β, and the gold evaluation at the start and at the end."""
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
+    for key in ("kl", "reward", "kl/beta", "monitor/proxy", "monitor/gold", "monitor/length"):
+        found = [row[key] for row in trainer.state.log_history if row.get(key) is not None]
+        if found:
+            metrics[key] = found[-1]
+    if evaluation is not None:
+        history = trainer.state.log_history
+        start = next((row for row in history if row.get("step") == 0 and "eval/gold_reward" in row), {})
+        metrics.update({f"{k}_start": v for k, v in start.items() if k.startswith("eval/") and "/gold/" not in k})
+        step, last = evaluation.last
+        if step != trainer.state.global_step:
+            last = evaluation.run(trainer.state.global_step, trainer.model)
+        metrics.update(last)
+    return metrics
+
+
+def push_audit(monitor_args: MonitorArgs, monitor: Any, out: Path, model_args: ModelArgs, rl: RLHFArgs,
+               model: Any, tokenizer: Any, reference: Any, seed: int) -> None:
+    from align.generation import SamplingSettings
+    from align.monitor import push_audit_pairs
+
+    settings = SamplingSettings(temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, seed=seed)
+    samples = monitor.top_samples()
+    if reference is not None or not hasattr(model, "disable_adapter"):
+        pairs = push_audit_pairs(monitor_args.audit_db, out, samples, model_args.model, settings, reference,
+                                 tokenizer if reference is not None else None, monitor_args.audit_votes_required)
+    else:
+        with model.disable_adapter():  # the LoRA policy with its adapter off is the reference
+            pairs = push_audit_pairs(monitor_args.audit_db, out, samples, model_args.model, settings, model, tokenizer,
+                                     monitor_args.audit_votes_required)
+    log.info("pushed %d audit pairs to %s", len(pairs), monitor_args.audit_db)
+
+
+def main(argv: list[str]) -> None:
+    """`align rlhf --config FILE [--key value ...]`."""
+    from accelerate import PartialState
+
+    from align.cli import print_run_summary
+
+    out = train_rlhf(*parse_config(RLHF_CONFIG, argv, prog="align rlhf"))
+    if PartialState().is_main_process:
+        print_run_summary(out)

@@ -1,0 +1,176 @@
+"""RLHF on a tiny model: RLOO trains a LoRA policy against a (random-head) reward model, logs KL, reward, β and the
+gold evaluation, saves the run, resumes from its checkpoint and pushes audit pairs; GRPO runs a step."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from align.config import LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs
+from align.errors import ConfigError
+from align.runs import read_metrics
+from align.trainers.rlhf import AdaptiveKLController, RewardFunction, train_rlhf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A reward-model run directory as align.trainers.reward leaves it (merged weights, stats), random head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path_factory.mktemp("rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(run / "merged")
+    tokenizer.save_pretrained(run / "merged")
+    (run / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
+    (run / "version.json").write_text(json.dumps({"name": "rm", "method": "reward", "config": {"dtype": "float32"}}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    rows = (ROOT / "data" / "tasks" / "train.jsonl").read_text().splitlines()
+    path = tmp_path_factory.mktemp("prompts") / "train.jsonl"
+    path.write_text("\n".join(rows[::80][:6]) + "\n")  # six tasks from different families
+    return path
+
+
+def configs(tiny_model_dir, reward_run, prompts_file, out, rl=None, monitor=None, **train):
+    defaults = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                    warmup_steps=0, lr_scheduler_type="constant", logging_steps=1, eval_steps=2, save_steps=1,
+                    report_to="none", seed=0)
+    return (
+        ModelArgs(model=str(tiny_model_dir)),
+        LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
+        PromptDataArgs(prompts_file=str(prompts_file), eval_prompts_file=str(ROOT / "data" / "tasks" / "eval.jsonl")),
+        rl or RLHFArgs(reward_model=str(reward_run), num_generations=2, max_new_tokens=6, eval_per_family=1,
+                       kl_target=0.01, kl_horizon=20, length_penalty=0.01),
+        monitor or MonitorArgs(),
+        TrainArgs(**{**defaults, **train}),
+    )
+
+
+class ParamProbe(TrainerCallback):
+    """Snapshots the trainable parameters at the start and the end of training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_rloo_trains_saves_resumes_and_audits(tiny_model_dir, reward_run, prompts_file, tmp_path):
+    out, db = tmp_path / "rlhf", tmp_path / "store.db"
+    probe = ParamProbe()
+    monitor = MonitorArgs(monitor_top_k=3, audit_db=f"sqlite:///{db}")
+    train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, out, monitor=monitor), extra_callbacks=[probe])
+
+    assert probe.before and all("lora" in n for n in probe.before)
+    assert [n for n in probe.before if torch.equal(probe.before[n], probe.after[n])] == []
+
+    rows = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["kl"]) and math.isfinite(row["reward"])
+        assert row["monitor/flag"] == 0 and 0 <= row["monitor/repetition"] <= 1 and row["monitor/length"] >= 1
+    betas = [r["kl/beta"] for r in train_rows]
+    assert betas[0] != 0.05 and betas[1] != betas[0]  # the adaptive controller moved β
+    evals = [r for r in rows if "eval/gold_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # before training and every eval_steps
+    assert {"eval/proxy_reward", "eval/length", "eval/gold/arithmetic"} <= set(evals[0])
+
+    version = json.loads((out / "version.json").read_text())
+    assert version["method"] == "rlhf" and version["metrics"]["global_step"] == 2
+    assert {"kl", "reward", "eval/gold_reward", "eval/gold_reward_start"} <= set(version["metrics"])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert not json.loads((out / "monitor.json").read_text())["flagged"]
+
+    from align.store import ModelVersion, Pair, Response, connect
+
+    with connect(f"sqlite:///{db}") as store, store.read() as session:
+        pairs = session.query(Pair).all()
+        assert len(pairs) == 3 and {p.rule for p in pairs} == {"audit"} and {p.votes_required for p in pairs} == {3}
+        for pair in pairs:
+            a, b = session.get(Response, pair.response_a_id), session.get(Response, pair.response_b_id)
+            assert a.prompt_id == b.prompt_id == pair.prompt_id
+            assert session.get(ModelVersion, a.model_version_id).name == "rlhf"
+            assert session.get(ModelVersion, b.model_version_id).method == "base" and b.token_logps
+
+    # Resume: one more step from checkpoint-2, β picked up where it stopped.
+    train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, out, max_steps=3, resume=True))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    resumed = [r for r in rows if "loss" in r][-1]
+    assert resumed["kl/beta"] == pytest.approx(AdaptiveKLController.next_beta(
+        betas[1], resumed["kl"], 0.01, 4, 20))
+    assert json.loads((out / "version.json").read_text())["metrics"]["global_step"] == 3
+
+
+def test_grpo_runs_a_step(tiny_model_dir, reward_run, prompts_file, tmp_path):
+    out = tmp_path / "grpo"
+    rl = RLHFArgs(algorithm="grpo", reward_model=str(reward_run), num_generations=2, max_new_tokens=6, beta=0.05)
+    model, lora, data, rl, monitor, train = configs(tiny_model_dir, reward_run, prompts_file, out, rl=rl,
+                                                    monitor=MonitorArgs(monitor=False), max_steps=1)
+    data = PromptDataArgs(prompts_file=str(prompts_file), eval_prompts_file=None, max_prompts=2)
+    train_rlhf(model, lora, data, rl, monitor, train)
+    (row,) = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert math.isfinite(row["loss"]) and "kl" in row and "rewards/reward_model/mean" in row
+    assert json.loads((out / "version.json").read_text())["method"] == "rlhf"
+    assert not (out / "monitor.json").exists()
+
+
+def test_reward_function_normalises_and_penalises_length(reward_run):
+    from align.trainers.reward import load_reward_model, score
+
+    model, tokenizer, stats = load_reward_model(reward_run)
+    prompts = [[{"role": "user", "content": "Say hi."}]] * 2
+    completions = [[{"role": "assistant", "content": "hi"}], [{"role": "assistant", "content": "hello there"}]]
+    ids = [[1, 2], [1, 2, 3, 4, 5]]
+    logged = {}
+    fn = RewardFunction(model, tokenizer, stats, length_penalty=0.1)
+    rewards = fn(prompts, completions, ids, family=["", ""], gold=["", ""], log_metric=logged.__setitem__)
+    raw = score(model, tokenizer, prompts, ["hi", "hello there"])
+    expected = [(r - 0.5) / 2.0 - 0.1 * len(i) for r, i in zip(raw, ids)]
+    assert rewards == pytest.approx(expected, abs=1e-5)
+    assert logged["monitor/length"] == pytest.approx(3.5) and "monitor/gold" not in logged
+
+
+def test_adaptive_kl_controller_by_hand():
+    # KL twice the target: the error is clipped to +0.2, β grows by 0.2 · n / horizon.
+    assert AdaptiveKLController.next_beta(0.1, 0.2, 0.1, n=50, horizon=100) == pytest.approx(0.1 * 1.1)
+    assert AdaptiveKLController.next_beta(0.1, 0.09, 0.1, n=100, horizon=100) == pytest.approx(0.1 * 0.9)
+    assert AdaptiveKLController.next_beta(0.1, 0.1, 0.1, n=100, horizon=100) == pytest.approx(0.1)
+
+
+def test_config_errors(tiny_model_dir, reward_run, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="must be a multiple of num_generations"):
+        rl = RLHFArgs(reward_model=str(reward_run), num_generations=3)
+        train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, tmp_path / "a", rl=rl))
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        RLHFArgs(num_generations=1)
+    with pytest.raises(ConfigError, match="kl_target needs a start beta > 0"):
+        RLHFArgs(beta=0.0, kl_target=0.1)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        rl = RLHFArgs(reward_model=str(reward_run), num_generations=2, use_vllm=True)
+        with pytest.raises(ConfigError, match="use_vllm: true needs the vllm package and a GPU"):
+            train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, tmp_path / "b", rl=rl))
