@@ -318,3 +318,19 @@ def score_pairs(
     results.sort(key=lambda item: item[0])
     keys = results[0][1].keys()
     return {k: torch.tensor([r[k] for _, r in results], dtype=torch.float64) for k in keys}
+
+
+def load_pair_sets(data_args: Any, both_bad: str) -> tuple[PreferenceSet, Optional[PreferenceSet]]:
+    """The training set and, when `data_args.eval_file` is set, the held-out set."""
+    train_set = load_preferences(data_args.train_file, data_args.max_train_samples, both_bad)
+    eval_set = (load_preferences(data_args.eval_file, data_args.max_eval_samples, both_bad)
+                if data_args.eval_file else None)
+    return train_set, eval_set
+
+
+def tokenize_sets(train_set: PreferenceSet, eval_set: Optional[PreferenceSet], tokenizer: Any, data_args: Any) -> tuple:
+    """(full, features, counts) of the training set as tokenize_pairs returns them, and the eval features."""
+    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length)
+    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length)[1]
+                     if eval_set else [])
+    return full, features, counts, eval_features

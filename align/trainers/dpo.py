@@ -26,9 +26,9 @@ from align.config import (DPO_CONFIG, DPOArgs, LoraArgs, ModelArgs, PreferenceDa
                           parse_config, save_config, to_dict)
 from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
-from align.preference import PreferenceCollator, PreferenceSet, completion_logps, load_preferences, score_pairs, \
-    tokenize_pairs
-from align.trainers.loop import Task, make_accelerator, train_loop
+from align.preference import (PreferenceCollator, PreferenceSet, completion_logps, load_pair_sets, score_pairs,
+                              tokenize_sets)
+from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
 
 log = logging.getLogger(__name__)
@@ -132,21 +132,12 @@ def train_dpo(
     weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),
 ) -> Path:
     """Run DPO end to end and return the run directory. `callbacks`: see align.trainers.loop.train_loop."""
-    from accelerate.utils import set_seed
-
     configs = (model_args, lora_args, data_args, dpo_args, weighting, train)
-    accelerator = make_accelerator(train, resolve_dtype(model_args.dtype))
-    with accelerator.main_process_first():
-        out = runs.prepare_output_dir(train.output_dir, train.resume)
-    set_seed(train.seed)
-    train_set = load_preferences(data_args.train_file, data_args.max_train_samples, dpo_args.both_bad)
-    eval_set = (load_preferences(data_args.eval_file, data_args.max_eval_samples, dpo_args.both_bad)
-                if data_args.eval_file else None)
+    accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
+    train_set, eval_set = load_pair_sets(data_args, dpo_args.both_bad)
     model, tokenizer = load_model(model_args, device=str(accelerator.device))
     collator = PreferenceCollator(tokenizer.pad_token_id, dpo_args.label_smoothing)
-    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length)
-    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length)[1]
-                     if eval_set else [])
+    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
 
     def score(feats: Sequence[dict], with_collision: bool) -> dict[str, torch.Tensor]:
         return score_pairs(model, feats, collator, train.per_device_eval_batch_size, accelerator, with_collision)

@@ -62,6 +62,17 @@ def make_accelerator(train: TrainArgs, dtype: torch.dtype) -> Any:
     )
 
 
+def open_run(train: TrainArgs, dtype: torch.dtype) -> tuple[Any, Path]:
+    """The Accelerator and the run directory (created once, by the main process first), with seeds set."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(train, dtype)
+    with accelerator.main_process_first():
+        out = runs.prepare_output_dir(train.output_dir, train.resume)
+    set_seed(train.seed)
+    return accelerator, out
+
+
 class MetricsLogger:
     """Rows to DIR/metrics.jsonl and TensorBoard scalars, from the main process only."""
 

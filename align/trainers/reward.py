@@ -30,9 +30,9 @@ from align.data import as_messages, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import davidson_tie_nll, reward_pairwise_loss
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
-from align.preference import PreferenceCollator, load_preferences, response_text, score_pairs, tokenize_pairs
+from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
 from align.trainers.dpo import data_metrics, write_run_record
-from align.trainers.loop import Task, make_accelerator, train_loop
+from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import dataset_weights, report, scalar_diagnostics
 
 log = logging.getLogger(__name__)
@@ -172,24 +172,15 @@ def train_reward(
     weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),
 ) -> Path:
     """Train a reward model end to end and return the run directory."""
-    from accelerate.utils import set_seed
-
     if weighting.weighting_target == "dynamic":
         raise ConfigError("weighting_target: dynamic applies to DPO; a reward model's target is the policy of the "
                           "next RLHF round, so recompute static weights per round instead")
     configs = (model_args, lora_args, data_args, reward_args, weighting, train)
-    accelerator = make_accelerator(train, resolve_dtype(model_args.dtype))
-    with accelerator.main_process_first():
-        out = runs.prepare_output_dir(train.output_dir, train.resume)
-    set_seed(train.seed)
-    train_set = load_preferences(data_args.train_file, data_args.max_train_samples, reward_args.both_bad)
-    eval_set = (load_preferences(data_args.eval_file, data_args.max_eval_samples, reward_args.both_bad)
-                if data_args.eval_file else None)
+    accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
+    train_set, eval_set = load_pair_sets(data_args, reward_args.both_bad)
     tokenizer = load_tokenizer(model_args.model)
     collator = PreferenceCollator(tokenizer.pad_token_id)
-    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length)
-    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length)[1]
-                     if eval_set else [])
+    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
     weights = _weights(train_set, full, model_args, weighting, collator, train.per_device_eval_batch_size,
                        accelerator)
     for feature, w in zip(features, weights.weights.tolist()):
