@@ -124,8 +124,8 @@ def test_labeling_session_in_chromium(tmp_path):
             left_1 = shown_left(url, 1, page.inner_text("#response-left"))
             screenshot = tmp_path / "labeling_app.png"
             page.screenshot(path=str(screenshot), full_page=True)
-            (ROOT / "docs").mkdir(exist_ok=True)
-            shutil.copyfile(screenshot, ROOT / "docs" / "labeling_app.png")
+            if os.environ.get("ALIGN_UPDATE_DOCS") == "1":  # refresh the README's screenshot on request only
+                shutil.copyfile(screenshot, ROOT / "docs" / "labeling_app.png")
             page.locator("#vote-right").click()
             wait_for_text(page, "#status", "Saved: B (right) better.")
 
@@ -165,3 +165,79 @@ def wait_for_text(page, selector: str, text: str) -> None:
         "([sel, text]) => { const el = document.querySelector(sel); return el && el.innerText.includes(text); }",
         arg=[selector, text],
     )
+
+
+SECOND_PROMPT = "Name one planet in the solar system and say why it is interesting."
+
+
+@pytest.mark.browser
+def test_two_annotators_at_once_dashboard_and_export(tmp_path):
+    """Two annotators logged in at the same time each vote once by click and once by keyboard; the store holds all
+    four votes with the side each was shown, the dashboard computes their agreement, and the export carries them."""
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+    from labeling.dashboard import build_dashboard
+
+    from align.store import export_preferences
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with connect(url) as store:
+        version = register_model_version(store, {"name": "v0", "base_model": "tiny", "adapter_hash": "v0"})
+        for prompt, texts in ((PALINDROME, (GOOD, NAIVE)), (SECOND_PROMPT, ("Saturn: its rings.", "Mars."))):
+            [prompt_id] = add_prompts(store, [{"prompt": prompt}])
+            add_responses(store, [{"prompt_id": prompt_id, "model_version_id": version, "seed": 0, "sample_index": k,
+                                   "max_new_tokens": 64, "text": text} for k, text in enumerate(texts)])
+            make_pairs(store, version, rule="all_pairs", votes_required=2, prompt_ids=[prompt_id])
+        add_user(store, "alice", "pw-alice", "annotator")
+        add_user(store, "bob", "pw-bob", "annotator")
+    demo = build_app(url, release_grace=0)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            pages = {name: login(browser, app_url, name) for name in ("alice", "bob")}  # both sessions open at once
+            vote(pages["alice"], "click")
+            vote(pages["bob"], "key")
+            vote(pages["alice"], "key")
+            vote(pages["bob"], "click")
+            browser.close()
+    finally:
+        close_app(demo)
+
+    with connect(url) as store:
+        with store.read() as session:
+            votes = list(session.scalars(select(Vote).where(Vote.kind == "vote").order_by(Vote.id)))
+        board = build_dashboard(store)
+        rows = export_preferences(store)
+    assert sorted((v.annotator, v.pair_id) for v in votes) == [("alice", 1), ("alice", 2), ("bob", 1), ("bob", 2)]
+    assert all(v.left in ("a", "b") for v in votes)
+    # A click on "B (right)" stores the response shown on the right; key 1 stores the one shown on the left.
+    right = {"a": "b", "b": "a"}
+    for v, how in zip(votes, ("click", "key", "key", "click")):
+        assert v.choice == (right[v.left] if how == "click" else v.left), (v.annotator, how)
+    assert board["agreement"]["items"] == 2 and board["annotators"] == 2
+    assert [(r["annotator 1"], r["annotator 2"], r["shared pairs"]) for r in board["cohen_rows"]] == [("alice", "bob", 2)]
+    assert sorted(r["n_votes"] for r in rows) == [2, 2]
+
+
+def login(browser, app_url: str, name: str):
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.locator("input[type=password]").wait_for()
+    page.locator("input").first.fill(name)
+    page.locator("input[type=password]").fill(f"pw-{name}")
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_function("() => { const el = document.querySelector('#prompt'); return el && el.innerText.trim().length > 0; }")
+    return page
+
+
+def vote(page, how: str) -> None:
+    """Vote on the pair on screen: "click" B (right), or key 1 (A, left) outside any text box."""
+    if how == "click":
+        page.locator("#vote-right").click()
+        wait_for_text(page, "#status", "Saved: B (right) better.")
+    else:
+        page.locator("#prompt").click()
+        page.keyboard.press("1")
+        wait_for_text(page, "#status", "Saved: A (left) better.")
