@@ -32,22 +32,19 @@ def ensure_registered(store, spec: str) -> tuple[int, str]:
     A spec may also be the name of a version already in the store.
     """
     from align import store as st
-    from align.models import portable_spec, resolve_model
+    from align.models import base_revision, load_tokenizer, portable_spec, resolve_model, tokenizer_fingerprint
+    from align.store.ops import load_version_json
 
     known = _find_version(store, spec)
     if known is not None:
         return known.id, known.name
     path = Path(spec).expanduser()
     if (path / "version.json").is_file():
-        from align.store.ops import load_version_json
-
         info = load_version_json(path)
         if info.get("parent_spec"):
             ensure_registered(store, info["parent_spec"])
         return st.register_model_version(store, info), info["name"]
     resolved = resolve_model(spec)
-    from align.models import base_revision, load_tokenizer, tokenizer_fingerprint
-
     name = portable_spec(spec)
     record = {
         "name": name,
@@ -69,9 +66,10 @@ def _find_version(store, name: str):
 
 
 def loadable_spec(version) -> str:
-    """Where to load a registered version from: its run's model directory, else its base model."""
+    """Where to load a registered version from: its saved model (an adapter or merged directory is itself a
+    model spec), else, for a base version, its base model."""
     if version.adapter_path and Path(version.adapter_path).exists():
-        return str(Path(version.adapter_path).parent) if (Path(version.adapter_path).parent / "version.json").is_file() else version.adapter_path
+        return version.adapter_path
     if version.method == "base":
         return version.base_model
     raise AlignError(f"model version {version.name!r} was trained at {version.adapter_path}, which no longer exists here")
@@ -146,7 +144,7 @@ def _response_row(sample, prompt_ids: list[int], version_id: int, settings: Samp
 # ---- re-scoring ----------------------------------------------------------------------------------
 
 
-def rescore(store, sample: int = 200, seed: int = 0, batch_size: int = 8) -> dict[str, dict[str, float]]:
+def rescore(store, sample: int = 200, seed: int = 0) -> dict[str, dict[str, float]]:
     """Re-score a random sample of stored responses with their recorded model and settings.
 
     Returns, per model version, the largest absolute difference between stored and recomputed
@@ -175,14 +173,13 @@ def rescore(store, sample: int = 200, seed: int = 0, batch_size: int = 8) -> dic
     for name, items in by_version.items():
         model, tokenizer = load_model(ModelArgs(model=loadable_spec(items[0][2])))
         worst_raw = worst_sample = 0.0
-        for start in range(0, len(items), batch_size):
-            part = items[start : start + batch_size]
-            for response, prompt, _ in part:
-                settings = SamplingSettings(response.temperature, response.top_p, response.top_k, response.max_new_tokens, response.seed)
-                p_ids = render_prompt(tokenizer, prompt.messages or as_messages(prompt.text))
-                raw, sampled = score_completions(model, [p_ids], [response.completion_token_ids], settings, tokenizer.pad_token_id)
-                worst_raw = max(worst_raw, abs(sum(raw[0]) - response.logp))
-                worst_sample = max(worst_sample, abs(sum(sampled[0]) - response.sample_logp))
+        # One response per pass: each may have its own decoding settings, and padding would change nothing here.
+        for response, prompt, _ in items:
+            settings = SamplingSettings(response.temperature, response.top_p, response.top_k, response.max_new_tokens, response.seed)
+            p_ids = render_prompt(tokenizer, prompt.messages or as_messages(prompt.text))
+            raw, sampled = score_completions(model, [p_ids], [response.completion_token_ids], settings, tokenizer.pad_token_id)
+            worst_raw = max(worst_raw, abs(sum(raw[0]) - response.logp))
+            worst_sample = max(worst_sample, abs(sum(sampled[0]) - response.sample_logp))
         report[name] = {"checked": len(items), "max_abs_diff_logp": worst_raw, "max_abs_diff_sample_logp": worst_sample}
     return report
 

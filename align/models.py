@@ -44,7 +44,7 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where a spec points. `path` is a local directory or a hub id; `adapter` is a peft adapter to merge."""
+    """Where a spec points. `path` is the base model's local directory or hub id; `adapters` are merged into it."""
 
     spec: str
     kind: str  # embedded | local | adapter | run | hub
