@@ -11,6 +11,8 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.align-installed
 PYTEST_ARGS ?=
+# small: the CPU demo (under 15 minutes on 2 cores); full: a bigger round for a GPU
+DEMO_SIZE  ?= small
 
 .PHONY: setup test test-all demo bench clean
 
@@ -32,7 +34,7 @@ test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/align demo
+	$(VENV)/bin/align demo --size $(DEMO_SIZE)
 
 clean:
-	rm -rf runs demo .pytest_cache
+	rm -rf runs demo demo-full .pytest_cache

@@ -91,6 +91,34 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def resolve_prompts(source: str, per_family: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:
+    """Prompt rows of a JSONL path, or of `tasks:eval` / `tasks:train` (the shipped task suite)."""
+    from align.evaluate import stratified
+    from align.tasks import load_tasks
+
+    if source.startswith("tasks:"):
+        split = source.split(":", 1)[1]
+        if split not in ("eval", "train"):
+            raise AlignError(f"unknown task split {split!r} in {source!r}; use tasks:eval or tasks:train")
+        rows = load_tasks(repo_file(f"data/tasks/{split}.jsonl"))
+    else:
+        rows = read_prompts(source)
+    if per_family is not None:
+        rows = stratified([dict(r, family=r.get("family") or "-") for r in rows], per_family)
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise AlignError(f"the prompt set {source!r} is empty after --per_family/--limit")
+    return rows
+
+
+def repo_file(relative: str) -> Path:
+    """A shipped file (the task suite, recipe configs), found from the working directory or the source checkout."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / relative).is_file():
+            return root / relative
+    raise AlignError(f"{relative} not found (run from the repository root, or pass a JSONL path)")
+
+
 def generate_to_store(
     store,
     model_spec: str,
@@ -192,7 +220,8 @@ def generate_main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="align generate", description="Sample responses with provenance into the store.")
     parser.add_argument("--model", required=True, help="Model spec (alias, path, run dir, hub id) or a stored version name.")
-    parser.add_argument("--prompts", required=True, help="JSONL of prompts: task rows, {'prompt': ...} or {'messages': [...]}.")
+    parser.add_argument("--prompts", required=True, help="JSONL of prompts (task rows, {'prompt': ...} or "
+                        "{'messages': [...]}), or tasks:train / tasks:eval (the shipped task suite).")
     parser.add_argument("--db", default="sqlite:///runs/store.db", help="Store URL: sqlite:///path.db or postgresql://...")
     parser.add_argument("--n", type=int, default=4, help="Samples per prompt.")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -201,14 +230,16 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16, help="Sequences sampled at once.")
-    parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    parser.add_argument("--per_family", type=int, default=None,
+                        help="Use only the first N prompts of each task family (a balanced subset of a task file).")
+    parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts (after --per_family).")
     parser.add_argument("--pairs", default="random_iid", help="Pairing rule (random_iid, all_pairs) or none.")
     parser.add_argument("--votes_required", type=int, default=3, help="Votes each new pair needs.")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise AlignError("--n must be at least 1")
     settings = SamplingSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.seed)
-    rows = read_prompts(args.prompts)[: args.limit]
+    rows = resolve_prompts(args.prompts, args.per_family, args.limit)
     with st.connect(args.db) as store:
         summary = generate_to_store(store, args.model, rows, args.n, settings, args.batch_size,
                                     None if args.pairs == "none" else args.pairs, args.votes_required)

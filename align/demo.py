@@ -1,82 +1,400 @@
-"""`align demo` (`make demo`): the main job on the embedded SmolLM2-135M-Instruct, CPU only.
+"""`align demo` (`make demo`): the whole flywheel on the embedded SmolLM2-135M-Instruct, CPU only.
 
-Stages run in order, each writing its result under the demo directory; a re-run skips the stages
-already done, so a failure is fixed and resumed, not restarted. Today the demo fine-tunes the model
-on the task suite's reference answers (SFT) and shows held-out answers and gold rewards before and
-after.
+    v0  the base model samples candidates for training prompts of the task suite (full provenance, in the store)
+        simulated annotators (the tasks' gold checks, with noise) vote on pairs of them
+    v1  SFT on the suite's reference answers
+        v1 samples a small new prompt set; simulated annotators vote
+    v2  DPO from v1 on v1's pairs plus v0's pairs, importance-weighted toward v1
+        a reward model on the pairs (held-out pairs measure its accuracy)
+    v3  a short RLHF run (RLOO) from v2 against that reward model, with the reward-hacking monitor
+        `align eval` of v0..v3 on held-out prompts: gold and reward-model scores, win rates, KL to v0, the HTML report
+
+Each stage writes its result under the demo directory and a marker in DIR/stages/; a re-run skips the stages
+already done and resumes an interrupted one (generation from the store, training from its last checkpoint), so a
+failure is fixed and resumed, not restarted. Everything is seeded: the same seed gives the same demo.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from align.collect import repo_file
 from align.errors import AlignError
 
-SFT_CONFIG_FILE = "recipes/configs/sft/smollm2_lora.yaml"
+BASE_MODEL = "smollm2-135m-instruct"
+CONFIGS = {method: f"recipes/configs/{method}/smollm2_lora.yaml" for method in ("sft", "dpo", "reward", "rlhf")}
 
 
-@dataclass
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each stage is. `small` fits 15 minutes on 2 CPU cores; `full` is for a GPU."""
+
+    v0_per_family: int  # training prompts per task family sampled by v0
+    v1_per_family: int  # new training prompts per family sampled by v1
+    n: int  # samples per prompt (n/2 independent pairs)
+    max_new_tokens: int
+    sft_steps: int
+    dpo_steps: int
+    reward_steps: int
+    rlhf_steps: int
+    eval_per_family: int  # held-out prompts per family in the final evaluation
+    eval_n: int  # samples per held-out prompt and version
+
+
+SIZES = {
+    "small": DemoSize(v0_per_family=4, v1_per_family=2, n=4, max_new_tokens=48, sft_steps=20, dpo_steps=10,
+                      reward_steps=10, rlhf_steps=6, eval_per_family=3, eval_n=2),
+    "full": DemoSize(v0_per_family=40, v1_per_family=20, n=4, max_new_tokens=128, sft_steps=300, dpo_steps=200,
+                     reward_steps=200, rlhf_steps=150, eval_per_family=20, eval_n=4),
+}
+
+
+@dataclass(frozen=True)
 class Demo:
     out: Path
-    per_family: int  # held-out prompts per task family answered before and after
-    sft_steps: int
-    seed: int
+    size: DemoSize
+    size_name: str = "small"
+    model: str = BASE_MODEL
+    seed: int = 0
+    weighting: str = "length_normalized"  # how v0's pairs are weighted toward v1 in the DPO stage
+    both_bad_threshold: float = 0.2  # simulated annotators: both responses below this gold reward are "both bad"
+    overrides: tuple[str, ...] = ()  # extra `--key value` for every training stage (tests: tiny batches)
 
     def path(self, name: str) -> Path:
         return self.out / name
 
+    @property
+    def db(self) -> str:
+        return f"sqlite:///{self.path('store.db')}"
 
-def stage_baseline(demo: Demo) -> None:
-    _answer(demo, "smollm2-135m-instruct", demo.path("answers_v0.json"))
+    def settings(self, temperature: float = 1.0, n_seed: int = 0):
+        from align.generation import SamplingSettings
 
-
-def stage_sft(demo: Demo) -> None:
-    from align.config import SFT_CONFIG, parse_config
-    from align.trainers.sft import train_sft
-
-    run = demo.path("v1-sft")
-    argv = ["--config", _repo_file(SFT_CONFIG_FILE), "--output_dir", str(run), "--max_steps", str(demo.sft_steps),
-            "--seed", str(demo.seed), "--name", "v1-sft", "--train_file", _repo_file("data/sft/train.jsonl"),
-            "--eval_file", _repo_file("data/sft/eval.jsonl"), "--eval_steps", "0", "--save_steps", "10"]
-    # A run interrupted mid-training resumes from its last checkpoint.
-    resume = (run / "checkpoints").is_dir()
-    train_sft(*parse_config(SFT_CONFIG, argv + (["--resume"] if resume else [])))
+        return SamplingSettings(temperature=temperature, max_new_tokens=self.size.max_new_tokens,
+                                seed=self.seed + n_seed)
 
 
-def stage_after(demo: Demo) -> None:
-    _answer(demo, str(demo.path("v1-sft")), demo.path("answers_v1.json"))
+# ---- stages ----------------------------------------------------------------------------------------------------------
 
 
-STAGES: list[tuple[str, str, Callable[[Demo], None]]] = [
-    ("baseline", "answers_v0.json", stage_baseline),
-    ("sft", "v1-sft/version.json", stage_sft),
-    ("after", "answers_v1.json", stage_after),
+def stage_generate_v0(demo: Demo) -> dict:
+    v0_rows, _ = prompt_sets(demo)
+    return _generate(demo, demo.model, v0_rows)
+
+
+def stage_label_v0(demo: Demo) -> dict:
+    return _label(demo, version_of(demo, demo.model))
+
+
+def stage_sft(demo: Demo) -> dict:
+    return _train(demo, "sft", "v1-sft", demo.size.sft_steps, [
+        "--model", demo.model, "--train_file", str(repo_file("data/sft/train.jsonl")), "--eval_file", "none",
+        "--eval_steps", "0", "--save_steps", "10",
+    ])
+
+
+def stage_generate_v1(demo: Demo) -> dict:
+    # Every pair of v1's samples is labelled (n(n-1)/2 per prompt): the current version's pairs need no weights, so
+    # more comparisons of the same samples are cheap signal. v0's pairs stay disjoint, as importance weights assume.
+    _, v1_rows = prompt_sets(demo)
+    return _generate(demo, str(demo.path("v1-sft")), v1_rows, pair_rule="all_pairs")
+
+
+def stage_label_v1(demo: Demo) -> dict:
+    return _label(demo, "v1-sft")
+
+
+def stage_export(demo: Demo) -> dict:
+    """All labelled pairs, and a split by prompt for the reward model: one prompt in five is held out."""
+    from align import store as st
+    from align.data import write_jsonl
+
+    with st.connect(demo.db) as store:
+        rows = st.export_preferences(store)
+    if not rows:
+        raise AlignError("no labelled pairs in the store")
+    held = [r for r in rows if _held_out(r["prompt"])]
+    train = [r for r in rows if not _held_out(r["prompt"])]
+    write_jsonl(rows, demo.path("prefs.jsonl"))
+    write_jsonl(train, demo.path("prefs_train.jsonl"))
+    write_jsonl(held, demo.path("prefs_heldout.jsonl"))
+    labels: dict[str, int] = {}
+    for r in rows:
+        key = f"{r['gen_model_version']}:{r['label']}"
+        labels[key] = labels.get(key, 0) + 1
+    return {"pairs": len(rows), "reward_train": len(train), "reward_heldout": len(held), "labels": labels}
+
+
+def stage_dpo(demo: Demo) -> dict:
+    return _train(demo, "dpo", "v2-dpo", demo.size.dpo_steps, [
+        "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs.jsonl")), "--eval_file", "none",
+        "--weighting_scheme", demo.weighting, "--eval_steps", "0", "--save_steps", "5",
+    ])
+
+
+def stage_reward(demo: Demo) -> dict:
+    held = demo.path("prefs_heldout.jsonl")
+    return _train(demo, "reward", "reward", demo.size.reward_steps, [
+        "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_train.jsonl")),
+        "--eval_file", str(held) if held.stat().st_size else "none", "--eval_steps", "0", "--save_steps", "5",
+    ])
+
+
+def stage_rlhf(demo: Demo) -> dict:
+    v0_rows, v1_rows = prompt_sets(demo)
+    prompts = demo.path("prompts_rlhf.jsonl")
+    if not prompts.exists():
+        from align.data import write_jsonl
+
+        write_jsonl(v0_rows + v1_rows, prompts)
+    return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
+        "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
+        "--prompts_file", str(prompts), "--eval_prompts_file", str(repo_file("data/tasks/eval.jsonl")),
+        "--eval_per_family", "1", "--eval_steps", "0", "--save_steps", "3",
+        "--max_new_tokens", str(demo.size.max_new_tokens),
+    ])
+
+
+def stage_eval(demo: Demo) -> dict:
+    from align import store as st
+    from align.data import read_jsonl
+    from align.report import write_report
+    from align.collect import resolve_prompts
+    from align.report.clusters import DEFAULT as embedder
+    from align.report.compare import EvalSpec, run_eval
+
+    models = [demo.model] + [str(demo.path(run)) for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
+    spec = EvalSpec(
+        models=models, prompt_rows=resolve_prompts("tasks:eval", demo.size.eval_per_family), judges=["gold", "reward"],
+        reward_model=str(demo.path("reward")), settings=demo.settings(n_seed=1000), n=demo.size.eval_n,
+        heldout_pairs=read_jsonl(demo.path("prefs_heldout.jsonl")) or None, prompt_source="tasks:eval",
+        seed=demo.seed,
+    )
+    with st.connect(demo.db) as store:
+        report = run_eval(store, spec, embed=embedder)
+    report.update(title="align demo: v0 (base) → v1 (SFT) → v2 (DPO) → v3 (RLHF)",
+                  command=f"align demo --out {shlex.quote(str(demo.out))} --size {demo.size_name}")
+    path = write_report(report, demo.path("report"))
+    return {"report": str(path)}
+
+
+STAGES: list[tuple[str, Callable[[Demo], dict]]] = [
+    ("generate-v0", stage_generate_v0),
+    ("label-v0", stage_label_v0),
+    ("sft-v1", stage_sft),
+    ("generate-v1", stage_generate_v1),
+    ("label-v1", stage_label_v1),
+    ("export", stage_export),
+    ("dpo-v2", stage_dpo),
+    ("reward", stage_reward),
+    ("rlhf-v3", stage_rlhf),
+    ("eval", stage_eval),
 ]
 
 
-def _answer(demo: Demo, model_spec: str, path: Path) -> None:
-    from align.config import ModelArgs
-    from align.evaluate import answer_tasks, gold_summary, stratified
-    from align.models import load_model
-    from align.tasks import load_tasks
-
-    tasks = stratified(load_tasks(_repo_file("data/tasks/eval.jsonl")), demo.per_family)
-    model, tokenizer = load_model(ModelArgs(model=model_spec))
-    rows = answer_tasks(model, tokenizer, tasks)
-    _write(path, {"model": model_spec, "summary": gold_summary(rows), "rows": rows})
+# ---- stage parts -----------------------------------------------------------------------------------------------------
 
 
-def _repo_file(relative: str) -> str:
-    """Shipped files are found from the working directory or from the source checkout."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (root / relative).exists():
-            return str(root / relative)
-    raise AlignError(f"{relative} not found; run the demo from the repository root")
+def prompt_sets(demo: Demo) -> tuple[list[dict], list[dict]]:
+    """Disjoint training prompts, balanced over task families: v0's set, then v1's new set."""
+    from align.collect import resolve_prompts
+
+    size = demo.size
+    picked = resolve_prompts("tasks:train", size.v0_per_family + size.v1_per_family)
+    seen: dict[str, int] = {}
+    v0, v1 = [], []
+    for task in picked:
+        seen[task["family"]] = seen.get(task["family"], 0) + 1
+        (v0 if seen[task["family"]] <= size.v0_per_family else v1).append(task)
+    return v0, v1
+
+
+def version_of(demo: Demo, spec: str) -> str:
+    from align import store as st
+    from align.collect import ensure_registered
+
+    with st.connect(demo.db) as store:
+        return ensure_registered(store, spec)[1]
+
+
+def _generate(demo: Demo, spec: str, rows: list[dict], pair_rule: str = "random_iid") -> dict:
+    from align import store as st
+    from align.collect import generate_to_store
+
+    with st.connect(demo.db) as store:
+        return generate_to_store(store, spec, rows, demo.size.n, demo.settings(), batch_size=4 * demo.size.n,
+                                 pair_rule=pair_rule)
+
+
+def _label(demo: Demo, version: str) -> dict:
+    from sqlalchemy import select
+
+    from align import store as st
+    from align.simulate import GoldJudge, simulate
+    from align.store import ModelVersion, Pair, Response
+
+    with st.connect(demo.db) as store:
+        with store.read() as session:
+            pair_ids = list(session.scalars(
+                select(Pair.id).join(Response, Pair.response_a_id == Response.id)
+                .join(ModelVersion, Response.model_version_id == ModelVersion.id).where(ModelVersion.name == version)
+            ))
+        judge = GoldJudge(both_bad_threshold=demo.both_bad_threshold)
+        counts = simulate(store, judge, annotators=3, seed=demo.seed, pair_ids=pair_ids)
+        labels: dict[str, int] = {}
+        for row in st.export_preferences(store, model_versions=[version]):
+            labels[row["label"]] = labels.get(row["label"], 0) + 1
+    return {**counts, "labels": labels}
+
+
+def _train(demo: Demo, method: str, name: str, steps: int, args: list[str]) -> dict:
+    """Run a recipe into DIR/name; an interrupted run resumes from its last checkpoint, a finished one is kept."""
+    from align import config as cfg
+    from align.runs import last_checkpoint
+
+    run = demo.path(name)
+    if not (run / "version.json").exists():
+        argv = ["--config", str(repo_file(CONFIGS[method])), "--output_dir", str(run), "--name", name,
+                "--max_steps", str(steps), "--seed", str(demo.seed), *args, *demo.overrides]
+        if last_checkpoint(run) is not None:
+            argv.append("--resume")
+        config = getattr(cfg, f"{method.upper()}_CONFIG")
+        _trainer(method)(*cfg.parse_config(config, argv, prog=f"align {method}"))
+    return {k: v for k, v in json.loads((run / "version.json").read_text()).get("metrics", {}).items()
+            if isinstance(v, (int, float))}
+
+
+def _trainer(method: str) -> Callable:
+    if method == "sft":
+        from align.trainers.sft import train_sft as train
+    elif method == "dpo":
+        from align.trainers.dpo import train_dpo as train
+    elif method == "reward":
+        from align.trainers.reward import train_reward as train
+    else:
+        from align.trainers.rlhf import train_rlhf as train
+    return train
+
+
+def _held_out(prompt: Any) -> bool:
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).digest()[0] % 5 == 0
+
+
+# ---- running -----------------------------------------------------------------------------------------------------------
+
+
+def check_settings(demo: Demo) -> None:
+    """A demo directory belongs to one set of settings: resuming it with others would mix two demos."""
+    settings = {"size": asdict(demo.size), "model": demo.model, "seed": demo.seed, "weighting": demo.weighting,
+                "both_bad_threshold": demo.both_bad_threshold, "overrides": list(demo.overrides)}
+    path = demo.path("demo.json")
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise AlignError(f"{demo.out} holds a demo made with other settings ({', '.join(changed)}); "
+                             f"use another --out, or delete {demo.out} to start over")
+        return
+    _write(path, settings)
+
+
+def run_stages(demo: Demo, stages=STAGES) -> dict[str, dict]:
+    """Run the stages not done yet; return every stage's record ({"seconds", "result"})."""
+    demo.out.mkdir(parents=True, exist_ok=True)
+    demo.path("stages").mkdir(exist_ok=True)
+    check_settings(demo)
+    records = {}
+    for name, func in stages:
+        marker = demo.path("stages") / f"{name}.json"
+        if marker.exists():
+            records[name] = json.loads(marker.read_text())
+            print(f"[demo] {name}: done already ({records[name]['seconds']:.0f}s), skipped", flush=True)
+            continue
+        print(f"[demo] {name}: running ...", flush=True)
+        started = time.time()
+        try:
+            result = func(demo)
+        except AlignError as exc:
+            raise AlignError(f"demo stage '{name}' failed: {exc}; fix it and run `make demo` again to resume "
+                             "from this stage") from None
+        except Exception as exc:
+            raise AlignError(
+                f"demo stage '{name}' failed ({type(exc).__name__}: {exc}); run `make demo` again to resume from "
+                "this stage, or `align demo --debug` for the traceback"
+            ) from exc
+        records[name] = {"seconds": time.time() - started, "result": result}
+        _write(marker, records[name])
+        print(f"[demo] {name}: done in {records[name]['seconds']:.0f}s", flush=True)
+    return records
+
+
+def summary(demo: Demo, records: dict[str, dict]) -> dict:
+    """The headline numbers, from the evaluation report and the runs: one row per version, plus the reuse figures."""
+    report = json.loads(demo.path("report/report.json").read_text())
+    names = [v["name"] for v in report["versions"]]
+    v0 = names[0]
+    gold = report.get("scores", {}).get("gold", {})
+    reward = report.get("scores", {}).get("reward", {})
+    wins = {(p["a"], p["b"]): p for p in report.get("win_rates", {}).get("gold", {}).get("pairs", [])}
+    kl = report.get("kl", {}).get("per_version", {})
+    rows = []
+    for label, name in zip(("v0 base", "v1 SFT", "v2 DPO", "v3 RLHF"), names):
+        win = wins.get((name, v0))
+        rows.append({"version": label, "name": name, "gold": gold.get(name, {}).get("mean"),
+                     "gold_low": gold.get(name, {}).get("low"), "gold_high": gold.get(name, {}).get("high"),
+                     "win_vs_v0": None if name == v0 or win is None else win["win_rate"],
+                     "reward_model": reward.get(name, {}).get("mean"),
+                     "kl_per_token": kl.get(name, {}).get("kl_per_token")})
+    weights = json.loads(demo.path("v2-dpo/weights.json").read_text())["diagnostics"]
+    accuracy = report.get("reward_model_accuracy") or {}
+    rlhf = records.get("rlhf-v3", {}).get("result", {})
+    return {
+        "versions": rows,
+        "reuse": {"scheme": weights.get("scheme"), "ess_frac": weights.get("weights/ess_frac"),
+                  "ess_frac_v0": weights.get(f"weights/ess_frac/{v0}"), "share_v0": weights.get(f"data/share/{v0}"),
+                  "weight_share_v0": weights.get(f"weights/share/{v0}")},
+        "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n")},
+        "rlhf": {k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
+        "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
+    }
+
+
+def print_summary(demo: Demo, table: dict) -> None:
+    fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print("\nThe flywheel, one round per version (held-out task prompts, sampled at temperature 1):")
+    print(f"  {'version':<10}{'gold reward':>24}{'win vs v0':>11}{'RM score':>10}{'KL/token to v0':>16}")
+    for r in table["versions"]:
+        interval = f"{fmt(r['gold'])} [{fmt(r['gold_low'], 2)}, {fmt(r['gold_high'], 2)}]"
+        print(f"  {r['version']:<10}{interval:>24}{fmt(r['win_vs_v0']):>11}{fmt(r['reward_model']):>10}"
+              f"{fmt(r['kl_per_token'], 4):>16}")
+    reuse, rm, rl = table["reuse"], table["reward_model"], table["rlhf"]
+    print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): ESS/N {fmt(reuse['ess_frac_v0'])} "
+          f"for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, {fmt(reuse['weight_share_v0'], 2)} of the weight); "
+          f"overall {fmt(reuse['ess_frac'])}.")
+    print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy on {rm['heldout_pairs'] or 0} held-out decided pairs.")
+    flagged = rl.get("monitor/flagged")
+    print(f"RLHF: KL {fmt(rl.get('kl'), 4)} nats/token at the last step; reward-hacking monitor "
+          f"{'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}.")
+    total = sum(table["seconds"].values())
+    print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s).")
+    report = demo.path("report/report.html")
+    print(f"\nThe report: {report}  (open it in a browser; report.json and summary.md beside it)")
+    print("\nNext round, with people in the loop:")
+    print(f"  align users add alice --role annotator --db {demo.db}")
+    print(f"  align label --db {demo.db} --port 7860        # vote in the browser at http://127.0.0.1:7860")
+    print(f"  align generate --model {demo.path('v3-rlhf')} --prompts tasks:train --per_family 3 --n 4 "
+          f"--db {demo.db}   # new candidates to label")
+    print(f"  align export --db {demo.db} --out {demo.path('prefs_round2.jsonl')}")
+    print(f"  align dpo --config {CONFIGS['dpo']} --model {demo.path('v3-rlhf')} "
+          f"--train_file {demo.path('prefs_round2.jsonl')} --eval_file none --weighting_scheme {demo.weighting}")
 
 
 def _write(path: Path, data: dict) -> None:
@@ -85,57 +403,26 @@ def _write(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_stages(demo: Demo) -> None:
-    demo.out.mkdir(parents=True, exist_ok=True)
-    for name, marker, func in STAGES:
-        if demo.path(marker).exists():
-            print(f"[demo] {name}: done already, skipped")
-            continue
-        print(f"[demo] {name}: running ...", flush=True)
-        started = time.time()
-        try:
-            func(demo)
-        except AlignError as exc:
-            raise AlignError(f"demo stage '{name}' failed: {exc}; fix it and run `make demo` again to resume") from None
-        except Exception as exc:
-            raise AlignError(
-                f"demo stage '{name}' failed ({type(exc).__name__}: {exc}); run `make demo` again to resume, "
-                "or `align demo --debug` for the traceback"
-            ) from exc
-        print(f"[demo] {name}: done in {time.time() - started:.0f}s", flush=True)
-
-
-def print_report(demo: Demo) -> None:
-    before = json.loads(demo.path("answers_v0.json").read_text())
-    after = json.loads(demo.path("answers_v1.json").read_text())
-    print("\nMean gold reward on held-out task prompts (greedy answers):")
-    print(f"  {'family':<14}{'v0 base':>10}{'v1 SFT':>10}")
-    for family, value in before["summary"].items():
-        print(f"  {family:<14}{value:>10.3f}{after['summary'][family]:>10.3f}")
-    print("\nHeld-out answers, before -> after:")
-    seen = set()
-    for b, a in zip(before["rows"], after["rows"]):
-        if b["family"] in seen:
-            continue
-        seen.add(b["family"])
-        print(f"\n  [{b['family']}] {b['prompt']}")
-        print(f"    v0 ({b['reward']:.2f}): {_one_line(b['response'])}")
-        print(f"    v1 ({a['reward']:.2f}): {_one_line(a['response'])}")
-    print(f"\nEverything is in {demo.out}/ (the SFT run: {demo.path('v1-sft')}/).")
-
-
-def _one_line(text: str, width: int = 100) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo", help="Demo directory (re-running resumes it).")
-    parser.add_argument("--per_family", type=int, default=8, help="Held-out prompts per task family.")
-    parser.add_argument("--sft_steps", type=int, default=30, help="SFT optimizer steps (batch 8; ~10 s each on 2 CPU cores).")
+    parser.add_argument("--out", default=None, help="Demo directory (re-running resumes it); default: demo, or "
+                        "demo-full for --size full.")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="small: about 12 minutes on 2 CPU cores; full: a bigger run for a GPU.")
+    parser.add_argument("--model", default=BASE_MODEL, help="Base model (v0): the embedded alias, a path or a hub id.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weighting", default="length_normalized",
+                        help="Importance-weighting scheme for v0's pairs in the DPO stage (none, sequence, tempered, "
+                             "length_normalized, wpo).")
+    for field in ("sft_steps", "dpo_steps", "reward_steps", "rlhf_steps"):
+        parser.add_argument(f"--{field}", type=int, default=None, help=f"Override the size's {field}.")
     args = parser.parse_args(argv)
-    demo = Demo(Path(args.out), args.per_family, args.sft_steps, args.seed)
-    run_stages(demo)
-    print_report(demo)
+    size = SIZES[args.size]
+    changed = {f: getattr(args, f) for f in ("sft_steps", "dpo_steps", "reward_steps", "rlhf_steps")
+               if getattr(args, f) is not None}
+    out = Path(args.out or ("demo" if args.size == "small" else f"demo-{args.size}"))
+    demo = Demo(out, replace(size, **changed), args.size, args.model, args.seed, args.weighting)
+    records = run_stages(demo)
+    table = summary(demo, records)
+    _write(demo.path("summary.json"), table)
+    print_summary(demo, table)

@@ -38,7 +38,8 @@ def eval_main(argv: list[str]) -> None:
     from align import store as st
     from align.generation import SamplingSettings
     from align.report import write_report
-    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+    from align.collect import resolve_prompts
+    from align.report.compare import EvalSpec, run_eval
     from align.runs import command_line
 
     parser = argparse.ArgumentParser(prog="align eval", description="Compare model versions on a prompt set and "

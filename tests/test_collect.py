@@ -125,3 +125,17 @@ def test_export_cli_writes_a_loadable_dataset(store_url, tiny_model_dir, task_ro
     assert "wrote 4 preferences rows" in result.stdout
     loaded = datasets.load_dataset("json", data_files=str(out), split="train")
     assert len(loaded) == 4 and {"prompt", "chosen", "rejected", "label", "gen_chosen_logps"} <= set(loaded.column_names)
+
+
+def test_generate_cli_takes_a_balanced_subset_of_the_task_suite(store_url, tiny_model_dir):
+    from sqlalchemy import select
+
+    from align.collect import generate_main
+    from align.store import Prompt
+
+    generate_main(["--model", str(tiny_model_dir), "--prompts", "tasks:train", "--per_family", "2", "--limit", "12",
+                   "--n", "2", "--max_new_tokens", "3", "--db", store_url])
+    with st.connect(store_url) as store, store.read() as session:
+        families = list(session.scalars(select(Prompt.family)))
+    # 7 families x 2 prompts, cut to the first 12 in suite order: 2 of each of the first 6 families.
+    assert len(families) == 12 and sorted({families.count(f) for f in set(families)}) == [2] and len(set(families)) == 6

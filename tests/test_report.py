@@ -30,7 +30,8 @@ def build_fixture_report(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, 
     from align.generation import SamplingSettings
     from align.models import save_tiny_model
     from align.report import write_report
-    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+    from align.collect import resolve_prompts
+    from align.report.compare import EvalSpec, run_eval
 
     root = tmp_path_factory.mktemp("eval")
     other = save_tiny_model(root / "tiny-seed1", seed=1)
@@ -115,7 +116,8 @@ def test_unknown_version_lists_known_versions(built, tmp_path, capsys):
 
 def test_empty_prompt_set_is_an_error(tmp_path, built):
     from align import store as st
-    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+    from align.collect import resolve_prompts
+    from align.report.compare import EvalSpec, run_eval
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -221,7 +223,8 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     """judge "both": reward-model scores and win rates beside gold, and its accuracy on held-out pairs."""
     from align import store as st
     from align.generation import SamplingSettings
-    from align.report.compare import EvalSpec, resolve_prompts, run_eval
+    from align.collect import resolve_prompts
+    from align.report.compare import EvalSpec, run_eval
     from align.trainers.reward import train_reward
     from tests.test_preference import load_tokenizer, pair_rows, write_pairs
     from tests.test_reward import reward_configs

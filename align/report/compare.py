@@ -13,7 +13,6 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from align.errors import AlignError
@@ -269,31 +268,3 @@ def _version_row(store, version, by_prompt: dict) -> dict:
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------------
-
-
-def resolve_prompts(source: str, per_family: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:
-    """Prompt rows of a JSONL path, or of `tasks:eval` / `tasks:train` (the shipped task suite)."""
-    from align.collect import read_prompts
-    from align.evaluate import stratified
-    from align.tasks import load_tasks
-
-    if source.startswith("tasks:"):
-        split = source.split(":", 1)[1]
-        if split not in ("eval", "train"):
-            raise AlignError(f"unknown task split {split!r} in {source!r}; use tasks:eval or tasks:train")
-        rows = load_tasks(_repo_file(f"data/tasks/{split}.jsonl"))
-    else:
-        rows = read_prompts(source)
-    if per_family is not None:
-        rows = stratified([dict(r, family=r.get("family") or "-") for r in rows], per_family)
-    rows = rows[:limit] if limit is not None else rows
-    if not rows:
-        raise AlignError(f"the prompt set {source!r} is empty after --per_family/--limit")
-    return rows
-
-
-def _repo_file(relative: str) -> Path:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / relative).is_file():
-            return root / relative
-    raise AlignError(f"{relative} not found (run from the repository root, or pass a JSONL path)")

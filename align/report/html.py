@@ -350,7 +350,8 @@ def markdown_summary(r: dict) -> str:
         lines += [f"| {n} | {v['kl']:.4f} | {fmt(v.get('kl_per_token'), 4)} |" for n, v in r["kl"]["per_version"].items()]
         lines.append("")
     for name, section in r.get("monitor", {}).items():
-        lines += [f"## Monitor flags: {name}", ""] + [f"- {f}" for f in section["flags"]] + [""]
+        flags = [f"- {f}" for f in section["flags"]] or ["- none: the reward-hacking monitor stayed quiet"]
+        lines += [f"## Monitor flags: {name}", ""] + flags + [""]
     if r.get("notes"):
         lines += ["## Omitted", ""] + [f"- {k}: {v}" for k, v in r["notes"].items()] + [""]
     return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""`align demo`: every stage of the flywheel on a tiny model, resumable, deterministic, failing clearly."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.demo import STAGES, Demo, DemoSize, run_stages, summary
+from align.errors import AlignError
+
+TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2, reward_steps=2,
+                rlhf_steps=1, eval_per_family=1, eval_n=1)
+# A random model answers nothing right: with a both-bad threshold of 0 every pair is a tie, which every stage trains on.
+OVERRIDES = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
+
+
+def tiny_demo(out: Path, model: Path, seed: int = 0) -> Demo:
+    return Demo(out, TINY, "tiny", str(model), seed, "length_normalized", both_bad_threshold=0.0, overrides=OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir) -> tuple[Demo, dict]:
+    demo = tiny_demo(tmp_path_factory.mktemp("demo") / "demo", tiny_model_dir)
+    return demo, run_stages(demo)
+
+
+def test_every_stage_leaves_its_result(finished):
+    demo, records = finished
+    assert list(records) == [name for name, _ in STAGES]
+    for run in ("v1-sft", "v2-dpo", "reward", "v3-rlhf"):
+        assert (demo.path(run) / "version.json").is_file()
+    lineage = [json.loads((demo.path(run) / "version.json").read_text())["parent"] for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
+    assert lineage[1:] == ["v1-sft", "v2-dpo"]
+    # 7 families x 1 prompt x 3 samples: v0's are paired disjointly (1 pair, one sample left over), v1's all
+    # pairwise (3 pairs); 3 simulated annotators vote on each.
+    assert records["label-v0"]["result"]["pairs"] == 7 and records["label-v0"]["result"]["votes"] == 21
+    assert records["label-v1"]["result"]["pairs"] == 21
+    exported = records["export"]["result"]
+    assert exported["pairs"] == 28 and exported["reward_train"] + exported["reward_heldout"] == 28
+    prefs = [json.loads(line) for line in demo.path("prefs.jsonl").read_text().splitlines()]
+    assert {r["gen_model_version"] for r in prefs} == {str(demo.model), "v1-sft"}
+    assert (demo.path("report") / "report.html").stat().st_size > 10_000
+    monitor = demo.path("report/summary.md").read_text().split("## Monitor flags: v3-rlhf\n\n")[1].splitlines()[0]
+    assert monitor.startswith("- ")  # a flag, or the sentence saying there was none
+
+
+def test_summary_table_comes_from_the_report_and_the_runs(finished):
+    demo, records = finished
+    table = summary(demo, records)
+    report = json.loads(demo.path("report/report.json").read_text())
+    assert [r["name"] for r in table["versions"]] == [v["name"] for v in report["versions"]]
+    for row in table["versions"]:
+        assert row["gold"] == report["scores"]["gold"][row["name"]]["mean"]
+        assert row["reward_model"] == report["scores"]["reward"][row["name"]]["mean"]
+    assert table["versions"][0]["win_vs_v0"] is None and table["versions"][1]["win_vs_v0"] is not None
+    weights = json.loads(demo.path("v2-dpo/weights.json").read_text())["diagnostics"]
+    assert table["reuse"]["ess_frac_v0"] == weights[f"weights/ess_frac/{demo.model}"]
+    assert table["reuse"]["share_v0"] == pytest.approx(0.25)  # 7 of 28 pairs come from v0
+    assert set(table["seconds"]) == {name for name, _ in STAGES}
+
+
+def test_rerun_skips_every_stage_and_other_settings_are_refused(finished, tiny_model_dir, capsys):
+    demo, records = finished
+    stamp = demo.path("v2-dpo/version.json").stat().st_mtime_ns
+    again = run_stages(demo)
+    assert again == json.loads(json.dumps(records))  # the records read back from the markers
+    assert capsys.readouterr().out.count("done already") == len(STAGES)
+    assert demo.path("v2-dpo/version.json").stat().st_mtime_ns == stamp
+    with pytest.raises(AlignError, match="other settings \\(seed\\)"):
+        run_stages(tiny_demo(demo.out, tiny_model_dir, seed=1))
+
+
+def test_a_failed_stage_is_named_and_the_next_run_resumes_from_it(tmp_path, tiny_model_dir):
+    demo = tiny_demo(tmp_path / "demo", tiny_model_dir)
+    calls = []
+
+    def flaky(d):
+        calls.append("flaky")
+        if len(calls) == 1:
+            raise RuntimeError("disk full")
+        return {"ok": True}
+
+    stages = [("generate-v0", STAGES[0][1]), ("flaky", flaky), ("label-v0", STAGES[1][1])]
+    with pytest.raises(AlignError, match="demo stage 'flaky' failed \\(RuntimeError: disk full\\).*resume"):
+        run_stages(demo, stages)
+    assert (demo.path("stages") / "generate-v0.json").exists()
+    assert not (demo.path("stages") / "flaky.json").exists() and not (demo.path("stages") / "label-v0.json").exists()
+    records = run_stages(demo, stages)
+    assert calls == ["flaky", "flaky"] and records["flaky"]["result"] == {"ok": True}
+    assert records["label-v0"]["result"]["pairs"] == 7
+
+
+def test_same_seed_same_demo(finished, tmp_path, tiny_model_dir):
+    demo, _ = finished
+    twin = tiny_demo(tmp_path / "twin", tiny_model_dir)
+    run_stages(twin, STAGES[:6])  # generation, labels and export: everything the training stages read
+    assert twin.path("prefs.jsonl").read_text() == demo.path("prefs.jsonl").read_text().replace(
+        str(demo.out), str(twin.out))
