@@ -112,7 +112,7 @@ def score_completions(
     """
     import torch
 
-    from align.logprobs import token_logps
+    from align.logprobs import scored_logits, token_logps
 
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     width = max(map(len, rows))
@@ -125,8 +125,7 @@ def score_completions(
         attention[i, : len(row)] = 1
         labels[i, len(p) : len(row)] = input_ids[i, len(p) : len(row)]
     with torch.no_grad():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
-    labels = labels[:, 1:].to(device)
+        logits, labels = scored_logits(model, input_ids.to(device), attention.to(device), labels.to(device))
     raw = token_logps(logits, labels)
     if settings is None or settings.temperature == 0:
         sampled = torch.zeros_like(raw)
@@ -134,6 +133,9 @@ def score_completions(
         sampled = token_logps(warp_logits(logits, settings), labels)
     else:
         sampled = token_logps(logits, labels, temperature=settings.temperature)
+    # Logits start at the first scored position: put the values back at their places in the (B, width - 1) rows.
+    skipped = width - 1 - raw.shape[1]
+    raw, sampled = (torch.nn.functional.pad(t, (skipped, 0)) for t in (raw, sampled))
     out_raw, out_sampled = [], []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         span = slice(len(p) - 1, len(p) - 1 + len(c))

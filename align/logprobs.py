@@ -7,6 +7,8 @@ Every function here is shift-free: `logits[:, t]` must already predict `labels[:
 `shift_for_causal_lm` once, where the model output is produced, so the off-by-one lives in one place.
 """
 
+import inspect
+
 import torch
 
 IGNORE_INDEX = -100
@@ -19,6 +21,38 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     Position t of a causal LM predicts token t+1, so drop the last logit and the first label.
     """
     return logits[:, :-1, :], labels[:, 1:]
+
+
+def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward a causal LM and return shifted (logits, labels) from the first position that any row scores.
+
+    Prompt positions before every row's first scored label need no logits: the LM head (vocabulary × hidden, the
+    largest matrix of a small model) and the log-softmax over the vocabulary are skipped there through the model's
+    `logits_to_keep`. In a DPO batch the prompt is often more than half of each row, so this saves that share of
+    the head's FLOPs and of the (B, T, V) logits memory. Models whose forward has no `logits_to_keep` get all
+    positions. Values are identical either way: the kept positions are computed exactly as before.
+    """
+    width = labels.shape[1]
+    keep = width
+    if accepts_logits_to_keep(model):
+        scored = labels != IGNORE_INDEX
+        first = int(torch.where(scored.any(-1), scored.int().argmax(-1), width).min())
+        keep = min(width, max(2, width - first + 1))  # logit t-1 predicts label t
+    kwargs = {"logits_to_keep": keep} if keep < width else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    return shift_for_causal_lm(logits, labels[:, width - logits.shape[1]:])
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (possibly DDP- and PEFT-wrapped) causal LM's forward takes `logits_to_keep`."""
+    base = getattr(model, "module", model)  # DistributedDataParallel, DeepSpeed
+    if hasattr(base, "get_base_model"):  # PEFT
+        base = base.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _label_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

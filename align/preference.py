@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from align.data import as_messages, prompt_ids, read_jsonl
 from align.errors import DataError
-from align.logprobs import IGNORE_INDEX, sequence_logps, shift_for_causal_lm, token_log_collision
+from align.logprobs import IGNORE_INDEX, scored_logits, sequence_logps, token_log_collision
 
 if TYPE_CHECKING:
     import torch
@@ -265,8 +265,7 @@ def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> d
     tokens), `chosen_lengths`, `rejected_lengths`, and `*_log_collision` (WPO's Σ log Σ_v p²) on request."""
     import torch
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits, labels = shift_for_causal_lm(logits, batch["labels"])
+    logits, labels = scored_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     half = labels.shape[0] // 2
     logps = sequence_logps(logits, labels)
     lengths = (labels != IGNORE_INDEX).sum(-1).float()

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from align.logprobs import sequence_logps, shift_for_causal_lm, token_log_collision, token_logps
+from align.logprobs import (IGNORE_INDEX, scored_logits, sequence_logps, shift_for_causal_lm, token_log_collision,
+                            token_logps)
 
 
 def _naive_token_logps(logits, labels, temperature=1.0):
@@ -85,3 +86,38 @@ def test_token_log_collision_uniform_and_peaked():
     assert torch.allclose(uniform, torch.tensor([[-math.log(4), 0.0]]))
     peaked = token_log_collision(torch.tensor([[[math.log(3), 0.0]]]), torch.tensor([[0]]))
     assert torch.allclose(peaked, torch.tensor([[math.log(10 / 16)]]))
+
+
+def test_scored_logits_skip_the_prompt_and_change_no_value(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear")).eval()
+    ids = torch.randint(3, 250, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0  # right padding
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7], labels[2, :4] = IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX  # prompts of 5, 7, 4
+    labels[2, 10:] = IGNORE_INDEX
+    with torch.no_grad():
+        logits, kept_labels = scored_logits(model, ids, mask, labels)
+        full_logits, full_labels = shift_for_causal_lm(model(input_ids=ids, attention_mask=mask).logits, labels)
+    # The shortest prompt has 4 tokens: label 4 is the first scored, predicted by logit 3; 8 of 11 shifted positions.
+    assert logits.shape == (3, 8, full_logits.shape[-1]) and torch.equal(kept_labels, full_labels[:, 3:])
+    torch.testing.assert_close(logits, full_logits[:, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sequence_logps(logits, kept_labels), sequence_logps(full_logits, full_labels),
+                               rtol=1e-5, atol=1e-5)
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no logits_to_keep gets every position
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    with torch.no_grad():
+        logits, kept_labels = scored_logits(NoKeep(model), ids, mask, labels)
+    assert logits.shape == full_logits.shape and torch.equal(kept_labels, full_labels)
