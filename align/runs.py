@@ -35,7 +35,29 @@ def prepare_output_dir(path: str | Path, resume: bool) -> Path:
         raise AlignError(f"output directory {out} is not writable ({exc.strerror})") from None
     if not resume and (last_checkpoint(out) is not None or (out / "version.json").exists()):
         raise AlignError(f"{out} already holds a run; pass --resume to continue it, or choose another --output_dir")
+    set_aside_lost_metrics(out, last_checkpoint(out) if resume else None)
     return out
+
+
+def set_aside_lost_metrics(out: Path, checkpoint: Optional[Path]) -> None:
+    """A run restarts from its last checkpoint (or from scratch): rows that an interrupted attempt logged after that
+    point will be logged again, so they move from metrics.jsonl to metrics.discarded.jsonl. The curves keep one row
+    per step and nothing is deleted. Main process only."""
+    from accelerate import PartialState
+
+    path = out / "metrics.jsonl"
+    if not path.is_file() or not PartialState().is_main_process:
+        return
+    restart = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else -1
+    rows = read_metrics(path)
+    lost = [r for r in rows if r.get("step", 0) > restart]
+    if not lost:
+        return
+    with open(out / "metrics.discarded.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lost)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= restart))
+    tmp.replace(path)
 
 
 def last_checkpoint(out: str | Path) -> Optional[Path]:

@@ -1,5 +1,7 @@
 """The shared training loop on a toy regression: exact resume, gradient accumulation, checkpoint rotation."""
 
+import json
+
 import torch
 
 from align.config import TrainArgs
@@ -65,3 +67,21 @@ def test_checkpoints_are_rotated_and_found(tmp_path):
     assert last_checkpoint(tmp_path / "a").name == "checkpoint-4"
     rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert all({"loss", "abs_err", "learning_rate", "grad_norm"} <= set(r) for r in rows)
+
+
+def test_rows_logged_after_the_restart_point_are_set_aside(tmp_path):
+    from align.runs import prepare_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)))
+    prepare_output_dir(out, resume=True)  # the crashed attempt logged steps 4 and 5 after its last checkpoint
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(out / "metrics.discarded.jsonl")] == [4, 5]
+
+    fresh = tmp_path / "fresh"  # crashed before its first checkpoint: a new start sets every row aside
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/gold_reward": 0.5}) + "\n")
+    prepare_output_dir(fresh, resume=False)
+    assert read_metrics(fresh / "metrics.jsonl") == [] and len(read_metrics(fresh / "metrics.discarded.jsonl")) == 1
