@@ -1,0 +1,112 @@
+"""Benchmark: a speed lever on and off, alternating in one process, on real prompts (issue #8, "measure each lever").
+
+    python bench/levers.py                                   # the embedded SmolLM2-135M-Instruct, CPU
+    python bench/levers.py --model runs/sft-try --batch 16   # any model spec
+
+Lever `logits_to_keep` (align.logprobs.scored_logits): the LM head and the log-softmax over the vocabulary run only
+from the first position a batch scores, not over the prompt. Two places use it, each timed on and off:
+- `dpo_step`: a DPO policy forward + backward over prompt+chosen and prompt+rejected rows (completion_logps), LoRA;
+- `gen_logps`: generation's teacher-forced log-prob pass (score_completions), no grad.
+The data are task-suite prompts in the model's chat template with random completions of `--completion` tokens. Each
+round times both settings in turn after one warm-up round; the median over rounds gives the ratio. The log-probs of
+the two settings are compared too (they must agree to float round-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import statistics
+import time
+from contextlib import contextmanager
+
+
+@contextmanager
+def lever(on: bool):
+    import align.logprobs as lp
+
+    original = lp.accepts_logits_to_keep
+    if not on:
+        lp.accepts_logits_to_keep = lambda model: False
+    try:
+        yield
+    finally:
+        lp.accepts_logits_to_keep = original
+
+
+def make_batch(tokenizer, batch: int, completion: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    from align.collect import resolve_prompts
+    from align.data import as_messages, prompt_ids
+
+    rng = random.Random(seed)
+    by_family: dict[str, list[dict]] = {}
+    for row in resolve_prompts("tasks:train", per_family=-(-batch // 7)):
+        by_family.setdefault(row["family"], []).append(row)
+    rows = [row for group in itertools.zip_longest(*by_family.values()) for row in group if row][:batch]
+    prompts = [prompt_ids(tokenizer, as_messages(r["prompt"])) for r in rows]
+    completions = [[rng.randrange(100, len(tokenizer) - 100) for _ in range(completion)] for _ in prompts]
+    return prompts, completions
+
+
+def dpo_step(model, prompts, completions) -> tuple[float, list[float]]:
+    from align.preference import PreferenceCollator, completion_logps
+
+    features = [{"index": i, "prompt_ids": p, "chosen_ids": c, "rejected_ids": c[::-1], "is_tie": False,
+                 "soft_label": None} for i, (p, c) in enumerate(zip(prompts, completions))]
+    batch = PreferenceCollator(pad_token_id=0)(features)
+    started = time.perf_counter()
+    out = completion_logps(model, batch)
+    (out["chosen_logps"] - out["rejected_logps"]).sigmoid().log().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started, out["chosen_logps"].tolist()
+
+
+def gen_logps(model, prompts, completions) -> tuple[float, list[float]]:
+    from align.generation import score_completions
+
+    started = time.perf_counter()
+    raw, _ = score_completions(model, prompts, completions)
+    return time.perf_counter() - started, [sum(r) for r in raw]
+
+
+def main() -> None:
+    import torch
+
+    from align.config import LoraArgs, ModelArgs
+    from align.models import apply_lora, load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=8, help="Prompts per batch (DPO: pairs).")
+    parser.add_argument("--completion", type=int, default=48, help="Completion tokens per row.")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(ModelArgs(model=args.model))
+    model = apply_lora(model, LoraArgs(lora_dropout=0.0))
+    prompts, completions = make_batch(tokenizer, args.batch, args.completion, args.seed)
+    lengths = [len(p) for p in prompts]
+    print(f"{args.model}: batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, completions "
+          f"{args.completion} tokens, {args.rounds} rounds after 1 warm-up")
+    print(f"{'measure':<10}{'lever on (s)':>14}{'off (s)':>10}{'off/on':>8}{'max |Δ logp|':>14}")
+    for name, fn in (("dpo_step", dpo_step), ("gen_logps", gen_logps)):
+        times: dict[bool, list[float]] = {True: [], False: []}
+        values = {}
+        for round_ in range(args.rounds + 1):
+            for on in (True, False) if round_ % 2 == 0 else (False, True):
+                model.train(name == "dpo_step")
+                with lever(on), torch.set_grad_enabled(name == "dpo_step"):
+                    seconds, values[on] = fn(model, prompts, completions)
+                if round_:
+                    times[on].append(seconds)
+        on, off = statistics.median(times[True]), statistics.median(times[False])
+        diff = max(abs(a - b) for a, b in zip(values[True], values[False]))
+        print(f"{name:<10}{on:>14.3f}{off:>10.3f}{off / on:>7.2f}×{diff:>14.2e}")
+
+
+if __name__ == "__main__":
+    main()
