@@ -105,7 +105,7 @@ def main() -> None:
                     times[on].append(seconds)
         on, off = statistics.median(times[True]), statistics.median(times[False])
         diff = max(abs(a - b) for a, b in zip(values[True], values[False]))
-        print(f"{name:<10}{on:>14.3f}{off:>10.3f}{off / on:>7.2f}×{diff:>14.2e}")
+        print(f"{name:<10}{on:>14.4f}{off:>10.4f}{off / on:>7.2f}×{diff:>14.2e}")
 
 
 if __name__ == "__main__":
