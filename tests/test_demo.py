@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from align.demo import STAGES, Demo, DemoSize, run_stages, summary
+from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, summary
 from align.errors import AlignError
 
 TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2, reward_steps=2,
@@ -96,3 +96,17 @@ def test_same_seed_same_demo(finished, tmp_path, tiny_model_dir):
     run_stages(twin, STAGES[:6])  # generation, labels and export: everything the training stages read
     assert twin.path("prefs.jsonl").read_text() == demo.path("prefs.jsonl").read_text().replace(
         str(demo.out), str(twin.out))
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_size_fits_the_task_suite(size, tmp_path):
+    from align.collect import resolve_prompts
+
+    demo = Demo(tmp_path, SIZES[size], size)
+    v0, v1 = prompt_sets(demo)
+    families = {r["family"] for r in v0}
+    assert len(families) == 7 and {r["family"] for r in v1} == families
+    assert len(v0) == 7 * SIZES[size].v0_per_family and len(v1) == 7 * SIZES[size].v1_per_family
+    assert not {r["id"] for r in v0} & {r["id"] for r in v1}  # v1 labels new prompts
+    assert len(resolve_prompts("tasks:eval", SIZES[size].eval_per_family)) == 7 * SIZES[size].eval_per_family
+    assert SIZES[size].n >= 2 and SIZES[size].rlhf_steps >= 1
