@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CACHES = ("dynamic", "static")  # generate()'s KV cache: see generate_kwargs
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -163,6 +165,7 @@ def sample_responses(
     batch_size: int = 16,
     skip: Optional[set[tuple[int, int]]] = None,
     with_logps: bool = True,
+    cache: str = "dynamic",
 ) -> Iterator[list[Sample]]:
     """Sample `n` responses per prompt, yielding one list of Samples per batch of prompts.
 
@@ -170,9 +173,13 @@ def sample_responses(
     on what was skipped, so a resumed run draws exactly what an uninterrupted one would. `skip` holds
     (prompt_index, sample_index) pairs already stored; chunks with nothing left to do are not run.
     `with_logps=False` skips the teacher-forced pass (about half the cost) when nobody needs log-probs.
+    `cache`: the KV cache generate() decodes with (see `generate_kwargs`); the samples' log-probs come from the
+    same teacher-forced pass either way.
     """
     import torch
 
+    if cache not in CACHES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
     model.eval()
     skip = skip or set()
     eos_ids = _eos_ids(model, tokenizer)
@@ -183,7 +190,7 @@ def sample_responses(
             continue
         encoded = [prompt_ids(tokenizer, prompts[i]) for i in chunk]
         torch.manual_seed(settings.seed * 1_000_003 + chunk[0])
-        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids)
+        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids, cache)
         samples = []
         for j, tokens in enumerate(generated):
             p_index, s_index = chunk[j // n], j % n
@@ -203,21 +210,21 @@ def _eos_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> 
     return {i for i in found if i is not None}
 
 
-def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: SamplingSettings, eos_ids: set[int]) -> list[list[int]]:
-    import torch
+def generate_kwargs(settings: SamplingSettings, n: int, pad_token_id: int, eos_ids: set[int],
+                    cache: str = "dynamic") -> dict:
+    """model.generate() arguments that sample exactly the distribution `settings` describe, n per prompt.
 
-    width = max(map(len, encoded))
-    pad = tokenizer.pad_token_id
-    # Left padding: every row's next token sits in the last column.
-    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    device = next(model.parameters()).device
+    cache "dynamic" is transformers' default (the cache grows each step). "static" preallocates it for the prompt
+    width + max_new_tokens (transformers' StaticCache): every decode step then attends over the full width. On CUDA,
+    transformers also compiles the decode step for a static cache (torch.compile, on first use of each shape); on
+    CPU it does not, and static is no faster there (bench/README.md, `generation.py`): dynamic stays the default.
+    """
     greedy = settings.temperature == 0
     kwargs = dict(
         do_sample=not greedy,
         num_return_sequences=n,
         max_new_tokens=settings.max_new_tokens,
-        pad_token_id=pad,
+        pad_token_id=pad_token_id,
         eos_token_id=sorted(eos_ids),
         # Every warper explicit: library defaults (e.g. top_k=50) would silently truncate the distribution.
         top_k=settings.top_k if not greedy else None,
@@ -227,8 +234,24 @@ def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: Samp
         min_p=None,
         typical_p=None,
     )
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: SamplingSettings, eos_ids: set[int],
+              cache: str = "dynamic") -> list[list[int]]:
+    import torch
+
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    # Left padding: every row's next token sits in the last column.
+    input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             **generate_kwargs(settings, n, pad, eos_ids, cache))
     return out[:, width:].tolist()
 
 

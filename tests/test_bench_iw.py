@@ -1,26 +1,18 @@
 """bench/iw_reuse.py: the matched-KL analysis on hand-made trajectories, and `--quick --model tiny` end to end."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_iw_reuse", ROOT / "bench" / "iw_reuse.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-iw = load_bench()
+iw = load_bench("iw_reuse")
 
 
 def traj(*points):

@@ -2,15 +2,15 @@
 
 No timing assertions: which side is faster is what the benchmark measures, not something a test may assume."""
 
-import importlib.util
 import json
 import math
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.bench import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(  # TRL's own deprecation noise on CPU
@@ -18,15 +18,7 @@ pytestmark = pytest.mark.filterwarnings(  # TRL's own deprecation noise on CPU
     "ignore:'pin_memory' argument is set as true:UserWarning")
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-tp = load_bench()
+tp = load_bench("throughput")
 
 
 # ---- taking turns ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import torch
 
 from align.config import ModelArgs
 from align.data import prompt_ids
-from align.generation import SamplingSettings, sample_responses, score_completions
+from align.errors import ConfigError
+from align.generation import SamplingSettings, generate_kwargs, sample_responses, score_completions
 from align.models import load_model
 
 
@@ -72,3 +73,47 @@ def test_greedy_has_zero_sampling_logps(tiny):
     settings = SamplingSettings(temperature=0.0, max_new_tokens=4)
     (batch,) = list(sample_responses(model, tok, [[{"role": "user", "content": "x"}]], 1, settings))
     assert batch[0].sample_token_logps == [0.0] * len(batch[0].token_ids)
+
+
+def test_static_cache_samples_the_same_tokens_with_exact_logps(tiny):
+    """cache="static" (transformers' StaticCache, left-padded batch): the samples of the default dynamic cache, and
+    their stored log-probs equal each response re-scored alone."""
+    model, tok = tiny
+    prompts = [[{"role": "user", "content": "q" * (1 + 4 * i)}] for i in range(3)]  # different lengths: padding
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=5)
+    dynamic = [s for b in sample_responses(model, tok, prompts, 2, settings, batch_size=6) for s in b]
+    static = [s for b in sample_responses(model, tok, prompts, 2, settings, batch_size=6, cache="static") for s in b]
+    assert [s.token_ids for s in static] == [s.token_ids for s in dynamic]
+    for s in static:
+        raw, sampled = score_completions(model, [prompt_ids(tok, prompts[s.prompt_index])], [s.token_ids], settings,
+                                         tok.pad_token_id)
+        assert raw[0] == pytest.approx(s.token_logps, abs=1e-5)
+        assert sampled[0] == pytest.approx(s.sample_token_logps, abs=1e-5)
+
+
+def test_static_cache_sampler_draws_from_the_teacher_forced_distribution(tiny):
+    """The scores generate() samples from with a static cache and left padding equal the teacher-forced log-probs."""
+    model, tok = tiny
+    settings = SamplingSettings(temperature=0.8, max_new_tokens=6)
+    encoded = [prompt_ids(tok, [{"role": "user", "content": text}]) for text in ("hi", "a longer question here")]
+    width = max(map(len, encoded))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    attention = (torch.arange(width) >= torch.tensor([[width - len(e)] for e in encoded])).long()
+    torch.manual_seed(0)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, output_scores=True,
+                         return_dict_in_generate=True,
+                         **generate_kwargs(settings, 1, tok.pad_token_id, {tok.eos_token_id}, cache="static"))
+    assert type(out.past_key_values).__name__ == "StaticCache"
+    for row, ids in enumerate(encoded):
+        completion = out.sequences[row, width:].tolist()
+        if tok.eos_token_id in completion:
+            completion = completion[: completion.index(tok.eos_token_id) + 1]
+        expected = [torch.log_softmax(s[row].float(), -1)[t].item() for s, t in zip(out.scores, completion)]
+        _, sampled = score_completions(model, [ids], [completion], settings, tok.pad_token_id)
+        assert sampled[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_unknown_cache_is_a_config_error(tiny):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        next(sample_responses(model, tok, [[{"role": "user", "content": "x"}]], 1, SamplingSettings(), cache="paged"))
