@@ -21,15 +21,20 @@ import hashlib
 import json
 import shlex
 import time
+import typing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from align.collect import repo_file
+from align.config import WeightingArgs
 from align.errors import AlignError
 
 BASE_MODEL = "smollm2-135m-instruct"
 CONFIGS = {method: f"recipes/configs/{method}/smollm2_lora.yaml" for method in ("sft", "dpo", "reward", "rlhf")}
+# mixture needs log-probs under every pooled version, which the demo's export does not carry
+WEIGHTING_SCHEMES = [s for s in typing.get_args(typing.get_type_hints(WeightingArgs)["weighting_scheme"])
+                     if s != "mixture"]
 
 
 @dataclass(frozen=True)
@@ -74,11 +79,11 @@ class Demo:
     def db(self) -> str:
         return f"sqlite:///{self.path('store.db')}"
 
-    def settings(self, temperature: float = 1.0, n_seed: int = 0):
+    def settings(self, seed_offset: int = 0):
+        """Sampling at temperature 1 with no truncation: what importance weights and KL estimates assume."""
         from align.generation import SamplingSettings
 
-        return SamplingSettings(temperature=temperature, max_new_tokens=self.size.max_new_tokens,
-                                seed=self.seed + n_seed)
+        return SamplingSettings(temperature=1.0, max_new_tokens=self.size.max_new_tokens, seed=self.seed + seed_offset)
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
@@ -164,16 +169,16 @@ def stage_rlhf(demo: Demo) -> dict:
 
 def stage_eval(demo: Demo) -> dict:
     from align import store as st
+    from align.collect import resolve_prompts
     from align.data import read_jsonl
     from align.report import write_report
-    from align.collect import resolve_prompts
     from align.report.clusters import DEFAULT as embedder
     from align.report.compare import EvalSpec, run_eval
 
     models = [demo.model] + [str(demo.path(run)) for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
     spec = EvalSpec(
         models=models, prompt_rows=resolve_prompts("tasks:eval", demo.size.eval_per_family), judges=["gold", "reward"],
-        reward_model=str(demo.path("reward")), settings=demo.settings(n_seed=1000), n=demo.size.eval_n,
+        reward_model=str(demo.path("reward")), settings=demo.settings(seed_offset=1000), n=demo.size.eval_n,
         heldout_pairs=read_jsonl(demo.path("prefs_heldout.jsonl")) or None, prompt_source="tasks:eval",
         seed=demo.seed,
     )
@@ -288,7 +293,7 @@ def _held_out(prompt: Any) -> bool:
     return hashlib.sha256(text.encode()).digest()[0] % 5 == 0
 
 
-# ---- running -----------------------------------------------------------------------------------------------------------
+# ---- running ---------------------------------------------------------------------------------------------------------
 
 
 def check_settings(demo: Demo) -> None:
@@ -376,9 +381,9 @@ def print_summary(demo: Demo, table: dict) -> None:
         print(f"  {r['version']:<10}{interval:>24}{fmt(r['win_vs_v0']):>11}{fmt(r['reward_model']):>10}"
               f"{fmt(r['kl_per_token'], 4):>16}")
     reuse, rm, rl = table["reuse"], table["reward_model"], table["rlhf"]
-    print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): ESS/N {fmt(reuse['ess_frac_v0'])} "
-          f"for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, {fmt(reuse['weight_share_v0'], 2)} of the weight); "
-          f"overall {fmt(reuse['ess_frac'])}.")
+    print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): "
+          f"ESS/N {fmt(reuse['ess_frac_v0'])} for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, "
+          f"{fmt(reuse['weight_share_v0'], 2)} of the weight); overall {fmt(reuse['ess_frac'])}.")
     print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy on {rm['heldout_pairs'] or 0} held-out decided pairs.")
     flagged = rl.get("monitor/flagged")
     print(f"RLHF: KL {fmt(rl.get('kl'), 4)} nats/token at the last step; reward-hacking monitor "
@@ -411,9 +416,8 @@ def main(argv: list[str]) -> None:
                         help="small: about 12 minutes on 2 CPU cores; full: a bigger run for a GPU.")
     parser.add_argument("--model", default=BASE_MODEL, help="Base model (v0): the embedded alias, a path or a hub id.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weighting", default="length_normalized",
-                        help="Importance-weighting scheme for v0's pairs in the DPO stage (none, sequence, tempered, "
-                             "length_normalized, wpo).")
+    parser.add_argument("--weighting", default="length_normalized", choices=WEIGHTING_SCHEMES,
+                        help="Importance-weighting scheme for v0's pairs in the DPO stage.")
     for field in ("sft_steps", "dpo_steps", "reward_steps", "rlhf_steps"):
         parser.add_argument(f"--{field}", type=int, default=None, help=f"Override the size's {field}.")
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ def test_every_stage_leaves_its_result(finished):
     assert list(records) == [name for name, _ in STAGES]
     for run in ("v1-sft", "v2-dpo", "reward", "v3-rlhf"):
         assert (demo.path(run) / "version.json").is_file()
-    lineage = [json.loads((demo.path(run) / "version.json").read_text())["parent"] for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
+    lineage = [json.loads((demo.path(run) / "version.json").read_text())["parent"]
+               for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
     assert lineage[1:] == ["v1-sft", "v2-dpo"]
     # 7 families x 1 prompt x 3 samples: v0's are paired disjointly (1 pair, one sample left over), v1's all
     # pairwise (3 pairs); 3 simulated annotators vote on each.
@@ -110,3 +111,11 @@ def test_every_size_fits_the_task_suite(size, tmp_path):
     assert not {r["id"] for r in v0} & {r["id"] for r in v1}  # v1 labels new prompts
     assert len(resolve_prompts("tasks:eval", SIZES[size].eval_per_family)) == 7 * SIZES[size].eval_per_family
     assert SIZES[size].n >= 2 and SIZES[size].rlhf_steps >= 1
+
+
+def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path, capsys):
+    from align.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "demo"), "--weighting", "mixture"])
+    assert "invalid choice: 'mixture'" in capsys.readouterr().err and not (tmp_path / "demo").exists()
