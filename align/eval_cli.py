@@ -36,9 +36,9 @@ def parse_judge(value: str, reward_model: str | None) -> tuple[list[str], str | 
 
 def eval_main(argv: list[str]) -> None:
     from align import store as st
+    from align.collect import resolve_prompts
     from align.generation import SamplingSettings
     from align.report import write_report
-    from align.collect import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
     from align.runs import command_line
 

@@ -265,6 +265,3 @@ def _version_row(store, version, by_prompt: dict) -> dict:
     return {"name": version.name, "method": version.method, "base_model": version.base_model,
             "parent": artifacts.parent_name(store, version), "samples": sum(map(len, by_prompt.values())),
             "created_at": str(version.created_at)[:19]}
-
-
-# ---- prompts ---------------------------------------------------------------------------------------------------
