@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from align.errors import ConfigError
+from align.weighting import SCHEME_NAMES
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -353,7 +354,7 @@ class DPOArgs(Validated):
 class WeightingArgs(Validated):
     _argument_group_name = "weighting"
 
-    weighting_scheme: Literal["none", "sequence", "tempered", "length_normalized", "mixture", "wpo"] = option(
+    weighting_scheme: Literal[SCHEME_NAMES] = option(
         "none", "Importance weights for pairs sampled by older versions (align/weighting.py); none: the `weight` "
         "column of the data if present, else 1."
     )

@@ -10,6 +10,7 @@ logsumexp are. Inputs are float32 columns (tensors, arrays or lists); internally
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -154,14 +155,77 @@ def wpo_log_weights(p: PairLogps, alpha: float) -> torch.Tensor:
     return t_c / len_c + t_r / len_r
 
 
-SCHEMES = {
-    "none": none_log_weights,
-    "sequence": sequence_log_weights,
-    "tempered": tempered_log_weights,
-    "length_normalized": length_normalized_log_weights,
-    "mixture": mixture_log_weights,
-    "wpo": wpo_log_weights,
-}
+# --- dynamic shifts: how a scheme's log-weight moves when its target moves from π_ref to π_θ ---------------------
+# Only the target moves, so the sampler terms (and mixture's denominator) cancel. `d` holds, per response,
+# d = log π_θ - log π_ref (chosen_logps, rejected_logps), the completion lengths and, for WPO, the moved collision term.
+
+
+def _no_shift(d: dict, alpha: float) -> torch.Tensor:
+    return torch.zeros_like(d["chosen_logps"])
+
+
+def _sequence_shift(d: dict, alpha: float) -> torch.Tensor:
+    return d["chosen_logps"] + d["rejected_logps"]
+
+
+def _tempered_shift(d: dict, alpha: float) -> torch.Tensor:
+    return alpha * (d["chosen_logps"] + d["rejected_logps"])
+
+
+def _length_normalized_shift(d: dict, alpha: float) -> torch.Tensor:
+    return d["chosen_logps"] / d["chosen_lengths"] + d["rejected_logps"] / d["rejected_lengths"]
+
+
+def _wpo_shift(d: dict, alpha: float) -> torch.Tensor:
+    return ((d["chosen_logps"] - d["chosen_log_collision"]) / d["chosen_lengths"]
+            + (d["rejected_logps"] - d["rejected_log_collision"]) / d["rejected_lengths"])
+
+
+_GEN_ROW_FIELDS = ("gen_chosen_logps", "gen_rejected_logps")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Everything the pipeline needs to know about one weighting scheme, in one place.
+
+    log_weight(pairs, α) -> (N,) static log-weights before normalisation; shift(d, α) -> (B,) change of that
+    log-weight when the target moves from π_ref to π_θ (the dynamic target); row_fields: the exported columns each
+    row must carry; scores_samples: the scheme compares the target with a sampler on the STORED sampled tokens (so
+    re-tokenised text is a caveat); needs_collision: WPO's Σ_t log Σ_v π(v|·)² term; uses_alpha: α tempers it.
+    """
+
+    name: str
+    log_weight: Callable[[PairLogps, float], torch.Tensor]
+    shift: Callable[[dict, float], torch.Tensor]
+    row_fields: tuple[str, ...] = ()
+    scores_samples: bool = False
+    needs_collision: bool = False
+    uses_alpha: bool = False
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("none", none_log_weights, _no_shift),
+    Scheme("sequence", sequence_log_weights, _sequence_shift, _GEN_ROW_FIELDS, scores_samples=True),
+    Scheme("tempered", tempered_log_weights, _tempered_shift, _GEN_ROW_FIELDS, scores_samples=True, uses_alpha=True),
+    Scheme("length_normalized", length_normalized_log_weights, _length_normalized_shift, _GEN_ROW_FIELDS,
+           scores_samples=True),
+    Scheme("mixture", mixture_log_weights, _tempered_shift, ("gen_model_version", "gen_logps_by_version"),
+           scores_samples=True, uses_alpha=True),
+    Scheme("wpo", wpo_log_weights, _wpo_shift, needs_collision=True),
+)}
+SCHEME_NAMES = tuple(SCHEMES)
+
+
+def log_weight_shift(scheme: str, alpha: float, policy: dict, ref: dict) -> torch.Tensor:
+    """Δ = (scheme log-weight under π_θ) - (under π_ref), (B,), detached, from per-response log-probs (and lengths,
+    and `*_log_collision` for WPO) of the policy and the reference: see each scheme's `shift`."""
+    record = SCHEMES[scheme]
+    keys = ("chosen_logps", "rejected_logps") + (
+        ("chosen_log_collision", "rejected_log_collision") if record.needs_collision else ())
+    d = {k: (policy[k] - ref[k]).detach() for k in keys}
+    d["chosen_lengths"] = policy["chosen_lengths"].clamp_min(1)
+    d["rejected_lengths"] = policy["rejected_lengths"].clamp_min(1)
+    return record.shift(d, alpha)
 
 
 # --- normalisation --------------------------------------------------------------------------------------------------
@@ -397,7 +461,7 @@ def compute_importance_weights(
         target_rejected_log_collision=target_rejected_log_collision,
     )
     p = _collect(source_version, version_logps, vectors)
-    log_w = SCHEMES[scheme](p, alpha)
+    log_w = SCHEMES[scheme].log_weight(p, alpha)
     weights = _normalize(log_w, clip)
 
     have_ratios = all(k in p.columns for k in ("target_chosen_logps", "target_rejected_logps", *_GEN_COLUMNS))

@@ -1,15 +1,20 @@
 import json
 import math
+import typing
 
 import pytest
 import torch
 
 from align.errors import ConfigError, DataError
 from align.losses import preference_loss
+from align.config import WeightingArgs
+from align.trainers.weights import DynamicWeights
 from align.weighting import (
+    SCHEME_NAMES,
     SCHEMES,
     compute_importance_weights,
     log_ratios,
+    log_weight_shift,
     normalize_log_weights,
     weight_diagnostics,
 )
@@ -27,6 +32,48 @@ def _columns(n=64, seed=0):
         chosen_lengths=torch.randint(10, 41, (n,), generator=g).float(),
         rejected_lengths=torch.randint(10, 41, (n,), generator=g).float(),
     )
+
+
+def _two_versions(cols, seed=7):
+    """source_version and version_logps for _columns' pairs: rows 0-9 from v1 (the gen_* columns), the rest v2."""
+    n = len(cols["gen_chosen_logps"])
+    g = torch.Generator().manual_seed(seed)
+    other = (cols["gen_chosen_logps"] + torch.randn(n, generator=g), cols["gen_rejected_logps"] - 1)
+    return dict(source_version=["v1"] * 10 + ["v2"] * (n - 10),
+                version_logps={"v1": (cols["gen_chosen_logps"], cols["gen_rejected_logps"]), "v2": other})
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_every_scheme_static_and_dynamic_paths_agree(scheme):
+    """For every row of the scheme table: the dynamic shift equals the change of the static log-weight when the
+    target moves (so no scheme can fall through to another's shift), DynamicWeights starts at the static weights and,
+    after the move, is proportional to the static weights computed against the moved target."""
+    cols, g = _columns(16, seed=1), torch.Generator().manual_seed(2)
+    coll = {"target_chosen_log_collision": -5 * torch.rand(16, generator=g),
+            "target_rejected_log_collision": -5 * torch.rand(16, generator=g)}
+    extra = _two_versions(cols)
+    before = compute_importance_weights(scheme, alpha=0.5, clip=None, **cols, **coll, **extra)
+    d = {name: torch.randn(16, generator=g) for name in ("chosen_logps", "rejected_logps", "chosen_log_collision",
+                                                          "rejected_log_collision")}
+    moved = {**cols, **coll}
+    for side in ("chosen", "rejected"):
+        moved[f"target_{side}_logps"] = cols[f"target_{side}_logps"] + d[f"{side}_logps"]
+        moved[f"target_{side}_log_collision"] = coll[f"target_{side}_log_collision"] + d[f"{side}_log_collision"]
+    after = compute_importance_weights(scheme, alpha=0.5, clip=None, **moved, **extra)
+
+    def view(c):  # what the DPO step hands the dynamic weights: per-response log-probs of a model
+        return {f"{k}": c[f"target_{k}"] for k in ("chosen_logps", "rejected_logps", "chosen_log_collision",
+                                                     "rejected_log_collision")} | {
+            "chosen_lengths": cols["chosen_lengths"], "rejected_lengths": cols["rejected_lengths"]}
+
+    shift = log_weight_shift(scheme, 0.5, view(moved), view({**cols, **coll}))
+    expected = after.log_weights.double() - before.log_weights.double()
+    assert torch.allclose(shift.double(), expected, atol=2e-3)
+    dyn = DynamicWeights(scheme, 0.5, None)
+    assert torch.allclose(dyn(before.weights, view({**cols, **coll}), view({**cols, **coll})), before.weights)
+    w = dyn(before.weights, view(moved), view({**cols, **coll})).double()
+    assert torch.allclose(w / w.sum(), after.weights.double() / after.weights.double().sum(), atol=1e-5)
+    assert scheme in typing.get_args(typing.get_type_hints(WeightingArgs)["weighting_scheme"])
 
 
 def test_uniform_weights_reproduce_plain_dpo():
@@ -270,3 +317,50 @@ def test_warning_when_ess_fraction_below_a_tenth():
                                       gen_rejected_logps=torch.zeros(20), source_version=["v_old"] * 20).diagnostics
     assert diag["weights/ess_frac"] == pytest.approx(0.05, abs=1e-6)
     assert "collect new data for this version" in diag["warning"] and "v_old" in diag["warning"]
+
+
+def _batches(steps, seed, outlier_step=None, outlier=0.0, drop_from=None, drop=0.0):
+    """(static weights, policy, ref) per step for pairs of 2: Δ ~ N(0, 0.3²) nats, one pair at `outlier_step`
+    shifted by `outlier` nats, or every pair from step `drop_from` on shifted by -`drop` nats."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        ref = {"chosen_logps": -20 - torch.rand(2, generator=g), "rejected_logps": -20 - torch.rand(2, generator=g),
+               "chosen_lengths": torch.full((2,), 10.0), "rejected_lengths": torch.full((2,), 10.0)}
+        d = 0.3 * torch.randn(2, generator=g)
+        if step == outlier_step:
+            d[0] += outlier
+        if drop_from is not None and step >= drop_from:
+            d -= drop
+        policy = {**ref, "chosen_logps": ref["chosen_logps"] + d}
+        yield 0.5 + torch.rand(2, generator=g), policy, ref
+
+
+@pytest.mark.parametrize("outlier", [50.0, 200.0])
+def test_dynamic_weights_recover_at_once_after_an_outlier_pair(outlier):
+    """One pair +50 (+200) nats above the rest once: its weight is truncated at c, and the running normaliser moves
+    by at most 0.9 + 0.1·c, so the next batches keep weights of order 1 (before: ~1e-20 for 450 (1,900) steps)."""
+    dyn = DynamicWeights("sequence", 1.0, 5.0)
+    means = [float(dyn(*batch).mean()) for batch in _batches(60, seed=4, outlier_step=20, outlier=outlier)]
+    assert dyn(*next(_batches(1, 9, 0, outlier)))[0] <= 5.0 + 1e-5
+    assert min(means[21:]) > 0.4 and sum(means[21:26]) / 5 > 0.5
+    assert dyn.collapsed_steps == 0 and dyn.log_scale < math.log(1.6)
+    unclipped = DynamicWeights("sequence", 1.0, None)  # no truncation: the outlier cap (100) bounds the normaliser
+    means = [float(unclipped(*batch).mean()) for batch in _batches(60, seed=4, outlier_step=20, outlier=outlier)]
+    assert min(means[22:]) > 0.05 and sum(means[40:]) / 20 > 0.5
+
+
+def test_dynamic_weights_report_a_collapse(caplog):
+    """Every pair's target log-prob drops by 40 nats at step 10: the running normaliser lags, the mean weight falls to
+    ~e^-40; each such step is counted, the metric says so, and one warning names it."""
+    dyn = DynamicWeights("length_normalized", 1.0, 5.0)
+    caplog.set_level("WARNING")
+    flags = []
+    for batch in _batches(40, seed=5, drop_from=10, drop=400.0):  # length 10: -40 nats per token-normalised pair
+        dyn(*batch)
+        flags.append(dyn.collapsed)
+    assert flags[:10] == [False] * 10 and all(flags[10:20]) and dyn.collapsed_steps == sum(flags) >= 10
+    warnings = [r for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and "mean weight" in warnings[0].getMessage()
+    restored = DynamicWeights("length_normalized", 1.0, 5.0)
+    restored.load_state_dict(dyn.state_dict())
+    assert restored.collapsed_steps == dyn.collapsed_steps and restored.log_scale == dyn.log_scale

@@ -30,6 +30,7 @@ from align.preference import (PreferenceCollator, PreferenceSet, completion_logp
                               tokenize_sets)
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
+from align.weighting import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DPOObjective:
             self.dynamic = DynamicWeights(weighting.weighting_scheme, weighting.weighting_alpha,
                                           weighting.weighting_clip, accelerator)
         # WPO's dynamic weight also moves its collision term, so both sides need it.
-        self.need_collision = self.dynamic is not None and weighting.weighting_scheme == "wpo"
+        self.need_collision = self.dynamic is not None and SCHEMES[weighting.weighting_scheme].needs_collision
 
     def reference(self, model: Any, batch: dict) -> dict[str, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -76,6 +77,7 @@ class DPOObjective:
         metrics["kl/ref"] = (policy["chosen_logps"] - ref["chosen_logps"]).detach().mean()
         if self.dynamic is not None:
             metrics["weights/mean"] = weights.mean()
+            metrics["weights/collapsed"] = torch.tensor(float(self.dynamic.collapsed))
         return loss, metrics
 
     def eval_step(self, model: Any, batch: dict) -> dict[str, torch.Tensor]:

@@ -22,31 +22,30 @@ from align import runs
 from align.config import WeightingArgs
 from align.errors import ConfigError, DataError
 from align.preference import PreferenceSet
-from align.weighting import WeightResult, compute_importance_weights, weight_diagnostics
+from align.weighting import (SCHEME_NAMES, SCHEMES, WeightResult, compute_importance_weights, log_weight_shift,
+                             weight_diagnostics)
 
 log = logging.getLogger(__name__)
 
-NEEDS_GEN_LOGPS = ("sequence", "tempered", "length_normalized")
 _HINT = ("use weighting_scheme 'wpo' (self-weights, no generation log-probs needed), or run `align rescore` to score "
          "the stored responses under the model version that generated them")
 
 
 def check_columns(pset: PreferenceSet, scheme: str) -> None:
-    """Fail early, naming the first row that lacks what `scheme` needs."""
+    """Fail early, naming the first row that lacks what `scheme` needs (its record's `row_fields`)."""
+    record = SCHEMES[scheme]
     for row in pset.rows:
-        if scheme in NEEDS_GEN_LOGPS and (row["gen_chosen_logps"] is None or row["gen_rejected_logps"] is None):
-            raise DataError(f"{row['where']}: no gen_chosen_logps/gen_rejected_logps, which weighting scheme "
-                            f"'{scheme}' needs; {_HINT}")
-        if scheme == "mixture" and (row["gen_logps_by_version"] is None or row["gen_model_version"] is None):
-            raise DataError(f"{row['where']}: weighting scheme 'mixture' needs gen_model_version and "
-                            f"gen_logps_by_version (log-probs under every pooled version); {_HINT}")
-    if scheme == "mixture":
+        missing = [name for name in record.row_fields if row[name] is None]
+        if missing:
+            raise DataError(f"{row['where']}: weighting scheme '{scheme}' needs {' and '.join(record.row_fields)}, "
+                            f"and this row has no {' or '.join(missing)}; {_HINT}")
+    if "gen_logps_by_version" in record.row_fields:  # every row scored under every pooled version
         versions = {r["gen_model_version"] for r in pset.rows}
         for row in pset.rows:
             missing = versions - set(row["gen_logps_by_version"])
             if missing:
                 raise DataError(f"{row['where']}: gen_logps_by_version lacks pooled version(s) {sorted(missing)}")
-    if scheme != "none" and scheme != "wpo":
+    if record.scores_samples:
         unstored = sum(r["chosen_token_ids"] is None or r["rejected_token_ids"] is None for r in pset.rows)
         if unstored:
             log.warning("%s: %d pair(s) have no stored token ids; their target log-probs use re-tokenised text, which "
@@ -81,10 +80,10 @@ def dataset_weights(
     check_columns(pset, scheme)
     if any(r["weight"] is not None for r in pset.rows):
         log.info("%s: weights computed by scheme %s replace the file's weight column", pset.path, scheme)
-    scores = score(full_features, scheme == "wpo")
+    scores = score(full_features, SCHEMES[scheme].needs_collision)
     rows = pset.rows
     by_version = None
-    if scheme == "mixture":
+    if "gen_logps_by_version" in SCHEMES[scheme].row_fields:
         versions = sorted({r["gen_model_version"] for r in rows})
         by_version = {v: ([r["gen_logps_by_version"][v][0] for r in rows],
                           [r["gen_logps_by_version"][v][1] for r in rows]) for v in versions}
@@ -164,62 +163,74 @@ def plot(diag: dict, path: Path) -> None:
 # --- dynamic target ---------------------------------------------------------------------------------------------------
 
 
-def log_weight_shift(scheme: str, alpha: float, policy: dict, ref: dict) -> torch.Tensor:
-    """Δ = (scheme log-weight under π_θ) - (under the reference), (B,), from d = log π_θ - log π_ref per response.
-
-    Only the target moves, so the sampler terms (and mixture's denominator) cancel: sequence d_c + d_r; tempered
-    and mixture α(d_c + d_r); length_normalized d_c/T_c + d_r/T_r; wpo the same with WPO's collision term moved too.
-    """
-    d_c = (policy["chosen_logps"] - ref["chosen_logps"]).detach()
-    d_r = (policy["rejected_logps"] - ref["rejected_logps"]).detach()
-    if scheme == "none":
-        return torch.zeros_like(d_c)
-    if scheme == "sequence":
-        return d_c + d_r
-    if scheme in ("tempered", "mixture"):
-        return alpha * (d_c + d_r)
-    if scheme == "wpo":
-        d_c = d_c - (policy["chosen_log_collision"] - ref["chosen_log_collision"])
-        d_r = d_r - (policy["rejected_log_collision"] - ref["rejected_log_collision"])
-    return d_c / policy["chosen_lengths"].clamp_min(1) + d_r / policy["rejected_lengths"].clamp_min(1)
-
-
 class DynamicWeights:
     """Per-step weights against the current policy π_θ (weighting_target: dynamic), always detached.
 
         w_i(θ) = min(c, w0_i · exp(Δ_i(θ)) / r)
 
     w0 = the static weights (reference target, normalised to mean 1 over the whole dataset and truncated at c), Δ =
-    `log_weight_shift`. Normalisation: r estimates the dataset mean of w0·exp(Δ) under the current θ, as an
-    exponential moving average (momentum 0.9) of the global-batch mean (combined across ranks, so every rank uses
-    the same r). At step 0, Δ = 0 and r = 1: exactly the static weights. Everything stays in log space.
+    `log_weight_shift`. Normalisation: r estimates the dataset mean of min(c·r, w0·exp(Δ)) under the current θ (the
+    fixed point of truncate-then-renormalise, as in the static case) by an exponential moving average (momentum 0.9)
+    of the global-batch mean (combined across ranks, so every rank uses the same r). Each pair enters that mean
+    truncated at c·r (or `OUTLIER_CAP`·r without clipping): one outlier pair (+50 nats) can raise r by at most a
+    factor 0.9 + 0.1·c per step, instead of by e^50, after which every weight would be ~0 for hundreds of steps.
+    At step 0, Δ = 0 and r = 1: exactly the static weights. Everything stays in log space.
+
+    Collapse: a global batch whose mean final weight is below `COLLAPSE_MEAN` (weights have mean 1) trains on almost
+    nothing. Each such step is counted (`collapsed_steps`, metric weights/collapsed) and the first of a run of them
+    is logged as a warning.
     """
+
+    OUTLIER_CAP = 100.0
+    COLLAPSE_MEAN = 0.05
 
     def __init__(self, scheme: str, alpha: float, clip: Optional[float], accelerator: Any = None,
                  momentum: float = 0.9):
         self.scheme, self.alpha, self.clip, self.accelerator, self.momentum = scheme, alpha, clip, accelerator, momentum
         self.log_scale = 0.0  # log r
+        self.collapsed_steps = 0
+        self.collapsed = False  # the last batch's state
 
     def __call__(self, static_weights: torch.Tensor, policy: dict, ref: dict) -> torch.Tensor:
         log_raw = torch.log(static_weights.float()) + log_weight_shift(self.scheme, self.alpha, policy, ref).float()
-        stats = torch.stack([torch.logsumexp(log_raw, 0), torch.tensor(float(log_raw.numel()), device=log_raw.device)])
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            stats = self.accelerator.gather(stats.unsqueeze(0))
-        stats = stats.reshape(-1, 2)
-        log_mean = float(torch.logsumexp(stats[:, 0], 0) - torch.log(stats[:, 1].sum()))
+        log_cap = self.log_scale + math.log(self.clip or self.OUTLIER_CAP)
+        stats = torch.stack([torch.logsumexp(log_raw.clamp_max(log_cap), 0),
+                             torch.tensor(float(log_raw.numel()), device=log_raw.device)])
+        stats = self._gathered(stats)
+        log_n = float(torch.log(stats[:, 1].sum()))
+        log_mean = float(torch.logsumexp(stats[:, 0], 0)) - log_n
         if math.isfinite(log_mean):
             self.log_scale = float(torch.logaddexp(torch.tensor(math.log(self.momentum) + self.log_scale),
                                                    torch.tensor(math.log(1 - self.momentum) + log_mean)))
         log_w = log_raw - self.log_scale
         if self.clip is not None:
             log_w = log_w.clamp_max(math.log(self.clip))
-        return torch.exp(log_w).detach()
+        weights = torch.exp(log_w).detach()
+        total = self._gathered(torch.stack([torch.logsumexp(log_w, 0), stats.new_tensor(0.0)]))
+        self._note_collapse(math.exp(float(torch.logsumexp(total[:, 0], 0)) - log_n))
+        return weights
+
+    def _gathered(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            stats = self.accelerator.gather(stats.unsqueeze(0))
+        return stats.reshape(-1, 2)
+
+    def _note_collapse(self, mean_weight: float) -> None:
+        collapsed = mean_weight < self.COLLAPSE_MEAN
+        if collapsed and not self.collapsed:
+            log.warning("dynamic importance weights collapsed: the batch's mean weight is %.2e (should be about 1; "
+                        "running log-normaliser %.2f nats). The policy has moved far from the pairs' samplers; "
+                        "consider weighting_target static or fresh pairs", mean_weight, self.log_scale)
+        self.collapsed = collapsed
+        self.collapsed_steps += int(collapsed)
 
     def state_dict(self) -> dict:
-        return {"log_scale": self.log_scale}
+        return {"log_scale": self.log_scale, "collapsed_steps": self.collapsed_steps, "collapsed": self.collapsed}
 
     def load_state_dict(self, state: dict) -> None:
         self.log_scale = float(state["log_scale"])
+        self.collapsed_steps = int(state.get("collapsed_steps", 0))
+        self.collapsed = bool(state.get("collapsed", False))
 
 
 # --- `align weights` -------------------------------------------------------------------------------------------------
@@ -241,8 +252,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Target policy: the model the next round starts from.")
     parser.add_argument("--revision", default=None, help="Hub revision for hub ids.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--scheme", default="sequence", choices=["none", "sequence", "tempered", "length_normalized",
-                                                                 "mixture", "wpo"])
+    parser.add_argument("--scheme", default="sequence", choices=SCHEME_NAMES)
     parser.add_argument("--alpha", type=float, default=1.0, help="Tempering α (tempered, mixture).")
     parser.add_argument("--clip", type=float, default=5.0, help="Truncation c (>= 1); 0: off.")
     parser.add_argument("--both_bad", default="drop", choices=["drop", "tie"])
