@@ -19,7 +19,9 @@ from typing import Any, Protocol
 from align.generation import SamplingSettings
 from align.store import Pair, Store, add_prompts, add_responses, register_model_version
 from align.store.clock import utcnow
-from labeling.handlers import ANNOTATE_ROLES, Labeling, Rejected, lease_pair_to
+from align.store.leases import lease_pair
+from align.store.slots import add_slots
+from labeling.handlers import ANNOTATE_ROLES, Labeling, Rejected
 
 PAIR_RULE = "side_by_side"
 
@@ -207,7 +209,7 @@ def store_comparison(
     response_a, response_b = add_responses(store, rows)
     pair_id = add_comparison_pair(store, prompt_id, response_a, response_b, user, left_is,
                                   [r.version["name"] for r in responders])
-    lease_pair_to(store, pair_id, user, labeling.config.lease_seconds)
+    lease_pair(store, pair_id, user, labeling.config.lease_seconds)
     return pair_id, {"a": response_a, "b": response_b}
 
 
@@ -230,4 +232,5 @@ def add_comparison_pair(
         params["shown_left"] = {**(params.get("shown_left") or {}), user: left_is}
         pair.rule_params = params  # a new dict, so the JSON column is marked changed
         session.flush()
+        add_slots(session, [(pair.id, pair.votes_required)])
         return pair.id

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, time
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -417,16 +417,6 @@ class Labeling:
         except (TypeError, ValueError, DataError) as error:
             raise Rejected(str(error)) from None
         return f"pair {int(pair_id)} is now a gold item with answer {choice}"
-
-
-def lease_pair_to(store: Store, pair_id: int, user: str, lease_seconds: int) -> None:
-    """Lease one given pair to a user (side-by-side mode creates the pair it shows)."""
-    from align.store.leases import renew_lease
-
-    now = utcnow()
-    with store.write() as session:
-        store.lock(session, "lease")
-        renew_lease(session, pair_id, user, now, now + timedelta(seconds=lease_seconds))
 
 
 class Sessions:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, update
 
-from align.store import Assignment, Pair, Vote, add_user, connect, get_pair, make_pairs
+from align.store import Assignment, LeaseSlot, Pair, Vote, add_user, connect, get_pair, make_pairs
 from tests.db import fill_store
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -52,6 +52,7 @@ def app(server):
     with connect(server.store_url) as store, store.write() as session:
         session.execute(delete(Vote))
         session.execute(delete(Assignment))
+        session.execute(update(LeaseSlot).values(state="open", annotator=None, expires_at=None))
         session.execute(update(Pair).values(is_gold=False, gold_choice=None))
     return server
 

@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import random
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, inspect, select, text, update
@@ -38,7 +38,8 @@ from align.store import (
     verify_user,
 )
 from align.store.db import parse_url
-from align.store.schema import Meta
+from align.store.leases import set_assignment_mode, slot_states
+from align.store.schema import Assignment, Meta
 from tests.db import fill_store
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -104,12 +105,13 @@ def test_migration_from_older_version(store_url, monkeypatch):
     def add_note_column(connection):
         connection.execute(text("ALTER TABLE prompt ADD COLUMN note VARCHAR(20)"))
 
-    monkeypatch.setattr(migrations, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(migrations, "MIGRATIONS", {2: add_note_column})
+    new = migrations.SCHEMA_VERSION + 1
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", new)
+    monkeypatch.setattr(migrations, "MIGRATIONS", {new: add_note_column})
     with connect(store_url) as store, store.read() as session:
         columns = {c["name"] for c in inspect(session.connection()).get_columns("prompt")}
         assert "note" in columns
-        assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "2"
+        assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == str(new)
 
 
 def test_failed_migration_rolls_back(store_url, monkeypatch):
@@ -119,14 +121,39 @@ def test_failed_migration_rolls_back(store_url, monkeypatch):
         connection.execute(text("ALTER TABLE prompt ADD COLUMN note VARCHAR(20)"))
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(migrations, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(migrations, "MIGRATIONS", {2: half_done})
-    with pytest.raises(AlignError, match="to schema v2 failed: boom"):
+    new = migrations.SCHEMA_VERSION + 1
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", new)
+    monkeypatch.setattr(migrations, "MIGRATIONS", {new: half_done})
+    with pytest.raises(AlignError, match=f"to schema v{new} failed: boom"):
         connect(store_url)
-    monkeypatch.setattr(migrations, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", new - 1)
     with connect(store_url) as store, store.read() as session:
         assert "note" not in {c["name"] for c in inspect(session.connection()).get_columns("prompt")}
-        assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == "1"
+        assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == str(new - 1)
+
+
+def test_migration_to_v2_fills_the_queue_slots_from_votes_and_leases(store_url):
+    """A v1 store (no slots) with votes, a skip, a live and an expired lease gets slots that say the same."""
+    with connect(store_url) as store:
+        filled = fill_store(store, n_prompts=3, samples=2)
+        first, second, third = make_pairs(store, filled["version_id"], votes_required=3)
+        add_vote(store, first, "ann", "a")
+        add_vote(store, first, "bob", "b")
+        add_vote(store, first, "gpt", "a", source="sim:gpt")  # simulated: no slot
+        add_vote(store, second, "ann", None, kind="skip")
+        with store.write() as session:
+            session.execute(text("DROP TABLE lease_slot"))
+            now = datetime.now(timezone.utc).replace(tzinfo=None)
+            session.add(Assignment(pair_id=second, annotator="cat", leased_at=now,
+                                   lease_expires_at=now + timedelta(minutes=5)))
+            session.add(Assignment(pair_id=third, annotator="dan", leased_at=now - timedelta(hours=1),
+                                   lease_expires_at=now - timedelta(minutes=50)))
+    set_schema_version(store_url, 1)
+    with connect(store_url) as store:
+        assert slot_states(store, first) == [("filled", "ann"), ("filled", "bob"), ("open", None)]
+        assert slot_states(store, second) == [("held", "cat"), ("open", None), ("open", None)]
+        assert slot_states(store, third) == [("open", None)] * 3
+        assert lease_next_pair(store, "ann") == third  # breadth-first: third's first slot comes before first's
 
 
 def test_newer_schema_is_refused(store_url):
@@ -346,6 +373,42 @@ def test_leases_give_k_votes_and_nobody_sees_a_pair_twice(store):
     add_vote(store, pair, "cat", "b")
     assert lease_next_pair(store, "bob", now=later) is None  # full: two votes
     assert lease_next_pair(store, "dan", now=later) is None
+
+
+def test_depth_first_mode_completes_pairs_one_after_another(store):
+    filled = fill_store(store, n_prompts=3, samples=2)
+    first, second, third = make_pairs(store, filled["version_id"], votes_required=2)
+    assert [lease_next_pair(store, name, now=T0) for name in ("ann", "bob")] == [first, second]  # breadth-first
+    set_assignment_mode(store, "depth_first")
+    assert [lease_next_pair(store, name, now=T0) for name in ("cat", "dan", "eve")] == [first, second, third]
+    with pytest.raises(AlignError, match="unknown assignment mode 'sideways'"):
+        set_assignment_mode(store, "sideways")
+
+
+def test_expired_lease_is_handed_on_and_slots_follow_every_event(store):
+    filled = fill_store(store, n_prompts=2, samples=2)
+    first, second = make_pairs(store, filled["version_id"], votes_required=2)
+    assert lease_next_pair(store, "ann", now=T0) == first
+    assert lease_next_pair(store, "bob", now=T0, lease_seconds=3600) == second
+    # ann's lease expires: the next annotator gets her slot before any open slot.
+    later = T0 + timedelta(seconds=601)
+    assert lease_next_pair(store, "cat", now=later) == first
+    assert slot_states(store, first) == [("held", "cat"), ("open", None)]
+    assert lease_next_pair(store, "ann", now=later) == first  # she may still take its other slot
+    add_vote(store, first, "cat", "a")
+    add_vote(store, second, "bob", None, kind="skip")
+    assert slot_states(store, first) == [("filled", "cat"), ("held", "ann")]
+    assert slot_states(store, second) == [("open", None), ("open", None)]
+    undo_last_vote(store, "cat")  # the vote's slot is leased back to cat
+    assert slot_states(store, first) == [("held", "cat"), ("held", "ann")]
+    assert lease_next_pair(store, "cat") == first
+    add_vote(store, first, "cat", "b")
+    add_vote(store, first, "gpt", "a", source="sim:gpt")  # a simulated judge takes no slot
+    assert release_lease(store, "ann", first)
+    assert slot_states(store, first) == [("filled", "cat"), ("open", None)]
+    # bob skipped second: he gets first's open slot; second goes to the next two.
+    assert [lease_next_pair(store, name) for name in ("bob", "dan", "eve")] == [first, second, second]
+    assert lease_next_pair(store, "fay") is None
 
 
 def test_labeling_session_until_done(store):

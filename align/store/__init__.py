@@ -15,7 +15,7 @@ from align.store.export import (
     to_dataset,
     write_jsonl,
 )
-from align.store.leases import has_live_lease, lease_next_pair, release_lease
+from align.store.leases import has_live_lease, lease_next_pair, release_lease, undo_last_vote
 from align.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from align.store.ops import (
     add_prompts,
@@ -29,6 +29,7 @@ from align.store.schema import (
     VOTE_CHOICES,
     VOTE_KINDS,
     Assignment,
+    LeaseSlot,
     ModelVersion,
     Pair,
     Prompt,
@@ -37,11 +38,11 @@ from align.store.schema import (
     Vote,
 )
 from align.store.users import add_user, verify_user
-from align.store.votes import add_vote, effective_votes, open_pairs, undo_last_vote
+from align.store.votes import add_vote, effective_votes, open_pairs
 
 __all__ = [
     "MIGRATIONS", "PAIR_RULES", "SCHEMA_VERSION", "VOTE_CHOICES", "VOTE_KINDS",
-    "Assignment", "ModelVersion", "Pair", "Prompt", "Response", "Store", "User", "Verdict", "Vote",
+    "Assignment", "LeaseSlot", "ModelVersion", "Pair", "Prompt", "Response", "Store", "User", "Verdict", "Vote",
     "add_prompts", "add_responses", "add_user", "add_vote", "aggregate", "connect", "effective_votes",
     "existing_sample_keys", "export_preferences", "export_sft", "export_unpaired", "get_model_version",
     "get_pair", "has_live_lease", "lease_next_pair", "make_pairs", "open_pairs", "open_store",

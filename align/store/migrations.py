@@ -11,18 +11,49 @@ where `upgrade_to_vN(connection)` moves a v(N-1) database to vN (ALTER TABLE, ba
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 
 from sqlalchemy import Connection, inspect, select, update
 
 from align.errors import AlignError
 from align.store.db import Store, first_line
-from align.store.schema import Base, Meta
+from align.store.clock import utcnow
+from align.store.schema import Assignment, Base, LeaseSlot, Meta, Pair, Vote
+from align.store.votes import in_effect
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def upgrade_to_v2(connection: Connection) -> None:
+    """The labeling queue's slots (schema.LeaseSlot), filled in from the votes and live leases already stored:
+    per pair, its effective human voters fill the first slots, live leases of others hold the next, the rest are
+    open."""
+    Base.metadata.tables["lease_slot"].create(connection)
+    now = utcnow()
+    voters: dict[int, list[str]] = defaultdict(list)
+    counted = select(Vote.pair_id, Vote.annotator).where(Vote.kind == "vote", Vote.source == "human", in_effect())
+    for pair_id, annotator in connection.execute(counted.order_by(Vote.id)):
+        voters[pair_id].append(annotator)
+    holders: dict[int, list[tuple[str, object]]] = defaultdict(list)
+    live = select(Assignment.pair_id, Assignment.annotator, Assignment.lease_expires_at).where(
+        Assignment.status == "active", Assignment.lease_expires_at > now
+    )
+    for pair_id, annotator, expires in connection.execute(live.order_by(Assignment.id)):
+        holders[pair_id].append((annotator, expires))
+    rows = []
+    for pair_id, required in connection.execute(select(Pair.id, Pair.votes_required).order_by(Pair.id)):
+        taken = [(name, "filled", None) for name in voters[pair_id]]
+        taken += [(name, "held", expires) for name, expires in holders[pair_id] if name not in voters[pair_id]]
+        for k in range(required):
+            name, state, expires = taken[k] if k < len(taken) else (None, "open", None)
+            rows.append({"pair_id": pair_id, "slot": k, "state": state, "annotator": name, "expires_at": expires})
+    for start in range(0, len(rows), 2000):
+        connection.execute(LeaseSlot.__table__.insert(), rows[start : start + 2000])
+
 
 # MIGRATIONS[v] upgrades a database from version v-1 to v, inside the caller's transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2}
 
 
 def ensure_schema(store: Store) -> int:

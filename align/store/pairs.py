@@ -16,6 +16,7 @@ from align.store.clock import utcnow
 from align.store.db import Store
 from align.store.ops import chunks, insert_ignoring_conflicts
 from align.store.schema import VOTE_CHOICES, Pair, Prompt, Response
+from align.store.slots import add_slots
 
 PAIR_RULES = ("random_iid", "all_pairs")
 
@@ -52,6 +53,7 @@ def make_pairs(
         insert_ignoring_conflicts(session, Pair, rows, key=("response_a_id", "response_b_id"))
         wanted = {r.id for r in responses}
         found = existing_pairs(session, {r.prompt_id for r in responses})
+        add_slots(session, [(p.id, p.votes_required) for p in found if p.rule == rule])
     return sorted(p.id for p in found if p.rule == rule and {p.response_a_id, p.response_b_id} <= wanted)
 
 

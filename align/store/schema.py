@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from align.store.clock import utcnow
@@ -18,6 +18,8 @@ VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 VOTE_KINDS = ("vote", "undo", "skip", "flag")
 ROLES = ("annotator", "reviewer", "admin")
 LEASE_STATUSES = ("active", "released", "done")
+SLOT_STATES = ("open", "held", "filled")
+ASSIGNMENT_MODES = ("breadth_first", "depth_first")
 
 # The columns that identify one sample: re-running generation with the same seed and settings must hit this key.
 # None is normalised away (top_k 0 = off, top_p 1.0 = off) because SQL treats NULLs as distinct in unique keys.
@@ -165,6 +167,32 @@ class Assignment(Base):
     leased_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     lease_expires_at: Mapped[datetime] = mapped_column(DateTime)
     status: Mapped[str] = mapped_column(String(16), default="active")
+
+
+class LeaseSlot(Base):
+    """One of a pair's `votes_required` places in the labeling queue: open, held by an annotator's lease (until
+    `expires_at`), or filled by their vote. `lease_next_pair` takes the first open slot in queue order from a
+    partial index (PostgreSQL: `FOR UPDATE SKIP LOCKED`), so handing out a pair never scans or locks all pairs."""
+
+    __tablename__ = "lease_slot"
+    __table_args__ = (
+        UniqueConstraint("pair_id", "slot", name="uq_lease_slot_pair_slot"),
+        # Breadth-first: every pair's first slot before any pair's second. Depth-first: the unique key's order.
+        Index("ix_lease_slot_open", "slot", "pair_id",
+              sqlite_where=text("state = 'open'"), postgresql_where=text("state = 'open'")),
+        Index("ix_lease_slot_open_depth", "pair_id", "slot",
+              sqlite_where=text("state = 'open'"), postgresql_where=text("state = 'open'")),
+        Index("ix_lease_slot_held_expiry", "expires_at",
+              sqlite_where=text("state = 'held'"), postgresql_where=text("state = 'held'")),
+        Index("ix_lease_slot_annotator", "annotator", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pair.id"))
+    slot: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(8), default="open")
+    annotator: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class User(Base):

@@ -11,7 +11,7 @@ most. The votes that count ("effective votes") are the kind "vote" rows in effec
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, select, update
@@ -21,6 +21,7 @@ from align.errors import DataError
 from align.store.clock import utc, utcnow
 from align.store.db import Store
 from align.store.schema import VOTE_CHOICES, VOTE_KINDS, Assignment, Pair, Vote
+from align.store.slots import claim_slot, open_slot
 
 ANSWER_KINDS = ("vote", "skip")  # one per annotator and pair; flags are side notes and may come on top
 
@@ -90,10 +91,12 @@ def add_vote(
     check_source(source)
     with store.write() as session:
         # Lock the pair so two events of one annotator on it (a double click) are checked one after the other.
-        if session.get(Pair, pair_id, with_for_update=True) is None:
+        # NO KEY UPDATE: a lease inserting an assignment (a foreign key to the pair) is not blocked by it.
+        if session.get(Pair, pair_id, with_for_update={"key_share": True}) is None:
             raise DataError(f"no pair with id {pair_id}")
+        target = None
         if supersedes_id is not None:
-            check_supersedes(session, supersedes_id, pair_id, annotator, kind)
+            target = check_supersedes(session, supersedes_id, pair_id, annotator, kind)
         elif kind in ANSWER_KINDS:
             check_unanswered(session, pair_id, annotator)
         vote = Vote(
@@ -105,12 +108,32 @@ def add_vote(
         )
         session.add(vote)
         session.flush()
+        move_slot(session, vote, target)
         if kind in ANSWER_KINDS:
             finish_lease(session, pair_id, annotator)
         return vote.id
 
 
-def check_supersedes(session: Session, target_id: int, pair_id: int, annotator: str, kind: str) -> None:
+def move_slot(session: Session, event: Vote, target: Vote | None) -> None:
+    """Keep the pair's queue slots in step with its effective human votes (see slots.py): a new human vote fills
+    the annotator's slot, a skip hands their held slot back, an undo of a human vote reopens the slot it filled.
+    An edit (vote over vote) changes nothing; simulated judges never use up the human quota."""
+    now = utcnow()
+    if event.kind == "vote" and event.source == "human" and (target is None or target.kind == "skip"):
+        claim_slot(session, event.pair_id, event.annotator, "filled", now)
+    elif event.kind == "skip":
+        open_slot(session, event.pair_id, event.annotator, "held")
+    elif event.kind == "undo" and target is not None:
+        reopen_vote_slot(session, target)
+
+
+def reopen_vote_slot(session: Session, undone: Vote) -> None:
+    """An undone human vote no longer counts: its slot opens again."""
+    if undone.kind == "vote" and undone.source == "human":
+        open_slot(session, undone.pair_id, undone.annotator, "filled")
+
+
+def check_supersedes(session: Session, target_id: int, pair_id: int, annotator: str, kind: str) -> Vote:
     target = session.get(Vote, target_id)
     if target is None or target.pair_id != pair_id or target.annotator != annotator:
         raise DataError(f"event {target_id} is not one of {annotator!r}'s events on pair {pair_id}")
@@ -121,6 +144,7 @@ def check_supersedes(session: Session, target_id: int, pair_id: int, annotator: 
         raise DataError(f"event {target_id} is a {target.kind!r}; only a vote or skip can be edited")
     if is_superseded(session, target_id):
         raise DataError(f"event {target_id} was already undone or edited")
+    return target
 
 
 def check_unanswered(session: Session, pair_id: int, annotator: str) -> None:
@@ -145,33 +169,6 @@ def finish_lease(session: Session, pair_id: int, annotator: str) -> None:
         .where(Assignment.pair_id == pair_id, Assignment.annotator == annotator, Assignment.status == "active")
         .values(status="done")
     )
-
-
-def undo_last_vote(store: Store, annotator: str, lease_seconds: int = 600, now: datetime | None = None) -> int | None:
-    """Take back the annotator's latest vote or skip still in effect; return the undo event's id, or None if
-    there is nothing to undo (or a concurrent undo got there first). The pair is leased back to the annotator,
-    so `lease_next_pair` shows it again next."""
-    from align.store.leases import renew_lease  # leases imports this module
-
-    with store.write() as session:
-        store.lock(session, "lease")  # the lease renewal below must not race lease_next_pair
-        query = select(Vote).where(Vote.annotator == annotator, Vote.kind.in_(ANSWER_KINDS), in_effect())
-        target = session.scalars(query.order_by(Vote.id.desc()).limit(1)).first()
-        if target is None:
-            return None
-        session.get(Pair, target.pair_id, with_for_update=True)
-        if is_superseded(session, target.id):
-            return None
-        undo = Vote(
-            pair_id=target.pair_id, annotator=annotator, kind="undo", supersedes_id=target.id,
-            guidelines_version=target.guidelines_version, source=target.source,
-            answered_at=utcnow(), created_at=utcnow(),
-        )
-        session.add(undo)
-        session.flush()
-        now = utc(now) or utcnow()
-        renew_lease(session, target.pair_id, annotator, now, now + timedelta(seconds=lease_seconds))
-        return undo.id
 
 
 def effective_votes_query(
