@@ -8,6 +8,8 @@ Every function here is shift-free: `logits[:, t]` must already predict `labels[:
 """
 
 import inspect
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -23,8 +25,8 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return logits[:, :-1, :], labels[:, 1:]
 
 
-def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_logits(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                  labels: torch.Tensor, **forward_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward a causal LM and return shifted (logits, labels) from the first position that any row scores.
 
     Prompt positions before every row's first scored label need no logits: the LM head (vocabulary × hidden, the
@@ -40,7 +42,8 @@ def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         first = int(torch.where(scored.any(-1), scored.int().argmax(-1), width).min())
         keep = min(width, max(2, width - first + 1))  # logit t-1 predicts label t
     kwargs = {"logits_to_keep": keep} if keep < width else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs,
+                   **forward_kwargs).logits
     return shift_for_causal_lm(logits, labels[:, width - logits.shape[1]:])
 
 
@@ -114,3 +117,174 @@ def token_log_collision(logits: torch.Tensor, labels: torch.Tensor, temperature:
         rows.append(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1))
     values = torch.stack(rows)
     return torch.where(mask, values, torch.zeros_like(values))
+
+
+# --- log-probs straight from the hidden states: no (B, T, V) logits ---------------------------------------------------
+
+# Rows of (rows × V) float32 logits built at a time: 2**25 elements = 128 MiB per chunk, whatever the vocabulary.
+CHUNK_ELEMENTS = 2**25
+# Causal LMs whose forward is exactly `lm_head(final hidden states)`: no logit scaling or soft-capping after the head
+# (Gemma 2/3 soft-cap, Cohere and Granite scale), so the head can be replaced by our chunked computation.
+PLAIN_HEAD_MODELS = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe", "mixtral",
+                               "olmo2", "smollm3"})
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, temperature: float) -> torch.Tensor:
+    """float32 logits of a chunk, rounded exactly as the model's own head would round them (matmul in its dtype)."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    z = z if z.dtype == torch.float64 else z.float()
+    return z if temperature == 1.0 else z / temperature
+
+
+class LinearTokenLogps(torch.autograd.Function):
+    """log_softmax(h W^T + b)[y] for N rows, computed `chunk` rows at a time, forward and backward.
+
+    Only the (N,) log-probs and log-normalisers are kept: the backward rebuilds each chunk's logits from the saved
+    hidden states (one more head matmul per scored token) instead of keeping N × V float32 values. The numbers are
+    those of `token_logps(lm_head(h), y)`: the head runs in the model's dtype, everything after it in float32, and
+    the gradient is cast back to the model's dtype before the head's backward, as autograd does for `.float()`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        log_norm = torch.empty_like(out)
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], chunk):
+                z = _head_logits(hidden[s:s + chunk], weight, bias, temperature)
+                log_norm[s:s + chunk] = torch.logsumexp(z, dim=-1)
+                out[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - log_norm[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        tau, chunk = ctx.temperature, ctx.chunk
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s:s + chunk], grad[s:s + chunk].to(log_norm.dtype)
+            with torch.no_grad():
+                z = _head_logits(h, weight, bias, tau)
+                # d/dz (z_y - logsumexp z) = onehot(y) - softmax(z); times the incoming gradient and 1/τ.
+                dz = torch.exp(z.sub_(log_norm[s:s + chunk, None])).mul_(-g[:, None])
+                dz.scatter_add_(-1, targets[s:s + chunk, None], g[:, None])
+                if tau != 1.0:
+                    dz.div_(tau)
+                dz_model = dz.to(hidden.dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = dz_model @ weight
+                if need_w:
+                    grad_w.add_((dz_model.t() @ h).float())
+                if need_b:
+                    grad_b.add_(dz_model.float().sum(0))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       targets: torch.Tensor, temperature: float = 1.0, chunk: Optional[int] = None) -> torch.Tensor:
+    """(N, d) hidden states, (V, d) head, (N,) targets -> (N,) float32 log-probs, no (N, V) tensor kept."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return LinearTokenLogps.apply(hidden, weight, bias, targets, temperature, chunk or _chunk_rows(weight.shape[0]))
+
+
+def linear_log_collision(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         temperature: float = 1.0, chunk: Optional[int] = None) -> torch.Tensor:
+    """`token_log_collision` from hidden states, chunked, without gradient: (N, d) -> (N,) float32."""
+    chunk = chunk or _chunk_rows(weight.shape[0])
+    out = []
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], chunk):
+            z = _head_logits(hidden[s:s + chunk], weight, bias, temperature)
+            out.append(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _causal_lm(model):
+    base = getattr(model, "module", model)  # DistributedDataParallel, DeepSpeed
+    if hasattr(base, "get_base_model"):  # PEFT
+        base = base.get_base_model()
+    return base
+
+
+def plain_head(model) -> Optional[torch.nn.Linear]:
+    """The LM head when the chunked path can stand in for it: a plain nn.Linear (not LoRA-wrapped) of a model whose
+    logits are exactly the head's output (PLAIN_HEAD_MODELS); else None (the full-logits path is used)."""
+    base = _causal_lm(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or getattr(config, "final_logit_softcapping", None):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+@dataclass
+class ScoredTokens:
+    """Per-token values of a causal LM forward, shifted (position t scores label t+1): (B, L-1) each.
+
+    `logps` are float32 log-probs (0 where not scored), `mask` the scored positions, `collision` WPO's log Σ p²
+    (None unless asked for).
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    collision: Optional[torch.Tensor] = None
+
+    def sums(self) -> torch.Tensor:
+        return self.logps.sum(-1)
+
+
+def score_tokens(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 *, temperature: float = 1.0, with_collision: bool = False, chunked: Optional[bool] = None,
+                 **forward_kwargs) -> ScoredTokens:
+    """Forward a causal LM and score its labels (-100 = not scored), shifted inside: (B, L) -> ScoredTokens.
+
+    Chunked path (`chunked` None = wherever `plain_head` allows): for the duration of this forward the LM head's
+    forward is replaced by `linear_token_logps` over the scored positions only, so no (B, L, V) logits, nor their
+    float32 copy, nor the log-softmax, ever exist; the head still runs inside the model's forward, so DDP, FSDP and
+    DeepSpeed hooks see it. Else the full-logits path (`scored_logits` + `token_logps`). Both give the same values to
+    float32 round-off (tests/test_logprobs.py). `forward_kwargs` go to the model (e.g. position_ids).
+    """
+    shifted = labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    head = plain_head(model) if chunked is not False else None
+    if chunked and head is None:
+        raise ValueError("chunked log-probs need a causal LM whose logits are its plain linear head's output")
+    if head is None:
+        logits, kept = scored_logits(model, input_ids, attention_mask, labels, **forward_kwargs)
+        skipped = shifted.shape[1] - kept.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t, (skipped, 0))  # noqa: E731 - back to (B, L-1)
+        logps = pad(token_logps(logits, kept, temperature))
+        collision = None
+        if with_collision:
+            with torch.no_grad():  # only ever used for detached weights
+                collision = pad(token_log_collision(logits.detach(), kept, temperature))
+        return ScoredTokens(logps, mask, collision)
+
+    extra: dict[str, torch.Tensor] = {}
+
+    def head_forward(hidden: torch.Tensor) -> torch.Tensor:
+        picked = hidden[:, :-1][mask]  # (N, d): the scored positions only
+        targets = shifted[mask]
+        values = linear_token_logps(picked, head.weight, head.bias, targets, temperature)
+        if with_collision:
+            extra["collision"] = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
+                mask, linear_log_collision(picked.detach(), head.weight.detach(), head.bias, temperature))
+        return torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, values)
+
+    head.forward = head_forward  # an instance attribute: shadows nn.Linear.forward for this call only
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    finally:
+        del head.forward
+    return ScoredTokens(out.logits, mask, extra.get("collision"))

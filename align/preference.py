@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from align.data import as_messages, prompt_ids, read_jsonl
 from align.errors import DataError
-from align.logprobs import IGNORE_INDEX, scored_logits, sequence_logps, token_log_collision
+from align.logprobs import IGNORE_INDEX, score_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -262,18 +262,18 @@ class PreferenceCollator:
 
 def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> dict[str, "torch.Tensor"]:
     """One forward over the 2B rows -> (B,) float32 `chosen_logps`, `rejected_logps` (sums over completion
-    tokens), `chosen_lengths`, `rejected_lengths`, and `*_log_collision` (WPO's Σ log Σ_v p²) on request."""
-    import torch
+    tokens), `chosen_lengths`, `rejected_lengths`, and `*_log_collision` (WPO's Σ log Σ_v p²) on request.
 
-    logits, labels = scored_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    half = labels.shape[0] // 2
-    logps = sequence_logps(logits, labels)
-    lengths = (labels != IGNORE_INDEX).sum(-1).float()
+    The log-probs come from `align.logprobs.score_tokens`: chunked over the scored tokens, no (2B, T, V) logits."""
+    scored = score_tokens(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                          with_collision=with_collision)
+    half = scored.mask.shape[0] // 2
+    logps = scored.sums()
+    lengths = scored.mask.sum(-1).float()
     out = {"chosen_logps": logps[:half], "rejected_logps": logps[half:],
            "chosen_lengths": lengths[:half], "rejected_lengths": lengths[half:]}
     if with_collision:
-        with torch.no_grad():  # only ever used for detached weights
-            coll = token_log_collision(logits.detach(), labels).sum(-1)
+        coll = scored.collision.sum(-1)
         out["chosen_log_collision"], out["rejected_log_collision"] = coll[:half], coll[half:]
     return out
 

@@ -9,7 +9,9 @@ from the first position a batch scores, not over the prompt. Two places use it, 
 - `gen_logps`: generation's teacher-forced log-prob pass (score_completions), no grad.
 The data are task-suite prompts in the model's chat template with random completions of `--completion` tokens. Each
 round times both settings in turn after one warm-up round; the median over rounds gives the ratio. The log-probs of
-the two settings are compared too (they must agree to float round-off).
+the two settings are compared too (they must agree to float round-off). Since issue #19 the DPO step's "on" is the
+default chunked path (`align.logprobs.score_tokens`: the head over scored tokens only, no (B, T, V) logits), so
+`dpo_step` compares today's default with the full-logits path over every position.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from contextlib import contextmanager
 def lever(on: bool):
     import align.logprobs as lp
 
-    original = lp.accepts_logits_to_keep
-    if not on:
+    original = lp.accepts_logits_to_keep, lp.plain_head
+    if not on:  # off: logits over every position, and the full-logits path rather than the chunked one
         lp.accepts_logits_to_keep = lambda model: False
+        lp.plain_head = lambda model: None
     try:
         yield
     finally:
-        lp.accepts_logits_to_keep = original
+        lp.accepts_logits_to_keep, lp.plain_head = original
 
 
 def make_batch(tokenizer, batch: int, completion: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
