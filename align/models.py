@@ -344,6 +344,9 @@ def save_trained(
     sharded (FSDP2, ZeRO-3); without it the in-memory parameters are saved."""
     from peft import PeftModel
 
+    from align.trainers.finite import check_weights
+
+    check_weights(model, None, None, state_dict)  # the last line of defence: never a saved model full of NaN
     if not isinstance(model, PeftModel):
         model.save_pretrained(out / "merged", state_dict=state_dict)
         tokenizer.save_pretrained(out / "merged")

@@ -25,7 +25,7 @@ import torch
 
 from align import runs
 from align.config import TrainArgs
-from align.errors import AlignError
+from align.trainers.finite import NonFiniteGuard, diverged_weights, trainable_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,15 @@ def _save_trainable_only(accelerator: Any) -> None:
     accelerator.register_save_state_pre_hook(hook)
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, epoch: float, limit: int) -> None:
+def save_checkpoint(accelerator: Any, out: Path, step: int, epoch: float, limit: int,
+                    losses: Sequence[tuple[int, float]] = ()) -> None:
+    """`losses`: the (step, loss) pairs logged so far, so a resumed run's train_loss covers every step."""
     path = out / "checkpoints" / f"checkpoint-{step}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         # Written last: last_checkpoint() only trusts directories that have it, so a crash mid-save is ignored.
-        runs.write_json(path / "trainer_state.json", {"global_step": step, "epoch": epoch})
+        runs.write_json(path / "trainer_state.json", {"global_step": step, "epoch": epoch,
+                                                      "losses": [list(pair) for pair in losses]})
         done = sorted((p for p in path.parent.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
                       key=lambda p: int(p.name.split("-")[-1]))
         for old in done[:-limit] if limit > 0 else []:
@@ -153,20 +156,35 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, epoch: float, limit:
     accelerator.wait_for_everyone()
 
 
-def resume_step(accelerator: Any, out: Path) -> int:
-    """Load the last checkpoint's state (weights, optimizer, scheduler, RNG, task state); return its step."""
+def resume_step(accelerator: Any, out: Path) -> tuple[int, list[tuple[int, float]]]:
+    """Load the last checkpoint's state (weights, optimizer, scheduler, RNG, task state); return its step and the
+    (step, loss) pairs logged up to it."""
     ckpt = runs.last_checkpoint(out)
     if ckpt is None:
         log.warning("resume: no checkpoint in %s/checkpoints; starting from step 0", out)
-        return 0
+        return 0, []
     from accelerate.utils import DistributedType
 
     # DeepSpeed's loader takes load_module_strict; the others take strict.
     strict = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
     accelerator.load_state(str(ckpt), **strict)
-    step = int(json.loads((ckpt / "trainer_state.json").read_text())["global_step"])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    step = int(state["global_step"])
     log.info("resumed from %s (step %d)", ckpt, step)
-    return step
+    return step, [(int(s), float(v)) for s, v in state.get("losses", [])]
+
+
+def mean_loss(losses: Sequence[tuple[int, float]]) -> float:
+    """Mean training loss per step from logged (step, mean loss since the previous row) pairs; rows whose loss was
+    not finite (skipped steps) are left out."""
+    total = weight = 0.0
+    previous = 0
+    for step, loss in losses:
+        if math.isfinite(loss):
+            total += loss * (step - previous)
+            weight += step - previous
+        previous = step
+    return total / weight if weight else math.nan
 
 
 def evaluate(accelerator: Any, model: Any, task: Task, loader: Any) -> dict[str, float]:
@@ -183,8 +201,10 @@ def evaluate(accelerator: Any, model: Any, task: Task, loader: Any) -> dict[str,
     return {f"eval_{k}": float(v) for k, v in summary.items()}
 
 
-def _optimizer_step(accelerator, model, task, group, optimizer, scheduler, max_grad_norm) -> list[Metrics]:
-    """Forward/backward over one step's micro-batches (gradients synchronised on the last one), then update."""
+def _optimizer_step(accelerator, model, task, group, optimizer, scheduler, max_grad_norm, guard=None,
+                    step=0) -> list[Metrics]:
+    """Forward/backward over one step's micro-batches (gradients synchronised on the last one), then update,
+    unless `guard` (a NonFiniteGuard) finds the loss or the gradient norm not finite on any rank."""
     rows = []
     for i, batch in enumerate(group):
         last = i == len(group) - 1
@@ -192,20 +212,31 @@ def _optimizer_step(accelerator, model, task, group, optimizer, scheduler, max_g
         accelerator.gradient_state._set_sync_gradients(last)
         with nullcontext() if last else accelerator.no_sync(model):
             loss, metrics = task.loss(model, batch)
-            if not bool(torch.isfinite(loss.detach())):
-                rows_ = batch["index"].tolist() if "index" in batch else "?"
-                raise AlignError(f"non-finite loss ({float(loss)}) on dataset rows {rows_}; check their inputs")
             accelerator.backward(loss / len(group))
         rows.append({"loss": loss.detach(), **metrics})
-    if max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
-        rows[-1]["grad_norm"] = norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
+    # max_grad_norm 0 turns clipping off, but the norm is still measured (and logged): the guard needs it.
+    norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       max_grad_norm if max_grad_norm > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+    rows[-1]["grad_norm"] = norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
     rows[-1]["learning_rate"] = torch.tensor(scheduler.get_last_lr()[0])
-    optimizer.step()
+    local = torch.stack([r["loss"].float().reshape(()) for r in rows]).mean().to(accelerator.device)
+    loss_value = float(accelerator.reduce(local, reduction="mean"))  # every rank decides on the same numbers
+    if guard is None or guard.check(step, float(rows[-1]["grad_norm"]), loss_value):
+        optimizer.step()
+    if guard is not None:
+        rows[-1]["train/skipped_steps"] = torch.tensor(float(guard.skipped))
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return rows
+
+
+def check_weights(accelerator: Any, model: Any, step: int, learning_rate: float) -> None:
+    """Stop before a checkpoint or the final save if any rank holds a non-finite trainable weight."""
+    bad = trainable_nonfinite(model)
+    count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device), reduction="sum")
+    if float(count) > 0:
+        raise diverged_weights(bad or ["a parameter shard of another process"], step, learning_rate)
 
 
 def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
@@ -256,28 +287,29 @@ def train_loop(
     from tqdm.auto import tqdm
 
     model, optimizer, loader, eval_loader, scheduler, per_epoch, total = _setup(accelerator, model, task, train)
-    step = resume_step(accelerator, out) if train.resume else 0
+    step, losses = resume_step(accelerator, out) if train.resume else (0, [])
     logger = MetricsLogger(out, accelerator, train.report_to)
     if start_metrics:
         logger.log(start_metrics, step)
     _call(callbacks, "on_train_begin", model)
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     pending: list[Metrics] = []
-    losses: list[float] = []
     final: dict[str, Any] = {}
     best, bad_evals, epoch, stop = math.inf, 0, step // per_epoch, False
+    guard = NonFiniteGuard(train.learning_rate)
     while step < total and not stop:
         loader.set_epoch(epoch)
         skip = (step % per_epoch) * train.gradient_accumulation_steps  # only non-zero right after a resume
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for group in _groups(batches, train.gradient_accumulation_steps):
-            pending += _optimizer_step(accelerator, model, task, group, optimizer, scheduler, train.max_grad_norm)
+            pending += _optimizer_step(accelerator, model, task, group, optimizer, scheduler, train.max_grad_norm,
+                                       guard, step + 1)
             step += 1
             progress.update(1)
             done = step >= total
             if step % train.logging_steps == 0 or done:
                 metrics = {**_reduce(accelerator, pending), "epoch": round(step / per_epoch, 4)}
-                losses.append(metrics["loss"])
+                losses.append((step, metrics["loss"]))
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}")
                 logger.log(metrics, step)
                 _call(callbacks, "on_log", step, metrics)
@@ -290,16 +322,18 @@ def train_loop(
                 stop = 0 < train.early_stopping_patience <= bad_evals
                 if stop:
                     log.info("early stopping at step %d: %d evaluations without eval_loss improvement", step, bad_evals)
+            if done or stop:
+                guard.finish(step)
             if step % train.save_steps == 0 or done or stop:
-                save_checkpoint(accelerator, out, step, step / per_epoch, train.save_total_limit)
+                check_weights(accelerator, model, step, train.learning_rate)
+                save_checkpoint(accelerator, out, step, step / per_epoch, train.save_total_limit, losses)
             if done or stop:
                 break
         epoch += 1
     progress.close()
     logger.close()
     _call(callbacks, "on_train_end", accelerator.unwrap_model(model))
-    train_loss = sum(losses) / len(losses) if losses else math.nan
-    return {"train_loss": train_loss, "global_step": step, **final}, model
+    return {"train_loss": mean_loss(losses), "global_step": step, **final}, model
 
 
 def _call(callbacks: Sequence[Any], name: str, *args: Any) -> None:

@@ -17,6 +17,7 @@ from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_confi
 from align.data import load_chat_file, tokenize_chat
 from align.errors import DataError
 from align.models import apply_lora, load_model, save_trained
+from align.trainers.finite import non_finite_callback
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
 def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True) -> list:
     from transformers import EarlyStoppingCallback
 
-    found = [runs.metrics_callback(out / "metrics.jsonl")]
+    # The guard first: it adds train/skipped_steps to the logs the metrics callback writes.
+    found = [non_finite_callback(train.learning_rate), runs.metrics_callback(out / "metrics.jsonl")]
     if train.report_to == "tensorboard" and main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
