@@ -135,7 +135,10 @@ def generate_to_store(
     from align import store as st
     from align.config import ModelArgs
     from align.models import load_model
+    from align.store.pairs import PAIR_RULES
 
+    if pair_rule is not None and pair_rule not in PAIR_RULES:  # refused before anything is sampled or stored
+        raise AlignError(f"--pairs: unknown pair rule {pair_rule!r}; expected one of {', '.join(PAIR_RULES)} or none")
     version_id, name = ensure_registered(store, model_spec)
     prompt_ids = st.add_prompts(store, prompt_rows)
     stored = st.existing_sample_keys(store, version_id, settings.seed, settings.as_dict())

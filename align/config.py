@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -82,6 +83,8 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
         if hint is int and isinstance(value, float) and value != converted:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if hint is float and not math.isfinite(converted):  # nan passes every range check; inf means nothing here
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return converted
     if hint is str:
         if isinstance(value, (dict, list)):
@@ -133,6 +136,16 @@ class LoraArgs(Validated):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
+def scheduler_names() -> list[str]:
+    """Learning-rate schedules stepped once per optimizer step with no extra arguments (transformers' names);
+    the others need a metric (reduce_lr_on_plateau, greedy) or scheduler kwargs our configs do not carry."""
+    from transformers import SchedulerType
+
+    needs_more = {"reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                  "warmup_stable_decay"}
+    return [t.value for t in SchedulerType if t.value not in needs_more]
+
+
 @dataclass
 class TrainArgs(Validated):
     """The optimisation loop shared by every training recipe."""
@@ -160,12 +173,22 @@ class TrainArgs(Validated):
     resume: bool = option(False, "Resume from the last checkpoint in output_dir.")
     merge: bool = option(False, "Also save the base model with the adapter merged in (output_dir/merged).")
     name: Optional[str] = option(None, "Model-version name recorded in version.json (default: output_dir's name).")
-    report_to: str = option("tensorboard", "Tracker for metrics besides metrics.jsonl: tensorboard, trackio or none.")
+    report_to: Literal["tensorboard", "none"] = option(
+        "tensorboard", "Tracker for metrics besides metrics.jsonl: tensorboard or none.")
 
     def validate(self) -> None:
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _positive(key, getattr(self, key))
         _positive("learning_rate", self.learning_rate)
+        _positive("num_train_epochs", self.num_train_epochs)
+        _positive("max_grad_norm", self.max_grad_norm, allow_zero=True)  # 0: no clipping
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(f"warmup_steps must be a fraction < 1 or a whole number of steps, got {self.warmup_steps}")
+        schedules = scheduler_names()
+        if self.lr_scheduler_type not in schedules:
+            raise ConfigError(f"lr_scheduler_type: {self.lr_scheduler_type!r} is not one of {', '.join(schedules)}")
         _positive("logging_steps", self.logging_steps)
         _positive("save_steps", self.save_steps)
         _positive("eval_steps", self.eval_steps, allow_zero=True)

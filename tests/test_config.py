@@ -74,3 +74,29 @@ def test_every_shipped_config_parses(path):
     method = path.parent.name
     assert method in CONFIG_TYPES, f"no config types registered for recipes/configs/{method}"
     parse_config(CONFIG_TYPES[method], ["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--weighting_clip", "nan"], "weighting_clip"),
+    (["--learning_rate", "inf"], "learning_rate"),
+    (["--learning_rate", "nan"], "learning_rate"),
+    (["--num_train_epochs", "-3"], "num_train_epochs"),
+    (["--num_train_epochs", "0"], "num_train_epochs"),
+    (["--max_grad_norm", "-1"], "max_grad_norm"),
+    (["--report_to", "bogus"], "report_to"),
+    (["--lr_scheduler_type", "bogus"], "lr_scheduler_type"),
+    (["--lr_scheduler_type", "reduce_lr_on_plateau"], "lr_scheduler_type"),  # needs a metric our loops never pass
+    (["--warmup_steps", "-1"], "warmup_steps"),
+    (["--warmup_steps", "2.5"], "warmup_steps"),
+    (["--weight_decay", "-0.1"], "weight_decay"),
+    (["--beta", "nan"], "beta"),
+])
+def test_meaningless_values_are_refused_naming_the_key(argv, key):
+    with pytest.raises(ConfigError, match=rf"^(argument --)?{key}\b"):
+        parse_config(DPO_CONFIG, argv)
+
+
+def test_meaningful_edge_values_still_parse():
+    *_, train = parse_config(DPO_CONFIG, ["--max_grad_norm", "0", "--warmup_steps", "5",
+                                          "--lr_scheduler_type", "constant_with_warmup", "--report_to", "none"])
+    assert train.max_grad_norm == 0 and train.warmup_steps == 5 and train.lr_scheduler_type == "constant_with_warmup"

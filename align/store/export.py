@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from align.data import write_jsonl  # noqa: F401  (re-exported: the store's writer is the project's one)
+from align.errors import AlignError
 from align.store.db import Store
 from align.store.ops import chunks, get_model_version
 from align.store.pairs import prompt_messages
@@ -64,6 +65,8 @@ def export_preferences(
     answered_at), `annotators`, `source` ("human", "simulated", or an exact "sim:<judge>"), `min_agreement`.
     label is "chosen" for a decided pair, else "tie"/"both_bad" with chosen/rejected = responses a/b as stored.
     """
+    if not 0 <= min_agreement <= 1:  # also refuses nan, which every comparison would let through
+        raise AlignError(f"min_agreement must be a share between 0 and 1, got {min_agreement}")
     allowed = None if model_versions is None else {get_model_version(store, v).id for v in model_versions}
     query = effective_votes_query(annotators=annotators, source=source, since=since, until=until)
     with store.read() as session:
