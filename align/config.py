@@ -359,6 +359,10 @@ class DPOArgs(Validated):
         "drop", "Pairs labelled both_bad: drop them (counted, logged) or train them as ties."
     )
     precompute_ref: bool = option(True, "Reference log-probs in one no-grad pass before training, not every step.")
+    padding_free: bool = option(
+        True, "One packed row per micro-batch: no padding, and each prompt computed once for chosen and rejected "
+        "(exact; align/packing.py). false: padded rows, prompt + chosen and prompt + rejected."
+    )
     use_soft_labels: bool = option(
         False, "robust only: label_agreement is the probability that chosen is preferred (per-pair ε)."
     )
@@ -405,6 +409,10 @@ class RewardArgs(Validated):
     center_coef: float = option(0.0, "Centering coefficient η: adds η·(r_c + r_r)², keeping rewards near 0; 0: off.")
     tie_nu: float = option(1.0, "Davidson tie parameter ν > 0 for pairs labelled tie.")
     both_bad: Literal["drop", "tie"] = option("drop", "Pairs labelled both_bad: drop them (counted) or train as ties.")
+    padding_free: bool = option(
+        True, "One packed row per micro-batch: no padding, and each prompt computed once for chosen and rejected "
+        "(exact; align/packing.py). false: padded rows, prompt + chosen and prompt + rejected."
+    )
 
     def validate(self) -> None:
         _positive("margin_scale", self.margin_scale, allow_zero=True)

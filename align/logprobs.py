@@ -257,10 +257,7 @@ def score_tokens(model, input_ids: torch.Tensor, labels: torch.Tensor, attention
     """
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
-    head = plain_head(model) if chunked is not False else None
-    if chunked and head is None:
-        raise ValueError("chunked log-probs need a causal LM whose logits are its plain linear head's output")
-    if head is None:
+    if chunked is False or (chunked is None and plain_head(model) is None):
         logits, kept = scored_logits(model, input_ids, attention_mask, labels, **forward_kwargs)
         skipped = shifted.shape[1] - kept.shape[1]
         pad = lambda t: torch.nn.functional.pad(t, (skipped, 0))  # noqa: E731 - back to (B, L-1)
@@ -271,20 +268,49 @@ def score_tokens(model, input_ids: torch.Tensor, labels: torch.Tensor, attention
                 collision = pad(token_log_collision(logits.detach(), kept, temperature))
         return ScoredTokens(logps, mask, collision)
 
+    width = input_ids.shape[1]
+    predict_at = (torch.arange(shifted.shape[0], device=mask.device)[:, None] * width
+                  + torch.arange(shifted.shape[1], device=mask.device))[mask]
+    values, collision = token_logps_at(model, input_ids, predict_at, shifted[mask], attention_mask=attention_mask,
+                                       temperature=temperature, with_collision=with_collision, chunked=True,
+                                       **forward_kwargs)
+    scatter = lambda v: torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)  # noqa: E731
+    return ScoredTokens(scatter(values), mask, None if collision is None else scatter(collision))
+
+
+def token_logps_at(model, input_ids: torch.Tensor, predict_at: torch.Tensor, targets: torch.Tensor, *,
+                   attention_mask: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                   with_collision: bool = False, chunked: Optional[bool] = None,
+                   **forward_kwargs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p(targets[m] | the hidden state at flat position predict_at[m]) for M tokens: (M,) float32, and WPO's
+    collision term (M,) on request (None otherwise). Flat positions index the (B·L) tokens of `input_ids` row by row.
+
+    Chunked where `plain_head` allows (module docstring of `score_tokens`), else from the model's full logits.
+    """
+    head = plain_head(model) if chunked is not False else None
+    if chunked and head is None:
+        raise ValueError("chunked log-probs need a causal LM whose logits are its plain linear head's output")
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits
+        picked = logits.reshape(-1, logits.shape[-1])[predict_at][None]
+        values = token_logps(picked, targets[None], temperature)[0]
+        collision = None
+        if with_collision:
+            with torch.no_grad():
+                collision = token_log_collision(picked.detach(), targets[None], temperature)[0]
+        return values, collision
+
     extra: dict[str, torch.Tensor] = {}
 
     def head_forward(hidden: torch.Tensor) -> torch.Tensor:
-        picked = hidden[:, :-1][mask]  # (N, d): the scored positions only
-        targets = shifted[mask]
-        values = linear_token_logps(picked, head.weight, head.bias, targets, temperature)
+        picked = hidden.reshape(-1, hidden.shape[-1])[predict_at]  # (M, d): the scored positions only
         if with_collision:
-            extra["collision"] = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(
-                mask, linear_log_collision(picked.detach(), head.weight.detach(), head.bias, temperature))
-        return torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, values)
+            extra["collision"] = linear_log_collision(picked.detach(), head.weight.detach(), head.bias, temperature)
+        return linear_token_logps(picked, head.weight, head.bias, targets, temperature)
 
     head.forward = head_forward  # an instance attribute: shadows nn.Linear.forward for this call only
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     finally:
         del head.forward
-    return ScoredTokens(out.logits, mask, extra.get("collision"))
+    return out.logits, extra.get("collision")

@@ -264,7 +264,12 @@ def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> d
     """One forward over the 2B rows -> (B,) float32 `chosen_logps`, `rejected_logps` (sums over completion
     tokens), `chosen_lengths`, `rejected_lengths`, and `*_log_collision` (WPO's Σ log Σ_v p²) on request.
 
-    The log-probs come from `align.logprobs.score_tokens`: chunked over the scored tokens, no (2B, T, V) logits."""
+    The log-probs come from `align.logprobs.score_tokens`: chunked over the scored tokens, no (2B, T, V) logits.
+    A packed batch (`align.packing.PackedPreferenceCollator`) gives the same values from its one packed row."""
+    if "segments" in batch:
+        from align.packing import packed_completion_logps
+
+        return packed_completion_logps(model, batch, with_collision)
     scored = score_tokens(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                           with_collision=with_collision)
     half = scored.mask.shape[0] // 2

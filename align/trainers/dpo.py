@@ -26,6 +26,7 @@ from align.config import (DPO_CONFIG, DPOArgs, LoraArgs, ModelArgs, PreferenceDa
                           parse_config, save_config, to_dict)
 from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
+from align.packing import PackedPreferenceCollator, restore_attention, use_packed_attention
 from align.preference import (PreferenceCollator, PreferenceSet, completion_logps, load_pair_sets, score_pairs,
                               tokenize_sets)
 from align.trainers.loop import Task, open_run, train_loop
@@ -103,6 +104,19 @@ class DPOObjective:
                 "kl/ref": v["kl"].mean()}
 
 
+def preference_collator(model: Any, pad_token_id: int, padding_free: bool,
+                        label_smoothing: float = 0.0) -> tuple[Any, Optional[str]]:
+    """(collator, the model's previous attention implementation or None). padding_free: one packed row per batch
+    where the model's attention allows it (align/packing.py), else padded rows."""
+    if padding_free:
+        previous = use_packed_attention(model)
+        if previous is not None:
+            return PackedPreferenceCollator(pad_token_id, label_smoothing), previous
+        log.warning("padding_free: %s's attention is not SDPA through transformers' attention interface; using "
+                    "padded batches", type(model).__name__)
+    return PreferenceCollator(pad_token_id, label_smoothing), None
+
+
 def attach_reference(features: list[dict], scores: dict[str, torch.Tensor]) -> None:
     """Store reference outputs as per-pair columns (ref_chosen_logps, ...), which the collator carries."""
     for name, values in scores.items():
@@ -138,7 +152,8 @@ def train_dpo(
     accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
     train_set, eval_set = load_pair_sets(data_args, dpo_args.both_bad)
     model, tokenizer = load_model(model_args, device=str(accelerator.device))
-    collator = PreferenceCollator(tokenizer.pad_token_id, dpo_args.label_smoothing)
+    collator, attention = preference_collator(model, tokenizer.pad_token_id, dpo_args.padding_free,
+                                              dpo_args.label_smoothing)
     full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
 
     def score(feats: Sequence[dict], with_collision: bool) -> dict[str, torch.Tensor]:
@@ -165,6 +180,7 @@ def train_dpo(
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
                 state=objective.dynamic)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
+    restore_attention(accelerator.unwrap_model(prepared), attention)
     metrics.update({k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")})
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(prepared)  # every rank: gathers FSDP2/ZeRO-3 shards

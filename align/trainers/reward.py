@@ -30,8 +30,9 @@ from align.data import as_messages, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import davidson_tie_nll, reward_pairwise_loss
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
+from align.packing import packed_rewards, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
-from align.trainers.dpo import data_metrics, write_run_record
+from align.trainers.dpo import data_metrics, preference_collator, write_run_record
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import dataset_weights, report, scalar_diagnostics
 
@@ -80,7 +81,9 @@ def apply_reward_lora(model: Any, args: LoraArgs) -> Any:
 
 
 def pair_rewards(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the 2B rows -> (r_chosen, r_rejected), each (B,) float32."""
+    """One forward over the 2B rows (or the packed row, align/packing.py) -> (r_chosen, r_rejected), (B,) float32."""
+    if "segments" in batch:
+        return packed_rewards(model, batch)
     rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
@@ -187,6 +190,7 @@ def train_reward(
         feature["weight"] = w
     model = load_sequence_classifier(model_args.model, model_args.revision, model_args.dtype, tokenizer.pad_token_id)
     model.to(accelerator.device)
+    batches, attention = preference_collator(model, tokenizer.pad_token_id, reward_args.padding_free)
     if lora_args.use_lora:
         model = apply_reward_lora(model, lora_args)
     if accelerator.is_main_process:
@@ -195,9 +199,10 @@ def train_reward(
 
     objective = RewardObjective(reward_args)
     start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
-    task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary)
+    task = Task(features, batches, objective, eval_features, objective.eval_step, objective.eval_summary)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
-    stats = reward_stats(model, features, collator, train.per_device_eval_batch_size, accelerator)
+    stats = reward_stats(model, features, batches, train.per_device_eval_batch_size, accelerator)
+    restore_attention(accelerator.unwrap_model(prepared), attention)
     metrics.update({"reward_mean": stats["mean"], "reward_std": stats["std"],
                     **{k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")}})
     accelerator.wait_for_everyone()

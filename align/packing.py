@@ -1,0 +1,228 @@
+"""Padding-free preference batches: every pair of a batch in one row, the prompt computed once for both responses.
+
+A batch of B pairs becomes ONE sequence of Σ (P_i + C_i + R_i) tokens laid out pair after pair as
+[prompt_i, chosen_i, rejected_i], with position ids restarting at each prompt and the rejected response continuing
+from the prompt's end (the same positions chosen has). No padding is computed, and the prompt's tokens go through
+the model once instead of twice: prompt + chosen and prompt + rejected are the two sequences of the padded batch.
+
+Attention is the only place where tokens of one row meet, so it is replaced by `packed_attention` (registered with
+transformers as the "align_packed" implementation). For each pair it attends
+- prompt + chosen causally, as one sequence;
+- rejected queries to the prompt's keys and values, then causally to rejected's own: exactly what they see in the
+  padded batch, since a causal prompt's states do not depend on what follows it.
+Each span runs through transformers' own SDPA function (torch's fused kernels, causal or with a small boolean mask),
+so no (N × N) mask over the packed row is ever built. Without `align_segments` in its keyword arguments (every other
+call: generation, padded scoring) it is exactly transformers' SDPA attention, so a model can keep this
+implementation for a whole run.
+
+Everything a row-wise computation needs comes with the batch (`PackedPreferenceCollator`): `position_ids`, the spans
+(`segments`), the flat positions whose hidden states predict each completion token and which response they belong
+to (`predict_at`, `targets`, `token_seq`), and the last token of each response (`ends`, for a reward model's head).
+Values equal the padded computation's to float round-off (tests/test_packing.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from align.preference import FLOAT_COLUMNS, SIDES
+
+ATTENTION = "align_packed"
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+
+
+def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                     align_segments: Optional[Sequence[tuple]] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: (1, H, N, hd) queries, (1, KV, N, hd) keys/values -> (1, N, H, hd).
+
+    `align_segments`: (q_start, q_end, kv_spans, mask) in order, covering [0, N); queries q_start..q_end attend to
+    the concatenated key/value spans, causally (mask None: the spans are the query span itself) or where `mask`
+    (q_len × kv_len, bool) is true. Without it: transformers' SDPA attention, unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if align_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    outputs = []
+    for q0, q1, spans, mask in align_segments:
+        k = key[:, :, spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat(
+            [key[:, :, a:b] for a, b in spans], dim=2)
+        v = value[:, :, spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat(
+            [value[:, :, a:b] for a, b in spans], dim=2)
+        out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], k, v, mask, dropout=dropout, scaling=scaling,
+                                        is_causal=mask is None)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def _no_mask(*args, attention_mask=None, **kwargs):
+    """The mask function of "align_packed": SDPA's where a padding mask is given; none for a packed row, whose
+    spans carry their own (transformers would otherwise build an N × N mask from the restarting position ids)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, packed_attention)
+    AttentionMaskInterface.register(ATTENTION, _no_mask)
+
+
+def _pretrained(model: Any) -> Any:
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def supports_packing(model: Any) -> bool:
+    """Models whose attention goes through transformers' attention interface (most decoder LMs) and is SDPA today."""
+    base = _pretrained(model)
+    can = getattr(base, "_can_set_attn_implementation", lambda: False)
+    return getattr(base.config, "_attn_implementation", None) in ("sdpa", ATTENTION) and bool(can())
+
+
+def use_packed_attention(model: Any) -> Optional[str]:
+    """Switch the model to "align_packed" (identical to SDPA for padded calls); return the previous implementation,
+    or None where the model cannot (then batches must stay padded)."""
+    if not supports_packing(model):
+        return None
+    register()
+    base = _pretrained(model)
+    previous = base.config._attn_implementation
+    base.set_attn_implementation(ATTENTION)
+    return previous
+
+
+def restore_attention(model: Any, previous: Optional[str]) -> None:
+    if previous is not None and previous != ATTENTION:
+        _pretrained(model).set_attn_implementation(previous)
+
+
+# --- batches ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedPreferenceCollator:
+    """Features -> one packed row (module docstring). Per-pair columns as `PreferenceCollator` gives them.
+
+    Keys: input_ids, position_ids (1, N); segments (spans, see `packed_attention`; masks built on the batch's device
+    by `attention_segments`); predict_at, targets, token_seq (M,) for the M completion tokens, token_seq in 0..2B-1
+    with chosen of pair i = i and rejected = B + i, as the padded batch's rows; ends (2B,) last token of each
+    response; lengths (2B,) completion tokens; real_tokens (the number of tokens computed).
+    """
+
+    pad_token_id: int
+    label_smoothing: float = 0.0
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, Any]:
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[tuple] = []
+        predict_at: list[int] = []
+        targets: list[int] = []
+        token_seq: list[int] = []
+        ends = [0] * (2 * len(features))
+        lengths = [0] * (2 * len(features))
+        for i, f in enumerate(features):
+            prompt = f["prompt_ids"]
+            start = len(ids)
+            ids += prompt
+            positions += range(len(prompt))
+            for s, side in enumerate(SIDES):
+                response = f[f"{side}_ids"]
+                begin = len(ids)
+                ids += response
+                positions += range(len(prompt), len(prompt) + len(response))
+                row = s * len(features) + i
+                # The first response token is predicted by the prompt's last state, the others by their predecessor.
+                predict_at += [start + len(prompt) - 1] + list(range(begin, begin + len(response) - 1))
+                targets += response
+                token_seq += [row] * len(response)
+                ends[row] = begin + len(response) - 1 if response else start + len(prompt) - 1
+                lengths[row] = len(response)
+                if s == 0:
+                    segments.append((start, begin + len(response), ((start, begin + len(response)),), None))
+                elif response:
+                    segments.append((begin, begin + len(response), ((start, start + len(prompt)),
+                                                                    (begin, begin + len(response))), len(prompt)))
+        batch = {
+            "input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "segments": segments,
+            "predict_at": torch.tensor(predict_at, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+            "token_seq": torch.tensor(token_seq, dtype=torch.long), "ends": torch.tensor(ends, dtype=torch.long),
+            "lengths": torch.tensor(lengths, dtype=torch.float32), "real_tokens": len(ids),
+            "index": torch.tensor([f["index"] for f in features]),
+            "is_tie": torch.tensor([bool(f["is_tie"]) for f in features]),
+            "label_agreement": torch.tensor([math.nan if f["soft_label"] is None else f["soft_label"] for f in features]),
+            "soft_label": torch.tensor([1.0 - self.label_smoothing if f["soft_label"] is None else f["soft_label"]
+                                        for f in features]),
+        }
+        for key in FLOAT_COLUMNS:
+            if all(key in f for f in features):
+                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+        return batch
+
+
+def attention_segments(batch: dict, device: Any) -> list[tuple]:
+    """The batch's spans with the boolean mask of each rejected span: its queries see the whole prompt, then their
+    own tokens causally."""
+    out = []
+    for q0, q1, spans, prompt in batch["segments"]:
+        if prompt is None:
+            out.append((q0, q1, spans, None))
+            continue
+        n = q1 - q0
+        own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        out.append((q0, q1, spans, torch.cat([torch.ones(n, prompt, dtype=torch.bool, device=device), own], dim=1)))
+    return out
+
+
+def is_packed(batch: dict) -> bool:
+    return "segments" in batch
+
+
+def forward_kwargs(batch: dict) -> dict[str, Any]:
+    """What the model's forward needs for a packed row (no attention mask: the spans replace it)."""
+    device = batch["input_ids"].device
+    return {"position_ids": batch["position_ids"], "align_segments": attention_segments(batch, device)}
+
+
+def packed_completion_logps(model: Any, batch: dict, with_collision: bool = False) -> dict[str, torch.Tensor]:
+    """`align.preference.completion_logps` for a packed batch: the same (B,) float32 values, one forward."""
+    from align.logprobs import token_logps_at
+
+    values, collision = token_logps_at(model, batch["input_ids"], batch["predict_at"], batch["targets"],
+                                       with_collision=with_collision, **forward_kwargs(batch))
+    rows = batch["ends"].shape[0]
+    sums = torch.zeros(rows, dtype=torch.float32, device=values.device).index_add(0, batch["token_seq"], values)
+    half = rows // 2
+    out = {"chosen_logps": sums[:half], "rejected_logps": sums[half:],
+           "chosen_lengths": batch["lengths"][:half], "rejected_lengths": batch["lengths"][half:]}
+    if with_collision:
+        coll = torch.zeros(rows, dtype=torch.float32, device=values.device).index_add(0, batch["token_seq"], collision)
+        out["chosen_log_collision"], out["rejected_log_collision"] = coll[:half], coll[half:]
+    return out
+
+
+def packed_rewards(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence classifier's (r_chosen, r_rejected), each (B,) float32, from one packed forward: the score head's
+    output at each response's last token (the padded batch reads it at the last non-padding token)."""
+    base = _pretrained(model)
+    captured: list[torch.Tensor] = []
+    handle = base.score.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=batch["input_ids"], **forward_kwargs(batch))
+    finally:
+        handle.remove()
+    rewards = captured[-1][0, batch["ends"], 0].float()
+    half = rewards.shape[0] // 2
+    return rewards[:half], rewards[half:]

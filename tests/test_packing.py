@@ -1,0 +1,143 @@
+"""Padding-free preference batches (align/packing.py): one packed row with the prompt computed once gives the padded
+batch's log-probs, rewards, losses and gradients; the attention implementation is SDPA for every other call."""
+
+import random
+
+import pytest
+import torch
+
+from align import packing
+from align.config import DPOArgs, RewardArgs
+from align.preference import PreferenceCollator, completion_logps
+from align.runs import read_metrics
+
+
+def _features(n=4, vocab=300, seed=0):
+    rng = random.Random(seed)
+    ids = lambda lo, hi: [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))]  # noqa: E731
+    return [{"index": i, "prompt_ids": ids(3, 11), "chosen_ids": ids(1, 9), "rejected_ids": ids(1, 9),
+             "is_tie": i == 1, "soft_label": None, "weight": 1.0 + i} for i in range(n)]
+
+
+def _lora_lm(checkpointing=False):
+    from align.config import LoraArgs
+    from align.models import apply_lora, tiny_model
+
+    model = apply_lora(tiny_model(vocab_size=300), LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _run(model, batch, fn):
+    model.zero_grad(set_to_none=True)
+    out = fn(model, batch)
+    loss = sum((i + 1.0) * v.float().sum() for i, v in enumerate(out))  # distinct weights: every output counts
+    loss.backward()
+    return [v.detach() for v in out], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(padded, packed, rtol=1e-5):
+    (values_a, grads_a), (values_b, grads_b) = padded, packed
+    for a, b in zip(values_a, values_b):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_dpo_logps_and_gradients_equal_padded(checkpointing):
+    """Four pairs of random lengths: summed log-probs, lengths, WPO collision and every LoRA gradient agree with the
+    padded batch's, with gradient checkpointing too (its recompute sees the same spans)."""
+    model = _lora_lm(checkpointing)
+    model.train()
+    features = _features()
+    previous = packing.use_packed_attention(model)
+    assert previous == "sdpa"
+    keys = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "chosen_log_collision",
+            "rejected_log_collision")
+    fn = lambda m, b: [completion_logps(m, b, with_collision=True)[k] for k in keys]  # noqa: E731
+    padded_batch = PreferenceCollator(0)(features)
+    packed_batch = packing.PackedPreferenceCollator(0)(features)
+    # No padding and each prompt once: the packed row holds Σ (P + C + R) tokens, the padded batch 2B × width.
+    assert packed_batch["real_tokens"] == sum(len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
+                                              for f in features)
+    assert packed_batch["real_tokens"] < padded_batch["attention_mask"].sum() < padded_batch["input_ids"].numel()
+    _assert_same(_run(model, padded_batch, fn), _run(model, packed_batch, fn))
+    # The per-pair columns are the padded collator's.
+    for key in ("index", "is_tie", "soft_label", "weight"):
+        torch.testing.assert_close(packed_batch[key], padded_batch[key], equal_nan=True)
+    packing.restore_attention(model, previous)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_is_sdpa_without_segments():
+    """After the switch, a padded forward (generation, padded scoring) gives exactly the SDPA logits."""
+    model = _lora_lm().eval()
+    batch = PreferenceCollator(0)(_features(seed=2))
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        previous = packing.use_packed_attention(model)
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    packing.restore_attention(model, previous)
+    assert torch.equal(before, after)
+
+
+def test_packed_rewards_and_gradients_equal_padded():
+    """A LoRA sequence classifier: the score head read at each response's last token of the packed row gives the
+    padded batch's rewards (read at the last non-padding token) and the same gradients, head included."""
+    from align.config import LoraArgs
+    from align.models import tiny_model
+    from align.trainers.reward import apply_reward_lora, pair_rewards
+    from transformers import LlamaForSequenceClassification
+
+    lm = tiny_model(vocab_size=300)
+    torch.manual_seed(3)
+    classifier = LlamaForSequenceClassification(lm.config.__class__(**{**lm.config.to_dict(), "num_labels": 1,
+                                                                       "pad_token_id": 0}))
+    model = apply_reward_lora(classifier, LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    features = _features(seed=4)
+    for f in features:  # the padded batch finds a row's end as its last non-pad token: keep 0 out of the data
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            f[key] = [t or 1 for t in f[key]]
+    previous = packing.use_packed_attention(model)
+    padded = _run(model, PreferenceCollator(0)(features), lambda m, b: list(pair_rewards(m, b)))
+    packed = _run(model, packing.PackedPreferenceCollator(0)(features), lambda m, b: list(pair_rewards(m, b)))
+    assert any("score" in name for name in padded[1])
+    _assert_same(padded, packed)
+    packing.restore_attention(model, previous)
+
+
+def test_training_runs_padding_free_equal_padded_runs(tiny_model_dir, tmp_path):
+    """DPO and reward training, 3 steps, padding_free on (the default) and off: the logged losses agree, step by
+    step, to float round-off."""
+    from tests.test_dpo import configs
+    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.test_reward import reward_configs
+
+    from align.trainers.dpo import train_dpo
+    from align.trainers.reward import train_reward
+
+    assert DPOArgs().padding_free and RewardArgs().padding_free
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = (write_pairs(tmp_path / "train.jsonl", pair_rows(tokenizer, n=8)),
+            write_pairs(tmp_path / "eval.jsonl", pair_rows(tokenizer, 4, offset=50)))
+    losses = {}
+    for padding_free in (True, False):
+        out = tmp_path / f"dpo-{padding_free}"
+        train_dpo(*configs(tiny_model_dir, data, out, dpo=DPOArgs(padding_free=padding_free), max_steps=3,
+                           eval_steps=0, save_steps=10))
+        rm = tmp_path / f"rm-{padding_free}"
+        model_args, lora, data_args, reward_args, weighting, train = reward_configs(tiny_model_dir, *data, rm)
+        reward_args.padding_free = padding_free
+        train_reward(model_args, lora, data_args, reward_args, weighting, train)
+        losses[padding_free] = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+                                for d in (out, rm)]
+    assert len(losses[True][0]) == len(losses[True][1]) == 3
+    for ours, padded in zip(losses[True], losses[False]):
+        assert ours == pytest.approx(padded, rel=1e-4)
