@@ -56,6 +56,9 @@ def print_run_summary(out) -> None:
     print(f"run {version['name']} ({version['method']}) saved to {out}")
     print(f"  model: {version['adapter_path']}")
     print(f"  metrics: {shown}")
+    for key in ("stop_reason", "overfit_alarm", "interference_warning"):  # align.overfit, align.interference
+        if isinstance(metrics.get(key), str):
+            print(f"  {key.replace('_', ' ')}: {metrics[key]}")
 
 
 def _usage() -> str:

@@ -168,6 +168,9 @@ class TrainArgs(Validated):
     save_steps: int = option(50, "Checkpoint every N steps.")
     save_total_limit: int = option(2, "Checkpoints kept on disk.")
     early_stopping_patience: int = option(0, "Stop after N evaluations without eval-loss improvement; 0: off.")
+    overfit_window: int = option(
+        3, "Overfitting alarm: warn when the eval − train loss gap has widened this many evaluations in a row; 0: off."
+    )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).")
     seed: int = option(42, "Random seed (data order, LoRA init, dropout).")
     resume: bool = option(False, "Resume from the last checkpoint in output_dir.")
@@ -193,6 +196,7 @@ class TrainArgs(Validated):
         _positive("save_steps", self.save_steps)
         _positive("eval_steps", self.eval_steps, allow_zero=True)
         _positive("early_stopping_patience", self.early_stopping_patience, allow_zero=True)
+        _positive("overfit_window", self.overfit_window, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be -1 or > 0, got {self.max_steps}")
 

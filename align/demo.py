@@ -51,13 +51,14 @@ class DemoSize:
     rlhf_steps: int
     eval_per_family: int  # held-out prompts per family in the final evaluation
     eval_n: int  # samples per held-out prompt and version
+    sft_eval_samples: int = 32  # held-out SFT conversations: the overfitting alarm and the stage-interference check
 
 
 SIZES = {
     "small": DemoSize(v0_per_family=4, v1_per_family=2, n=4, max_new_tokens=48, sft_steps=20, dpo_steps=10,
-                      reward_steps=10, rlhf_steps=6, eval_per_family=3, eval_n=2),
+                      reward_steps=10, rlhf_steps=6, eval_per_family=3, eval_n=2, sft_eval_samples=32),
     "full": DemoSize(v0_per_family=40, v1_per_family=20, n=4, max_new_tokens=128, sft_steps=300, dpo_steps=200,
-                     reward_steps=200, rlhf_steps=150, eval_per_family=20, eval_n=4),
+                     reward_steps=200, rlhf_steps=150, eval_per_family=20, eval_n=4, sft_eval_samples=140),
 }
 
 
@@ -99,9 +100,11 @@ def stage_label_v0(demo: Demo) -> dict:
 
 
 def stage_sft(demo: Demo) -> dict:
+    # Held-out SFT answers every few steps: the report's overfitting alarm compares their loss with the training loss.
     return _train(demo, "sft", "v1-sft", demo.size.sft_steps, [
-        "--model", demo.model, "--train_file", str(repo_file("data/sft/train.jsonl")), "--eval_file", "none",
-        "--eval_steps", "0", "--save_steps", "10",
+        "--model", demo.model, "--train_file", str(repo_file("data/sft/train.jsonl")),
+        "--eval_file", str(repo_file("data/sft/eval.jsonl")), "--max_eval_samples", str(demo.size.sft_eval_samples),
+        "--eval_steps", str(max(1, demo.size.sft_steps // 4)), "--save_steps", "10",
     ])
 
 
@@ -148,7 +151,8 @@ def stage_reward(demo: Demo) -> dict:
     held = demo.path("prefs_heldout.jsonl")
     return _train(demo, "reward", "reward", demo.size.reward_steps, [
         "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_train.jsonl")),
-        "--eval_file", str(held) if held.stat().st_size else "none", "--eval_steps", "0", "--save_steps", "5",
+        "--eval_file", str(held) if held.stat().st_size else "none",
+        "--eval_steps", str(max(1, demo.size.reward_steps // 2)), "--save_steps", "5",
     ])
 
 

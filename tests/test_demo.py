@@ -9,7 +9,7 @@ from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, s
 from align.errors import AlignError
 
 TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2, reward_steps=2,
-                rlhf_steps=1, eval_per_family=1, eval_n=1)
+                rlhf_steps=1, eval_per_family=1, eval_n=1, sft_eval_samples=4)
 # A random model answers nothing right: with a both-bad threshold of 0 every pair is a tie, which every stage trains on.
 OVERRIDES = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
 
@@ -43,6 +43,19 @@ def test_every_stage_leaves_its_result(finished):
     assert (demo.path("report") / "report.html").stat().st_size > 10_000
     monitor = demo.path("report/summary.md").read_text().split("## Monitor flags: v3-rlhf\n\n")[1].splitlines()[0]
     assert monitor.startswith("- ")  # a flag, or the sentence saying there was none
+
+
+def test_report_shows_the_overfitting_gap_of_the_sft_stage(finished):
+    from align.runs import read_metrics
+
+    demo, _ = finished
+    report = json.loads(demo.path("report/report.json").read_text())
+    gaps = report["overfit"]["v1-sft"]["evaluations"]
+    assert [g["step"] for g in gaps] == [1, 2]  # 2 SFT steps, evaluated every step on 4 held-out conversations
+    logged = {r["step"]: r for r in read_metrics(demo.path("v1-sft/metrics.jsonl")) if "eval_loss" in r}
+    for g in gaps:
+        assert g["eval_gap"] == pytest.approx(logged[g["step"]]["eval_loss"] - logged[g["step"]]["eval_train_loss"])
+    assert "Overfitting alarm" in demo.path("report/report.html").read_text()
 
 
 def test_summary_table_comes_from_the_report_and_the_runs(finished):

@@ -243,3 +243,35 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     acc = report["reward_model_accuracy"]
     assert acc["n"] == 6 and 0 <= acc["accuracy"] <= 1 and acc["source"] == "file"
     assert report["failures"]["clusters_note"] == "embedding clusters were turned off"
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir, tmp_path_factory):
+    """A tiny DPO run that evaluates every step: its run directory."""
+    from align.trainers.dpo import train_dpo
+    from tests.test_dpo import configs
+    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+
+    root = tmp_path_factory.mktemp("dpo-run")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    files = (write_pairs(root / "train.jsonl", pair_rows(tokenizer, n=8)),
+             write_pairs(root / "eval.jsonl", pair_rows(tokenizer, 4, offset=50)))
+    return train_dpo(*configs(tiny_model_dir, files, root / "v1-dpo", max_steps=3, eval_steps=1))
+
+
+def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
+    from align.eval_cli import build_runs_report
+    from align.report import write_report
+    from align.runs import read_metrics
+
+    rows = read_metrics(dpo_run / "metrics.jsonl")
+    report = build_runs_report([str(dpo_run)])
+    gaps = report["overfit"]["v1-dpo"]["evaluations"]
+    assert [g["step"] for g in gaps] == [1, 2, 3]
+    for gap, step in zip(gaps, (1, 2, 3)):
+        train_loss = next(r["loss"] for r in rows if r["step"] == step and "loss" in r)  # logged every step
+        eval_loss = next(r["eval_loss"] for r in rows if r["step"] == step and "eval_loss" in r)
+        assert gap["train_loss"] == pytest.approx(train_loss) and gap["eval_gap"] == pytest.approx(eval_loss - train_loss)
+    assert "eval_gap" in report["training"]["v1-dpo"]
+    html = write_report(report, tmp_path / "out").read_text()
+    assert "Overfitting alarm: held-out against training loss" in html and f"{gaps[-1]['eval_gap']:.3f}" in html

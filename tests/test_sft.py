@@ -50,6 +50,12 @@ def test_sft_trains_and_saves(tiny_model_dir, chat_files, tmp_path):
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert any("eval_loss" in m for m in metrics)
+    # The overfitting alarm's gap, at steps 2 and 4: eval loss minus the mean training loss since the last eval.
+    evals = list({m["step"]: m for m in metrics if "eval_loss" in m}.values())  # the final evaluate() repeats step 4
+    assert [m["step"] for m in evals] == [2, 4]
+    for m, window in zip(evals, (losses[0:2], losses[2:4])):
+        assert m["eval_train_loss"] == pytest.approx(sum(window) / 2, rel=1e-6)
+        assert m["eval_gap"] == pytest.approx(m["eval_loss"] - sum(window) / 2, rel=1e-6)
 
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "config.yaml").is_file() and (out / "README.md").is_file()
@@ -58,6 +64,7 @@ def test_sft_trains_and_saves(tiny_model_dir, chat_files, tmp_path):
     assert version["base_model"] == str(tiny_model_dir.resolve())
     assert len(version["adapter_hash"]) == 16 and len(version["data_hash"]) == 16
     assert version["metrics"]["global_step"] == 4
+    assert version["metrics"]["eval_gap"] == pytest.approx(evals[-1]["eval_gap"])
 
 
 def test_resume_continues_from_checkpoint(tiny_model_dir, chat_files, tmp_path):

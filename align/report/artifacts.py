@@ -14,13 +14,13 @@ from typing import Any, Optional, Sequence
 from align.runs import read_metrics
 
 # Curves shown first when present (the rest follow alphabetically, up to MAX_CURVES).
-CURVE_PRIORITY = ("loss", "eval_loss", "eval/loss", "rewards/margins", "rewards/accuracies", "kl/ref", "kl",
+CURVE_PRIORITY = ("loss", "eval_loss", "eval_gap", "eval/loss", "rewards/margins", "rewards/accuracies", "kl/ref", "kl",
                   "gold/all", "eval/gold/all", "reward", "rewards/mean", "accuracy", "eval/accuracy",
                   "weights/ess_frac", "grad_norm", "learning_rate")
 MAX_CURVES = 8
 SKIP_CURVES = ("step", "epoch", "global_step", "total_flos", "train_runtime", "train_samples_per_second",
                "train_steps_per_second", "num_tokens", "eval_num_tokens", "eval_runtime", "eval_samples_per_second",
-               "eval_steps_per_second")  # bookkeeping, not training signals
+               "eval_steps_per_second", "eval_train_loss", "overfit/widening")  # bookkeeping, not training signals
 WEIGHT_SCALARS = ("scheme", "weights/n", "weights/ess_frac", "weights/top1pct_share", "weights/clipped_frac",
                   "weights/max", "kl/per_token", "warning")
 
@@ -49,6 +49,18 @@ def training_curves(run: Path) -> Optional[dict]:
     curves = {k: v for k, v in curves.items() if len(v) > 0}
     order = [k for k in CURVE_PRIORITY if k in curves] + sorted(k for k in curves if k not in CURVE_PRIORITY)
     return {k: curves[k] for k in order[:MAX_CURVES]}
+
+
+def overfit_section(run: Path) -> Optional[dict]:
+    """The overfitting alarm of a run (align.overfit): its gap at each evaluation, the alarm and why it stopped."""
+    from align.overfit import gap_rows
+
+    rows = gap_rows(read_metrics(run / "metrics.jsonl"))
+    metrics = json.loads((run / "version.json").read_text()).get("metrics") or {}
+    out = {k: metrics[k] for k in ("overfit_alarm", "stop_reason") if isinstance(metrics.get(k), str)}
+    if not rows and not out:
+        return None
+    return {"evaluations": rows, **out}
 
 
 def weights_section(run: Path) -> Optional[dict]:
@@ -182,6 +194,9 @@ def _fill(report: dict, runs: dict[str, Path]) -> None:
             final[name] = numeric
     if final:
         report["final_metrics"] = final
+    overfit = {name: section for name, run in runs.items() if (section := overfit_section(run)) is not None}
+    if overfit:
+        report["overfit"] = overfit
     for key, build, file, missing in (
         ("training", training_curves, "metrics.jsonl",
          "no version has a training run with metrics.jsonl on this machine"),

@@ -201,12 +201,30 @@ def s_training(r: dict) -> Optional[str]:
     tr = r.get("training")
     if not tr:
         return None
-    out = img(plots.curves(tr), "training curves")
+    out = img(plots.curves(tr), "training curves") + _overfit(r.get("overfit") or {})
     final = r.get("final_metrics")
     if final:
         keys = sorted({k for v in final.values() for k in v})[:16]
         out += "<h3>Final metrics (version.json)</h3>" + table(
             ["metric"] + [plots.short(n) for n in final], [[k] + [v.get(k) for v in final.values()] for k in keys])
+    return out
+
+
+def _overfit(section: dict) -> str:
+    """Per run: the eval − train loss gap at each evaluation, the overfitting alarm, and why the run stopped."""
+    if not section:
+        return ""
+    out = ('<h3>Overfitting alarm: held-out against training loss</h3><p class="meta">At each evaluation, eval loss '
+           "minus the mean training loss since the previous one. A steady offset is expected (training losses carry "
+           "weights and extra terms); a gap that keeps widening is overfitting.</p>")
+    for name, d in section.items():
+        out += f"<h3>{escape(plots.short(name, 60))}</h3>"
+        if d.get("evaluations"):
+            out += table(["step", "train loss", "eval loss", "gap"],
+                         [[e["step"], e["train_loss"], e["eval_loss"], e["eval_gap"]] for e in d["evaluations"]])
+        out += f'<p class="warn">{escape(d["overfit_alarm"])}</p>' if d.get("overfit_alarm") else note("no alarm")
+        if d.get("stop_reason"):
+            out += f'<p class="warn">{escape(d["stop_reason"])}</p>'
     return out
 
 

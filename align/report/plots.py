@@ -143,11 +143,15 @@ def curves(section: dict) -> str:
                 xs, ys = zip(*per[key])
                 ax.plot(xs, ys, marker="." if len(xs) < 30 else None, color=COLORS[i % len(COLORS)],
                         label=short(name))
+            if key == "loss" and per.get("eval_loss"):  # held-out beside training loss: the overfitting picture
+                xs, ys = zip(*per["eval_loss"])
+                ax.plot(xs, ys, linestyle="--", marker="x", color=COLORS[i % len(COLORS)],
+                        label=f"{short(name)} (eval)")
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(keys):]:
         ax.set_axis_off()
-    if len(section) > 1:
+    if len(section) > 1 or any(per.get("eval_loss") for per in section.values()):
         axes[0].legend(fontsize=7)
     return to_data_uri(fig)
 

@@ -25,6 +25,7 @@ import torch
 
 from align import runs
 from align.config import TrainArgs
+from align.overfit import GapTracker
 from align.trainers.finite import NonFiniteGuard, diverged_weights, trainable_nonfinite
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def train_loop(
     start_metrics: Optional[dict[str, Any]] = None, callbacks: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], Any]:
     """Train to max_steps (or num_train_epochs); return (final metrics: train_loss, global_step, eval_*, the
-    prepared model). Save from `accelerator.get_state_dict(prepared)` called on every rank: under FSDP2 or
+    overfitting alarm's eval_gap / overfit_alarm / stop_reason (align.overfit), the prepared model). Save from `accelerator.get_state_dict(prepared)` called on every rank: under FSDP2 or
     ZeRO-3 only the prepared model can gather the shards.
 
     `callbacks` may define on_train_begin(model), on_log(step, metrics), on_train_end(model).
@@ -295,7 +296,9 @@ def train_loop(
     progress = tqdm(total=total, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     pending: list[Metrics] = []
     final: dict[str, Any] = {}
-    best, bad_evals, epoch, stop = math.inf, 0, step // per_epoch, False
+    gaps = GapTracker(train.overfit_window)
+    best, best_step, bad_evals, epoch, stop = math.inf, None, 0, step // per_epoch, False
+    logged_at = step
     guard = NonFiniteGuard(train.learning_rate)
     while step < total and not stop:
         loader.set_epoch(epoch)
@@ -307,21 +310,24 @@ def train_loop(
             step += 1
             progress.update(1)
             done = step >= total
-            if step % train.logging_steps == 0 or done:
+            evaluating = eval_loader is not None and ((train.eval_steps and step % train.eval_steps == 0) or done)
+            if step % train.logging_steps == 0 or done or evaluating:  # an evaluation's gap needs the train loss
                 metrics = {**_reduce(accelerator, pending), "epoch": round(step / per_epoch, 4)}
                 losses.append((step, metrics["loss"]))
+                gaps.add_train(metrics["loss"], step - logged_at)
+                logged_at = step
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}")
                 logger.log(metrics, step)
                 _call(callbacks, "on_log", step, metrics)
                 pending = []
-            if eval_loader is not None and ((train.eval_steps and step % train.eval_steps == 0) or done):
+            if evaluating:
                 final = evaluate(accelerator, model, task, eval_loader)
-                logger.log(final, step)
                 loss = final.get("eval_loss", math.nan)
-                best, bad_evals = (loss, 0) if loss < best else (best, bad_evals + 1)
+                logger.log({**final, **gaps.add_eval(step, loss)}, step)
+                best, best_step, bad_evals = (loss, step, 0) if loss < best else (best, best_step, bad_evals + 1)
                 stop = 0 < train.early_stopping_patience <= bad_evals
                 if stop:
-                    log.info("early stopping at step %d: %d evaluations without eval_loss improvement", step, bad_evals)
+                    gaps.early_stop(step, bad_evals, best, best_step)
             if done or stop:
                 guard.finish(step)
             if step % train.save_steps == 0 or done or stop:
@@ -333,7 +339,7 @@ def train_loop(
     progress.close()
     logger.close()
     _call(callbacks, "on_train_end", accelerator.unwrap_model(model))
-    return {"train_loss": mean_loss(losses), "global_step": step, **final}, model
+    return {"train_loss": mean_loss(losses), "global_step": step, **final, **gaps.summary()}, model
 
 
 def _call(callbacks: Sequence[Any], name: str, *args: Any) -> None:

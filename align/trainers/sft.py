@@ -12,12 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from align import runs
+from align import overfit, runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
 from align.data import load_chat_file, tokenize_chat
 from align.errors import DataError
 from align.models import apply_lora, load_model, save_trained
 from align.trainers.finite import non_finite_callback
+from align.overfit import GapTracker
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,20 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
     )
 
 
-def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True) -> list:
-    from transformers import EarlyStoppingCallback
-
-    # The guard first: it adds train/skipped_steps to the logs the metrics callback writes.
+def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True,
+              gaps: Optional[GapTracker] = None) -> list:
+    """metrics.jsonl (+ TensorBoard); with evaluation, the overfitting alarm and early stopping (align.overfit).
+    The non-finite guard and the overfitting callback come first: they add train/skipped_steps and eval_gap to the
+    logs the metrics callback writes."""
     found = [non_finite_callback(train.learning_rate), runs.metrics_callback(out / "metrics.jsonl")]
+    if has_eval and train.eval_steps > 0:
+        patience = train.early_stopping_patience
+        found.insert(1, overfit.callback(gaps if gaps is not None else GapTracker(train.overfit_window), patience))
     if train.report_to == "tensorboard" and main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
         found.append(TensorBoardCallback(tb_writer=SummaryWriter(str(out / "tensorboard"))))
-    if has_eval and train.early_stopping_patience > 0 and train.eval_steps > 0:
-        found.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return found
 
 
@@ -120,19 +123,21 @@ def train_sft(
     if state.is_main_process:
         save_config(out / "config.yaml", model_args, lora_args, data_args, train)
 
+    gaps = GapTracker(train.overfit_window)
     trainer = SFTTrainer(
         model=model,
         args=trainer_args(train, model_args, eval_ds is not None, out),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks(train, out, eval_ds is not None, state.is_main_process) + list(extra_callbacks),
+        callbacks=callbacks(train, out, eval_ds is not None, state.is_main_process, gaps) + list(extra_callbacks),
     )
     checkpoint = runs.last_checkpoint(out) if train.resume else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics.update(gaps.summary())
     # Every rank: gathers the full weights when they are sharded (FSDP2, ZeRO-3).
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
