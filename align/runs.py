@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from align.errors import AlignError
 
@@ -23,20 +25,85 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 
+RUN_MARKER = ".align-run"  # written into every run directory, so a directory is known to be ours
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory align made for a run (runs from before the marker: a version.json or checkpoints/)."""
+    return (path / RUN_MARKER).is_file() or (path / "version.json").is_file() or (path / "checkpoints").is_dir()
+
+
 def prepare_output_dir(path: str | Path, resume: bool) -> Path:
-    """Create the run directory, refuse to overwrite a previous run unless resuming, check it is writable."""
+    """Create the run directory, refuse to overwrite a previous run unless resuming, check it is writable.
+
+    A directory that is not empty and is not an align run (a project folder, say) is refused, never written into.
+    """
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AlignError(f"output directory {out} is a file, not a directory; choose another --output_dir")
+    if out.is_dir() and not is_run_dir(out):
+        found = sorted(p.name for p in out.iterdir())
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise AlignError(f"output directory {out} is not empty and is not an align run (it holds {shown}); "
+                             "choose a new or empty --output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("ok")
         probe.unlink()
+        (out / RUN_MARKER).touch()
     except OSError as exc:
         raise AlignError(f"output directory {out} is not writable ({exc.strerror})") from None
     if not resume and (last_checkpoint(out) is not None or (out / "version.json").exists()):
         raise AlignError(f"{out} already holds a run; pass --resume to continue it, or choose another --output_dir")
     set_aside_lost_metrics(out, last_checkpoint(out) if resume else None)
     return out
+
+
+def discard_failed_runs(train_fn: Callable) -> Callable:
+    """Decorate a `train_*(..., TrainArgs, ...)` function: when it fails before its first training step, in a
+    directory that was new or empty, that directory is left as it was found (removed, or emptied), so nothing
+    that looks like a result stays behind. Once training has started, the metrics and checkpoints stay (they
+    say what went wrong, and `--resume` continues from a checkpoint); a failed run never has a version.json."""
+
+    @functools.wraps(train_fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from align.config import TrainArgs
+
+        train = next(a for a in (*args, *kwargs.values()) if isinstance(a, TrainArgs))
+        out = Path(train.output_dir)
+        existed = out.exists()
+        fresh = not existed or (out.is_dir() and not any(out.iterdir()))
+        try:
+            return train_fn(*args, **kwargs)
+        except BaseException:
+            from accelerate import PartialState
+
+            if fresh and out.is_dir() and PartialState().is_main_process and not _trained(out):
+                _remove_contents(out)
+                if not existed:
+                    out.rmdir()
+            raise
+
+    return run
+
+
+def _trained(out: Path) -> bool:
+    if (out / "checkpoints").is_dir() or (out / "version.json").exists():
+        return True
+    try:
+        return any(row.get("step", 0) > 0 for row in read_metrics(out / "metrics.jsonl"))
+    except ValueError:  # a torn last line: training had started
+        return True
+
+
+def _remove_contents(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def set_aside_lost_metrics(out: Path, checkpoint: Optional[Path]) -> None:

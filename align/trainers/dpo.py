@@ -143,6 +143,7 @@ def write_run_record(out: Path, method: str, model_args: ModelArgs, model_dir: P
                     config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
 
 
+@runs.discard_failed_runs
 def train_dpo(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PreferenceDataArgs, dpo_args: DPOArgs,
     weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),

@@ -257,6 +257,7 @@ def load_reward(run_dir: str, device: Any, rl: RLHFArgs, monitor: Any = None) ->
     return RewardFunction(model, tokenizer, stats, rl.length_penalty, rl.reward_batch_size, monitor)
 
 
+@runs.discard_failed_runs
 def train_rlhf(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PromptDataArgs, rl: RLHFArgs, monitor_args: MonitorArgs,
     train: TrainArgs, command: Optional[str] = None, extra_callbacks: Sequence[Any] = (),

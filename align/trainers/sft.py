@@ -96,6 +96,7 @@ def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = 
     return found
 
 
+@runs.discard_failed_runs
 def train_sft(
     model_args: ModelArgs,
     lora_args: LoraArgs,
