@@ -83,6 +83,7 @@ def test_rows_logged_after_the_restart_point_are_set_aside(tmp_path):
 
     fresh = tmp_path / "fresh"  # crashed before its first checkpoint: a new start sets every row aside
     fresh.mkdir()
+    (fresh / ".align-run").touch()  # what prepare_output_dir marked it with
     (fresh / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/gold_reward": 0.5}) + "\n")
     prepare_output_dir(fresh, resume=False)
     assert read_metrics(fresh / "metrics.jsonl") == [] and len(read_metrics(fresh / "metrics.discarded.jsonl")) == 1
