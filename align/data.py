@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
-from align.errors import DataError
+from align.errors import AlignError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,21 +55,40 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str,
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, sort_keys: bool = False) -> Path:
     """Write one JSON object per line, atomically: readers see the old file or the whole new one."""
+    return write_atomically(path, (json.dumps(row, ensure_ascii=False, sort_keys=sort_keys, default=str) + "\n"
+                                   for row in rows))
+
+
+def write_atomically(path: str | Path, pieces: Iterable[str]) -> Path:
+    """Write text to `path` so that readers see the old file or the whole new one (a temporary file renamed over
+    it). Only a regular file or a new path is replaced that way: a symlink's target is written (the link stays),
+    and a device, FIFO or socket (`/dev/stdout`, `/dev/full`) is written into directly, never replaced by a file.
+    Any OS error becomes one line naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
-    )
+    target = Path(os.path.realpath(path))
     try:
-        with handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False, sort_keys=sort_keys, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+        if target.is_dir():
+            raise AlignError(f"cannot write {path}: it is a directory")
+        if target.exists() and not target.is_file():
+            with open(target, "w", encoding="utf-8") as f:
+                f.writelines(pieces)
+            return path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(
+            "w", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False, encoding="utf-8")
+        try:
+            with handle:
+                handle.writelines(pieces)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if target.exists():
+                shutil.copymode(target, handle.name)  # a replaced file keeps its permissions
+            os.replace(handle.name, target)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise AlignError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 

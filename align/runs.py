@@ -147,9 +147,9 @@ def dir_sha256(path: str | Path) -> str:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    from align.data import write_atomically
+
+    write_atomically(path, [json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"])
 
 
 def write_version(out: Path, record: dict[str, Any]) -> dict[str, Any]:
