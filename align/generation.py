@@ -1,8 +1,9 @@
 """Sample responses with full provenance: token ids, finish reason, and per-token log-probs.
 
-Log-probs come from one teacher-forced pass over prompt + completion after sampling, not from the
-sampler's running scores: the same function re-scores stored responses later (`align rescore`), so
-generation and every later consumer (importance weights, KL) agree to float32 round-off.
+Log-probs come from the scores the sampler drew each token from (`SamplerLogps`), with no second pass; with
+greedy or top-k/top-p settings, from one teacher-forced pass over prompt + completion after sampling
+(`score_completions`, the function that re-scores stored responses later, `align rescore`). Both agree with a
+re-scoring to float32 round-off, so generation and every later consumer (importance weights, KL) agree.
 Two log-probs per token are stored, both float32:
 - `sample_token_logps`: under the sampling distribution actually used (temperature, top-k, top-p);
 - `token_logps`: under the raw model at temperature 1 (what importance weights compare).
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHES = ("dynamic", "static")  # generate()'s KV cache: see generate_kwargs
+LOGPS_SOURCES = ("sampler", "rescore")  # where sample_responses takes log-probs from
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,7 @@ def sample_responses(
     skip: Optional[set[tuple[int, int]]] = None,
     with_logps: bool = True,
     cache: str = "dynamic",
+    logps_from: str = "sampler",
 ) -> Iterator[list[Sample]]:
     """Sample `n` responses per prompt, yielding one list of Samples per batch of prompts.
 
@@ -173,13 +176,18 @@ def sample_responses(
     on what was skipped, so a resumed run draws exactly what an uninterrupted one would. `skip` holds
     (prompt_index, sample_index) pairs already stored; chunks with nothing left to do are not run.
     `with_logps=False` skips the teacher-forced pass (about half the cost) when nobody needs log-probs.
-    `cache`: the KV cache generate() decodes with (see `generate_kwargs`); the samples' log-probs come from the
-    same teacher-forced pass either way.
+    `cache`: the KV cache generate() decodes with (see `generate_kwargs`).
+    `logps_from`: "sampler" (default) takes the log-probs from the scores the tokens were drawn from
+    (`SamplerLogps`) wherever `sampler_logps_usable`; "rescore" always runs the teacher-forced pass
+    (`score_completions`, what `align rescore` runs). Both agree to float round-off.
     """
     import torch
 
     if cache not in CACHES:
         raise ConfigError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
+    if logps_from not in LOGPS_SOURCES:
+        raise ConfigError(f"logps_from must be one of {', '.join(LOGPS_SOURCES)}, got {logps_from!r}")
+    from_sampler = with_logps and logps_from == "sampler" and sampler_logps_usable(settings)
     model.eval()
     skip = skip or set()
     eos_ids = _eos_ids(model, tokenizer)
@@ -190,15 +198,24 @@ def sample_responses(
             continue
         encoded = [prompt_ids(tokenizer, prompts[i]) for i in chunk]
         torch.manual_seed(settings.seed * 1_000_003 + chunk[0])
-        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids, cache)
+        recorder = SamplerLogps(settings.temperature) if from_sampler else None
+        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids, cache, recorder)
+        if recorder is not None:
+            import torch
+
+            raw, sampled = recorder.finish(torch.tensor(generated), settings.max_new_tokens)
         samples = []
         for j, tokens in enumerate(generated):
             p_index, s_index = chunk[j // n], j % n
             if (p_index, s_index) in skip:
                 continue
             completion, reason = _completion(tokens, eos_ids, tokenizer.pad_token_id)
-            samples.append(Sample(p_index, s_index, completion, tokenizer.decode(completion, skip_special_tokens=True), reason, [], []))
-        if with_logps:
+            sample = Sample(p_index, s_index, completion, tokenizer.decode(completion, skip_special_tokens=True),
+                            reason, [], [])
+            if recorder is not None:
+                sample.token_logps, sample.sample_token_logps = raw[j][:len(completion)], sampled[j][:len(completion)]
+            samples.append(sample)
+        if with_logps and not from_sampler:
             _attach_logps(model, tokenizer, samples, {i: e for i, e in zip(chunk, encoded)}, settings)
         yield samples
 
@@ -239,9 +256,54 @@ def generate_kwargs(settings: SamplingSettings, n: int, pad_token_id: int, eos_i
     return kwargs
 
 
+class SamplerLogps:
+    """A logits processor: generate() runs custom processors after its own logits processors (none with our
+    `generate_kwargs`) and before its warpers (temperature, top-k, top-p), so it sees each step's raw float32 logits,
+    and at the next step the token that was drawn (the last column of input_ids). It keeps, per step and row, that
+    token's log-prob under the raw model and under the sampling distribution (logits / temperature: exact without
+    top-k / top-p), then drops the step's (rows × V) logits: memory is one step's logits.
+
+    These are the sampler's own logits: a KV-cached decode of the same model, equal to a teacher-forced re-scoring
+    of the completion to float round-off (tests/test_generation.py), without the second forward pass."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.sampled: list["torch.Tensor"] = []  # per step: (rows,) float32
+        self.raw: list["torch.Tensor"] = []
+        self._last: Optional["torch.Tensor"] = None
+
+    def _take(self, tokens: "torch.Tensor") -> None:
+        import torch
+
+        scores, self._last = self._last, None
+        if scores is None:
+            return
+        picked = tokens[:, None]
+        self.raw.append((scores.gather(-1, picked) - torch.logsumexp(scores, -1, keepdim=True)).squeeze(-1))
+        scaled = scores / self.temperature  # what TemperatureLogitsWarper hands the sampler next
+        self.sampled.append((scaled.gather(-1, picked) - torch.logsumexp(scaled, -1, keepdim=True)).squeeze(-1))
+
+    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+        if self._last is not None:
+            self._take(input_ids[:, -1])
+        self._last = scores.float()
+        return scores
+
+    def finish(self, sequences: "torch.Tensor", new_tokens: int) -> tuple[list[list[float]], list[list[float]]]:
+        """(raw, sampled) per row, one value per generated column; the last step's token from the output."""
+        import torch
+
+        self._take(sequences[:, -1])
+        steps = min(new_tokens, len(self.raw))
+        raw = torch.stack(self.raw[:steps], dim=1) if steps else torch.zeros(sequences.shape[0], 0)
+        sampled = torch.stack(self.sampled[:steps], dim=1) if steps else torch.zeros_like(raw)
+        return raw.tolist(), sampled.tolist()
+
+
 def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: SamplingSettings, eos_ids: set[int],
-              cache: str = "dynamic") -> list[list[int]]:
+              cache: str = "dynamic", recorder: Optional[SamplerLogps] = None) -> list[list[int]]:
     import torch
+    from transformers import LogitsProcessorList
 
     width = max(map(len, encoded))
     pad = tokenizer.pad_token_id
@@ -249,10 +311,17 @@ def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: Samp
     input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     device = next(model.parameters()).device
+    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             **generate_kwargs(settings, n, pad, eos_ids, cache))
+                             **generate_kwargs(settings, n, pad, eos_ids, cache), **extra)
     return out[:, width:].tolist()
+
+
+def sampler_logps_usable(settings: SamplingSettings) -> bool:
+    """The sampler's scores give both stored log-probs when they are the raw logits over the temperature: sampling
+    (temperature > 0) without top-k / top-p truncation. Greedy and truncated settings use the teacher-forced pass."""
+    return settings.temperature > 0 and not settings.truncates
 
 
 def _attach_logps(model, tokenizer, samples: list[Sample], encoded: dict[int, list[int]], settings, batch_size: int = 16) -> None:
