@@ -349,7 +349,32 @@ class PreferenceDataArgs(Validated):
 
 
 @dataclass
-class DPOArgs(Validated):
+class InterferenceArgs(Validated):
+    """Stage interference (align/interference.py): DPO and RLHF measure what they cost the SFT stage."""
+
+    interference_samples: int = option(
+        32, "Held-out SFT conversations whose assistant-token loss is measured before and after training (0: off)."
+    )
+    interference_sft_file: Optional[str] = option(
+        "auto", "Their chat JSONL; auto: the eval (else train) file of the nearest SFT run in the starting model's "
+        "lineage, else data/sft/eval.jsonl."
+    )
+    interference_per_family: int = option(
+        1, "Held-out task prompts per family whose greedy answers' gold reward is measured before and after (0: off)."
+    )
+    interference_max_loss_increase: float = option(
+        0.05, "Warn when the held-out SFT loss rises by more than this (nats/token); the remedy named is sft_weight."
+    )
+    interference_max_gold_drop: float = option(0.05, "Warn when the gold reward falls by more than this.")
+
+    def validate_interference(self) -> None:
+        for key in ("interference_samples", "interference_per_family", "interference_max_loss_increase",
+                    "interference_max_gold_drop"):
+            _positive(key, getattr(self, key), allow_zero=True)
+
+
+@dataclass
+class DPOArgs(InterferenceArgs):
     _argument_group_name = "dpo"
 
     beta: float = option(0.1, "KL strength β: implicit reward = β·(log π - log π_ref).")
@@ -372,6 +397,7 @@ class DPOArgs(Validated):
     )
 
     def validate(self) -> None:
+        self.validate_interference()
         _positive("beta", self.beta)
         _positive("tie_nu", self.tie_nu)
         _positive("sft_weight", self.sft_weight, allow_zero=True)
@@ -451,7 +477,7 @@ class PromptDataArgs(Validated):
 
 
 @dataclass
-class RLHFArgs(Validated):
+class RLHFArgs(InterferenceArgs):
     _argument_group_name = "rlhf"
 
     algorithm: Literal["rloo", "grpo"] = option(
@@ -484,6 +510,7 @@ class RLHFArgs(Validated):
     use_vllm: bool = option(False, "Generate rollouts with vLLM (TRL colocate mode; needs vllm and a GPU).")
 
     def validate(self) -> None:
+        self.validate_interference()
         _positive("beta", self.beta, allow_zero=True)
         if self.kl_target is not None:
             _positive("kl_target", self.kl_target)

@@ -144,6 +144,7 @@ def stage_dpo(demo: Demo) -> dict:
     return _train(demo, "dpo", "v2-dpo", demo.size.dpo_steps, [
         "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs.jsonl")), "--eval_file", "none",
         "--weighting_scheme", demo.weighting, "--eval_steps", "0", "--save_steps", "5",
+        "--interference_samples", str(demo.size.sft_eval_samples),  # what DPO costs v1's SFT (the report shows it)
     ])
 
 
@@ -167,7 +168,7 @@ def stage_rlhf(demo: Demo) -> dict:
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
         "--prompts_file", str(prompts), "--eval_prompts_file", str(repo_file("data/tasks/eval.jsonl")),
         "--eval_per_family", "1", "--eval_steps", "0", "--save_steps", "3",
-        "--max_new_tokens", str(demo.size.max_new_tokens),
+        "--max_new_tokens", str(demo.size.max_new_tokens), "--interference_samples", str(demo.size.sft_eval_samples),
     ])
 
 

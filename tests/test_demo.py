@@ -58,6 +58,25 @@ def test_report_shows_the_overfitting_gap_of_the_sft_stage(finished):
     assert "Overfitting alarm" in demo.path("report/report.html").read_text()
 
 
+def test_report_shows_what_dpo_and_rlhf_cost_the_sft_stage(finished):
+    demo, _ = finished
+    report = json.loads(demo.path("report/report.json").read_text())
+    assert set(report["interference"]) == {"v2-dpo", "v3-rlhf"}
+    for run in ("v2-dpo", "v3-rlhf"):
+        recorded = json.loads(demo.path(f"{run}/interference.json").read_text())
+        metrics = json.loads(demo.path(f"{run}/version.json").read_text())["metrics"]
+        assert report["interference"][run]["before"] == recorded["before"]
+        assert metrics["interference/sft_loss_after"] == recorded["after"]["sft_loss"]
+        assert recorded["sft_conversations"] == 4 and recorded["gold_tasks"] == 7
+    # DPO starts from v1-sft: its SFT conversations are v1's held-out file; RLHF's v2 has no SFT run of its own
+    assert report["interference"]["v2-dpo"]["sft_source"] == "the eval_file of SFT run v1-sft"
+    assert report["interference"]["v3-rlhf"]["sft_source"] == "the eval_file of SFT run v1-sft"
+    # v2 is v3's starting model: RLHF's "before" is DPO's "after"
+    assert report["interference"]["v3-rlhf"]["before"]["sft_loss"] == pytest.approx(
+        report["interference"]["v2-dpo"]["after"]["sft_loss"], rel=1e-4)
+    assert "Stage interference" in demo.path("report/report.html").read_text()
+
+
 def test_summary_table_comes_from_the_report_and_the_runs(finished):
     demo, records = finished
     table = summary(demo, records)

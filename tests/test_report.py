@@ -275,3 +275,8 @@ def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
     assert "eval_gap" in report["training"]["v1-dpo"]
     html = write_report(report, tmp_path / "out").read_text()
     assert "Overfitting alarm: held-out against training loss" in html and f"{gaps[-1]['eval_gap']:.3f}" in html
+    # Stage interference, as the run recorded it, with its before/after table
+    recorded = json.loads((dpo_run / "interference.json").read_text())
+    assert report["interference"]["v1-dpo"]["before"] == recorded["before"]
+    assert f"{recorded['after']['sft_loss'] - recorded['before']['sft_loss']:.3f}" in html
+    assert "held-out SFT loss" in html

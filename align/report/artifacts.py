@@ -63,6 +63,17 @@ def overfit_section(run: Path) -> Optional[dict]:
     return {"evaluations": rows, **out}
 
 
+def interference_section(run: Path) -> Optional[dict]:
+    """What a DPO or RLHF run cost the SFT stage (align.interference): DIR/interference.json as written."""
+    path = run / "interference.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return {"warning": f"interference.json is not valid JSON: {err.msg}", "before": {}, "after": {}}
+
+
 def weights_section(run: Path) -> Optional[dict]:
     """The headline importance-weight diagnostics of the data the run trained on (weights.json)."""
     path = run / "weights.json"
@@ -204,6 +215,8 @@ def _fill(report: dict, runs: dict[str, Path]) -> None:
          "no version was trained with importance weights (no weights.json in its run)"),
         ("monitor", monitor_section, "monitor.json",
          "no reward-hacking monitor output (monitor.json) in the versions' runs"),
+        ("interference", interference_section, "interference.json",
+         "no DPO or RLHF run measured its cost to the SFT stage (interference.json)"),
     ):
         found = {name: section for name, run in runs.items() if (section := build(run)) is not None}
         if found:

@@ -37,7 +37,7 @@ SECTIONS = (  # id, title
     ("reward", "Reward-model scores"), ("kl", "KL to the reference"), ("lengths", "Lengths"),
     ("human_votes", "Human side-by-side votes"), ("failures", "Failures"), ("side_by_side", "Samples side by side"),
     ("training", "Training curves"), ("weights", "Importance-weighting diagnostics"),
-    ("monitor", "Reward-hacking flags"), ("lineage", "Lineage"),
+    ("monitor", "Reward-hacking flags"), ("interference", "Stage interference"), ("lineage", "Lineage"),
 )
 
 
@@ -270,6 +270,27 @@ def s_monitor(r: dict) -> Optional[str]:
     return out
 
 
+def s_interference(r: dict) -> Optional[str]:
+    section = r.get("interference")
+    if not section:
+        return None
+    out = ('<p class="meta">What preference training cost the SFT stage it started from: the loss of held-out SFT '
+           "answers (nats per assistant token) and the gold reward of greedy answers to held-out task prompts, for "
+           "the starting model (before) and the trained one (after).</p>")
+    labels = {"sft_loss": "held-out SFT loss", "gold": "gold reward"}
+    for name, d in section.items():
+        before, after = d.get("before") or {}, d.get("after") or {}
+        rows = [[labels.get(k, k), before[k], after.get(k), (after[k] - before[k]) if k in after else None]
+                for k in before]
+        out += f"<h3>{escape(plots.short(name, 60))} ({escape(str(d.get('method', '')).upper())})</h3>"
+        out += table(["measure", "before", "after", "change"], rows)
+        out += note(f"SFT conversations: {d.get('sft_conversations', 0)} from {d.get('sft_source') or 'nowhere'}; "
+                    f"task prompts: {d.get('gold_tasks', 0)}")
+        out += f'<p class="warn">{escape(d["warning"])}</p>' if d.get("warning") else note(
+            "within the thresholds: no interference warning")
+    return out
+
+
 def s_lineage(r: dict) -> Optional[str]:
     lin = r.get("lineage")
     if not lin:
@@ -286,7 +307,8 @@ def s_lineage(r: dict) -> Optional[str]:
 RENDERERS: dict[str, Callable[[dict], Optional[str]]] = {
     "win_rates": s_win_rates, "ranking": s_ranking, "gold": s_gold, "reward": s_reward, "kl": s_kl,
     "lengths": s_lengths, "human_votes": s_human, "failures": s_failures, "side_by_side": s_side_by_side,
-    "training": s_training, "weights": s_weights, "monitor": s_monitor, "lineage": s_lineage,
+    "training": s_training, "weights": s_weights, "monitor": s_monitor, "interference": s_interference,
+    "lineage": s_lineage,
 }
 NOTE_KEYS = {"ranking": "win_rates", "reward": "reward_model_accuracy"}
 
@@ -370,6 +392,9 @@ def markdown_summary(r: dict) -> str:
     for name, section in r.get("monitor", {}).items():
         flags = [f"- {f}" for f in section["flags"]] or ["- none: the reward-hacking monitor stayed quiet"]
         lines += [f"## Monitor flags: {name}", ""] + flags + [""]
+    for name, section in r.get("interference", {}).items():
+        lines += [f"## Stage interference: {name}", "",
+                  f"- {section['warning']}" if section.get("warning") else "- within the thresholds", ""]
     if r.get("notes"):
         lines += ["## Omitted", ""] + [f"- {k}: {v}" for k, v in r["notes"].items()] + [""]
     return "\n".join(lines)

@@ -117,6 +117,21 @@ def preference_collator(model: Any, pad_token_id: int, padding_free: bool,
     return PreferenceCollator(pad_token_id, label_smoothing), None
 
 
+def stage_interference(accelerator: Any, args: Any, model_spec: str, method: str, tokenizer: Any,
+                       sft_weight: Optional[float] = None) -> Optional[Any]:
+    """The stage-interference check (align/interference.py), on the main process, where the whole model is there
+    to run (not under FSDP or ZeRO-3, whose shards only the prepared model can gather)."""
+    from accelerate.utils import DistributedType
+
+    from align.interference import InterferenceCheck
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded or not accelerator.is_main_process:
+        return None
+    check = InterferenceCheck(args, model_spec, method, tokenizer, sft_weight)
+    return check if check.enabled else None
+
+
 def attach_reference(features: list[dict], scores: dict[str, torch.Tensor]) -> None:
     """Store reference outputs as per-pair columns (ref_chosen_logps, ...), which the collator carries."""
     for name, values in scores.items():
@@ -156,6 +171,9 @@ def train_dpo(
     collator, attention = preference_collator(model, tokenizer.pad_token_id, dpo_args.padding_free,
                                               dpo_args.label_smoothing)
     full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
+    interference = stage_interference(accelerator, dpo_args, model_args.model, "dpo", tokenizer, dpo_args.sft_weight)
+    if interference is not None:
+        interference.start(model)  # the starting model, before any adapter
 
     def score(feats: Sequence[dict], with_collision: bool) -> dict[str, torch.Tensor]:
         return score_pairs(model, feats, collator, train.per_device_eval_batch_size, accelerator, with_collision)
@@ -188,6 +206,8 @@ def train_dpo(
     if accelerator.is_main_process:
         model_dir = save_trained(accelerator.unwrap_model(prepared), tokenizer, out, model_args.model, train.merge,
                                  state_dict=state_dict)
+        if interference is not None:
+            metrics.update(interference.finish(accelerator.unwrap_model(prepared), out))
         write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
     accelerator.wait_for_everyone()
     return out

@@ -270,6 +270,7 @@ def train_rlhf(
     from align.models import apply_lora
     from align.monitor import RewardHackingMonitor
     from align.tasks import load_tasks
+    from align.trainers.dpo import stage_interference
     from align.trainers.sft import callbacks as run_callbacks
 
     samples_per_step = check_setup(rl, monitor_args, train)
@@ -279,6 +280,9 @@ def train_rlhf(
 
     dataset = prompt_dataset(data_args.prompts_file, data_args.max_prompts)
     model, tokenizer = load_model(model_args)
+    interference = stage_interference(PartialState(), rl, model_args.model, "rlhf", tokenizer)
+    if interference is not None:
+        interference.start(model)  # the starting model, before any adapter
     monitor = RewardHackingMonitor(monitor_args, out) if monitor_args.monitor else None
     reward = load_reward(rl.reward_model, device, rl, monitor)
     reference = None
@@ -327,6 +331,8 @@ def train_rlhf(
     if evaluation is not None:
         runs.write_json(out / "eval_final.json", metrics)
     model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge)
+    if interference is not None:
+        metrics.update(interference.finish(trainer.model, out))
     runs.record_run(out, method="rlhf", name=train.name, model_spec=model_args.model, revision=model_args.revision,
                     model_dir=model_dir, data_files=(data_args.prompts_file, data_args.eval_prompts_file),
                     config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
