@@ -3,18 +3,21 @@
     demo = build_app("runs/store.db")
     launch_app(demo, host="127.0.0.1", port=7860)
 
-All logic lives in `labeling.handlers.Labeling`; this module wires components to it. Every handler reads the
-user from `gr.Request.username` (Gradio's login, backed by the store's users) and the handlers check roles
-themselves, so calling an endpoint directly is no way around the UI. Events that only touch the database run
-without a concurrency limit (the store serialises writers); live generation shares a small budget.
+All logic lives in `labeling.handlers.Labeling`; this module wires components to it, and `labeling.server` serves
+it (database logins, security headers, the JSON API). Every handler reads the user from `gr.Request.username`
+(set from the session cookie) and the handlers check roles themselves, so calling an endpoint directly is no way
+around the UI. Events that only touch the database run without a concurrency limit (the store serialises
+writers); live generation shares a small budget. An annotating screen's outputs travel as an `ItemView`.
 (No `from __future__ import annotations` here: Gradio finds `gr.Request` parameters by their annotation.)
 """
 
 import functools
 import json
+import logging
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, field, fields
 from typing import Any
 
 import gradio as gr
@@ -35,6 +38,9 @@ from labeling.handlers import (
     load_guidelines,
 )
 from labeling.render import safe_markdown
+from labeling.server import ServerSettings, create_server, serve
+
+log = logging.getLogger(__name__)
 
 render_stream = safe_markdown.__wrapped__
 
@@ -78,7 +84,13 @@ SHORTCUT_SCRIPT = """
 CSS = """
 .response-pane { padding: 4px 8px; }
 .prompt-pane { background: var(--background-fill-secondary); border-radius: 8px; padding: 8px 12px; }
+/* Code keeps a light background in both themes: Pygments' inline colours are chosen for one. */
+.response-pane pre, .prompt-pane pre, .response-pane code, .prompt-pane code {
+  background: #f6f8fa !important; color: #1f2328 !important; }
+.response-pane pre, .prompt-pane pre { padding: 8px; border-radius: 6px; overflow-x: auto; }
 """
+# Inline $...$ and display $$...$$ maths (KaTeX, bundled with Gradio: nothing is fetched).
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 AUTH_MESSAGE = "Log in with the name and password your admin created with: align users add."
 
@@ -92,12 +104,14 @@ def build_app(
     responders: Sequence[Any] | None = None,
     sampling: SamplingSettings | None = None,
     release_grace: float = 15.0,
+    max_text_bytes: int = 4096,
 ) -> gr.Blocks:
     """The app over the store at `store_url`. `responders`: two `labeling.compare.Responder`s enable the live
     side-by-side tab. Launch it with `launch_app` (login, keyboard shortcuts and styles are launch options)."""
     version, guidelines = load_guidelines(guidelines_version)
     store = connect(store_url)
-    labeling = Labeling(store, LabelingConfig(version, lease_seconds, frozenset(rationale_required)))
+    config = LabelingConfig(version, lease_seconds, frozenset(rationale_required), max_text_bytes=max_text_bytes)
+    labeling = Labeling(store, config)
     sessions = Sessions(labeling.release, grace=release_grace)
     if responders is not None and len(responders) != 2:
         raise ValueError("side-by-side mode needs exactly two responders")
@@ -106,17 +120,24 @@ def build_app(
         with gr.Row():
             header = gr.Markdown()
             logout = gr.Button("Log out", size="sm", scale=0, elem_id="logout-button")
+        guidelines_md = f"*Guidelines {version}* (stored with every vote)\n\n{guidelines}"
         with gr.Tabs():
             with gr.Tab("Annotate", id="annotate"):
-                item = annotate_tab()
+                with gr.Row():
+                    with gr.Column(scale=4):
+                        item = annotate_tab()
+                    with gr.Column(scale=1, min_width=240):
+                        with gr.Accordion("Guidelines", open=True, elem_id="guidelines-beside"):
+                            gr.Markdown(guidelines_md, max_height=900)
             with gr.Tab("Guidelines", id="guidelines"):
-                gr.Markdown(f"*Guidelines {version}* (stored with every vote)\n\n{guidelines}")
+                gr.Markdown(guidelines_md)
             with gr.Tab("Compare live", id="compare", visible=False) as compare_tab:
                 compare = compare_tab_body()
             with gr.Tab("Dashboard", id="dashboard", visible=False) as dashboard_tab:
                 board = dashboard_tab_body()
-        wire(demo, labeling, sessions, item, compare, board, header, logout, dashboard_tab, compare_tab,
-             responders, sampling or SamplingSettings(temperature=0.7, max_new_tokens=256))
+        screens = Screens(item, compare, board, header, logout, dashboard_tab, compare_tab)
+        wire(demo, labeling, sessions, screens, responders,
+             sampling or SamplingSettings(temperature=0.7, max_new_tokens=256))
 
     demo.labeling, demo.sessions = labeling, sessions  # for launch_app and tests
     return demo
@@ -125,20 +146,23 @@ def build_app(
 def annotate_tab() -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["progress"] = gr.Markdown(elem_id="progress")
-    c["prompt"] = gr.Markdown(elem_id="prompt", elem_classes="prompt-pane", max_height=240)
+    # The whole conversation, every turn: no height limit, so the last user turn is never cut off.
+    c["prompt"] = gr.Markdown(elem_id="prompt", elem_classes="prompt-pane", latex_delimiters=LATEX)
     with gr.Row(equal_height=True):
         for side, title in (("left", "A"), ("right", "B")):
             with gr.Column():
                 gr.Markdown(f"#### Response {title}")
-                c[side] = gr.Markdown(elem_id=f"response-{side}", elem_classes="response-pane", max_height=520)
+                c[side] = gr.Markdown(elem_id=f"response-{side}", elem_classes="response-pane", max_height=520,
+                                      latex_delimiters=LATEX)
+    # Strength and rationale come before the choice: a click on a choice sends them with it.
+    with gr.Row():
+        c["strength"] = gr.Radio(list(STRENGTHS), value="slightly", label="How much better?", elem_id="strength")
+        c["rationale"] = gr.Textbox(label="Rationale (required for 'much better' and 'both bad')", lines=2,
+                                    elem_id="rationale", scale=3, rtl=False)
     with gr.Row():
         for choice in SCREEN_CHOICES:
             c[f"vote_{choice}"] = gr.Button(BUTTON_LABELS[choice], elem_id=BUTTON_IDS[choice],
                                             variant="primary" if choice in ("left", "right") else "secondary")
-    with gr.Row():
-        c["strength"] = gr.Radio(list(STRENGTHS), value="slightly", label="How much better?", elem_id="strength")
-        c["rationale"] = gr.Textbox(label="Rationale (required for 'much better' and 'both bad')", lines=2,
-                                    elem_id="rationale", scale=3)
     with gr.Row():
         c["reasons_left"] = gr.CheckboxGroup(list(REASON_TAGS), label="About A (optional)", elem_id="reasons-left")
         c["reasons_right"] = gr.CheckboxGroup(list(REASON_TAGS), label="About B (optional)", elem_id="reasons-right")
@@ -176,7 +200,10 @@ def compare_tab_body() -> dict[str, Any]:
 
 def dashboard_tab_body() -> dict[str, Any]:
     c: dict[str, Any] = {}
-    c["refresh"] = gr.Button("Refresh", size="sm")
+    with gr.Row():
+        c["refresh"] = gr.Button("Refresh", size="sm", scale=0)
+        c["page"] = gr.Number(label="Page (annotators, kappa and flags tables)", value=1, precision=0, minimum=1,
+                              scale=0, min_width=200, elem_id="dashboard-page")
     c["summary"] = gr.Markdown()
     c["annotators"] = gr.Dataframe(label="Annotators: votes, position bias, speed, gold accuracy")
     c["cohen"] = gr.Dataframe(label="Cohen's kappa per annotator pair")
@@ -203,23 +230,70 @@ def guarded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except LabelingError as error:
             raise gr.Error(str(error), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as error:  # a failure of ours: still a message on screen, never an empty one
+            log.exception("labeling handler %s failed", fn.__name__)
+            raise gr.Error(f"The server could not do that ({type(error).__name__}); please try again in a moment.",
+                           print_exception=False) from None
 
     return wrapper
 
 
+@dataclass
+class ItemView:
+    """What one annotating screen shows, field by field; Gradio sends it as `astuple(view)` in this order (the
+    outputs of /load, /next, /vote_*, /skip, /flag, /undo after the header). `ItemView.of(outputs)` reads a
+    gradio_client result back into named fields."""
+
+    pair_id: int | None
+    prompt: str
+    left: str
+    right: str
+    progress: str
+    status: str
+    strength: str = "slightly"
+    reasons_left: list[str] = field(default_factory=list)
+    reasons_right: list[str] = field(default_factory=list)
+    rationale: str = ""
+    flag_reason: str | None = None
+    flag_note: str = ""
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def of_item(cls, item: Item) -> "ItemView":
+        return cls(item.pair_id, item.prompt or "*Nothing to label right now.*", item.left, item.right,
+                   item.progress.markdown(), item.message)
+
+    @classmethod
+    def of(cls, outputs: Sequence[Any]) -> "ItemView":
+        values = list(outputs)[-len(fields(cls)):]
+        return cls(*values)
+
+
 def item_values(item: Item) -> tuple:
-    prompt = item.prompt or "*Nothing to label right now.*"
-    return (item.pair_id, prompt, item.left, item.right, item.progress.markdown(), item.message,
-            "slightly", [], [], "", None, "")
+    return astuple(ItemView.of_item(item))
 
 
-ITEM_KEYS = ("pair_id", "prompt", "left", "right", "progress", "status", "strength", "reasons_left",
-             "reasons_right", "rationale", "flag_reason", "flag_note")
+@dataclass
+class Screens:
+    """The components `wire` connects: the annotate, compare and dashboard tabs' dicts, and the page chrome."""
+
+    item: dict[str, Any]
+    compare: dict[str, Any]
+    board: dict[str, Any]
+    header: Any
+    logout: Any
+    dashboard_tab: Any
+    compare_tab: Any
 
 
-def wire(demo, labeling: Labeling, sessions: Sessions, c, cmp, board, header, logout, dashboard_tab, compare_tab,
-         responders, sampling: SamplingSettings) -> None:
-    item_outputs = [c[k] for k in ITEM_KEYS]
+def wire(demo, labeling: Labeling, sessions: Sessions, ui: Screens, responders, sampling: SamplingSettings) -> None:
+    c, header = ui.item, ui.header
+    item_outputs = [c[k] for k in ItemView.keys()]
     fast = {"concurrency_limit": None, "show_progress": "hidden"}
 
     def on_load(request: gr.Request):
@@ -231,7 +305,8 @@ def wire(demo, labeling: Labeling, sessions: Sessions, c, cmp, board, header, lo
         return (title, gr.Tab(visible=role in REVIEW_ROLES), gr.Tab(visible=responders is not None),
                 *item_values(labeling.next_item(user)))
 
-    demo.load(guarded(on_load), None, [header, dashboard_tab, compare_tab, *item_outputs], api_name="load", **fast)
+    demo.load(guarded(on_load), None, [header, ui.dashboard_tab, ui.compare_tab, *item_outputs], api_name="load",
+              **fast)
 
     def on_next(request: gr.Request):
         return item_values(labeling.next_item(request.username))
@@ -270,7 +345,7 @@ def wire(demo, labeling: Labeling, sessions: Sessions, c, cmp, board, header, lo
         if request.username:
             labeling.release(request.username)
 
-    logout.click(on_logout, None, None, api_visibility="private", **fast).then(
+    ui.logout.click(on_logout, None, None, api_visibility="private", **fast).then(
         None, None, None, js="() => { window.location.href = window.location.pathname.replace(/\\/$/, '') + '/logout'; }"
     )
 
@@ -279,22 +354,29 @@ def wire(demo, labeling: Labeling, sessions: Sessions, c, cmp, board, header, lo
             sessions.closed(request.username, request.session_hash)
 
     demo.unload(on_unload)
-    wire_dashboard(labeling, board, dashboard_tab, fast)
-    wire_compare(labeling, cmp, responders, sampling, fast)
+    wire_dashboard(labeling, ui.board, ui.dashboard_tab, fast)
+    wire_compare(labeling, ui.compare, responders, sampling, fast)
 
 
 def wire_dashboard(labeling: Labeling, board, dashboard_tab, fast) -> None:
     from labeling.dashboard import build_dashboard, summary_markdown
 
-    def on_dashboard(request: gr.Request):
+    def on_dashboard(page, request: gr.Request):
         labeling.require(request.username, REVIEW_ROLES)
-        data = build_dashboard(labeling.store)
-        return (summary_markdown(data), table(data["annotator_rows"]), table(data["cohen_rows"]),
+        try:
+            index = max(int(page or 1), 1) - 1
+        except (TypeError, ValueError):
+            index = 0
+        data = build_dashboard(labeling.store, page=index)
+        paging = (f"\n\nTables: page {data['page'] + 1} of {data['pages']} · {data['flags_total']} flags in all "
+                  "(notes cut short; **Show pair** gives the whole note)")
+        return (summary_markdown(data) + paging, table(data["annotator_rows"]), table(data["cohen_rows"]),
                 table(data["leaderboard"]), table(data["flags"]))
 
     outputs = [board["summary"], board["annotators"], board["cohen"], board["leaderboard"], board["flags"]]
-    board["refresh"].click(guarded(on_dashboard), None, outputs, api_name="dashboard", **fast)
-    dashboard_tab.select(guarded(on_dashboard), None, outputs, api_visibility="private", **fast)
+    board["refresh"].click(guarded(on_dashboard), [board["page"]], outputs, api_name="dashboard", **fast)
+    board["page"].submit(guarded(on_dashboard), [board["page"]], outputs, api_visibility="private", **fast)
+    dashboard_tab.select(guarded(on_dashboard), [board["page"]], outputs, api_visibility="private", **fast)
 
     def on_export(request: gr.Request):
         return str(labeling.export(request.username, tempfile.mkdtemp(prefix="align-export-")))
@@ -359,17 +441,26 @@ def launch_app(
     block: bool = True,
     quiet: bool = False,
     max_threads: int = 64,
+    settings: ServerSettings | None = None,
 ) -> str:
-    """Launch with login (the store's users), keyboard shortcuts and styles; returns the local URL."""
-    demo.queue(default_concurrency_limit=None)
-    _, local_url, _ = demo.launch(
-        server_name=host, server_port=port, auth=demo.labeling.authenticate, auth_message=AUTH_MESSAGE,
-        head=SHORTCUT_SCRIPT, css=CSS, prevent_thread_lock=not block, quiet=quiet, max_threads=max_threads,
-        ssr_mode=False, show_error=False,
-    )
-    return local_url
+    """Serve the app (database logins, security headers, JSON API; see labeling.server); returns its URL. With
+    block=False the server runs in a background thread until `close_app`."""
+    app = server_app(demo, settings)
+    if block:
+        serve(app, host, port, block=True, max_threads=max_threads)
+        return f"http://{host}:{port}/"
+    demo.serving = serve(app, host, port, block=False, max_threads=max_threads)
+    return demo.serving.url
+
+
+def server_app(demo: gr.Blocks, settings: ServerSettings | None = None):
+    """The FastAPI app that serves `demo` with keyboard shortcuts and styles."""
+    return create_server(demo, settings, head=SHORTCUT_SCRIPT, css=CSS, auth_message=AUTH_MESSAGE)
 
 
 def close_app(demo: gr.Blocks) -> None:
+    serving = getattr(demo, "serving", None)
+    if serving is not None:
+        serving.stop()
     demo.close()
     demo.labeling.store.close()

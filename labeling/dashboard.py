@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import aliased
 
 from align.store import ModelVersion, Pair, Response, Store, Vote
@@ -259,12 +259,24 @@ def load_votes(store: Store, source: str = "human") -> list[VoteRow]:
     ]
 
 
-def load_flags(store: Store) -> list[dict[str, Any]]:
-    query = select(Vote).where(Vote.kind == "flag", in_effect()).order_by(Vote.id.desc())
+PAGE_SIZE = 50  # rows per dashboard table page: a page stays small however many flags or annotators there are
+NOTE_CHARS = 300  # a flag note is cut to this many characters in the table (the review screen shows it whole)
+
+
+def load_flags(store: Store, page: int = 0, page_size: int = PAGE_SIZE) -> tuple[list[dict[str, Any]], int]:
+    """One page of the flags in effect, newest first, with notes cut short; and how many flags there are."""
+    where = (Vote.kind == "flag", in_effect())
+    query = select(Vote).where(*where).order_by(Vote.id.desc()).offset(max(page, 0) * page_size).limit(page_size)
     with store.read() as session:
         flags = list(session.scalars(query))
-    return [{"pair": f.pair_id, "annotator": f.annotator, "reason": f.flag_reason or "",
+        total = session.scalar(select(func.count(Vote.id)).where(*where)) or 0
+    rows = [{"pair": f.pair_id, "annotator": f.annotator, "reason": cut(f.flag_reason or "", NOTE_CHARS),
              "when": f.answered_at.strftime("%Y-%m-%d %H:%M")} for f in flags]
+    return rows, total
+
+
+def cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def response_versions(store: Store, response_a: int, response_b: int) -> dict[str, str]:
@@ -364,13 +376,17 @@ def version_comparisons(votes: Sequence[VoteRow]) -> list[tuple[str, str, float]
     return [(v.version_a, v.version_b, outcome[v.choice]) for v in votes if v.version_a != v.version_b]
 
 
-def build_dashboard(store: Store, n_boot: int = 200) -> dict[str, Any]:
-    """Everything the dashboard tab shows, as plain numbers and row dicts."""
+def build_dashboard(store: Store, n_boot: int = 200, page: int = 0, page_size: int = PAGE_SIZE) -> dict[str, Any]:
+    """Everything the dashboard tab shows, as plain numbers and row dicts; the annotator and flag tables hold
+    page `page` (0-based) of `page_size` rows, and `pages` says how many pages the longer of the two has."""
     votes = load_votes(store)
     decided = [v for v in votes if v.choice in ("a", "b") and v.left]
     lefts = sum(v.choice == v.left for v in decided)
     seconds = [v.seconds for v in votes if v.seconds is not None]
     comparisons = version_comparisons(votes)
+    page = max(int(page), 0)
+    annotators = annotator_table(votes)
+    flags, flags_total = load_flags(store, page, page_size)
     return {
         "votes": len(votes),
         "annotators": len({v.annotator for v in votes}),
@@ -378,9 +394,12 @@ def build_dashboard(store: Store, n_boot: int = 200) -> dict[str, Any]:
         "agreement": agreement_summary(votes),
         "position": {"left": lefts, "decided": len(decided), "interval": wilson_interval(lefts, len(decided))},
         "median_seconds": statistics.median(seconds) if seconds else math.nan,
-        "annotator_rows": annotator_table(votes),
-        "cohen_rows": cohen_table(votes),
-        "flags": load_flags(store),
+        "annotator_rows": annotators[page * page_size : (page + 1) * page_size],
+        "cohen_rows": cohen_table(votes)[page * page_size : (page + 1) * page_size],
+        "flags": flags,
+        "flags_total": flags_total,
+        "page": page,
+        "pages": max(1, math.ceil(max(len(annotators), flags_total) / page_size)),
         "leaderboard": leaderboard(comparisons, n_boot=n_boot, seed=stable_seed(comparisons)),
     }
 

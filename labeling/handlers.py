@@ -43,7 +43,7 @@ from align.store import (
 )
 from align.store.clock import utcnow
 from align.store.votes import human_vote_count, in_effect
-from labeling.render import prompt_markdown, safe_markdown
+from labeling.render import bidi, prompt_markdown, safe_markdown
 
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
 STRENGTHS = {"slightly": 1, "much": 2}
@@ -79,6 +79,8 @@ class LabelingConfig:
     progress_ttl: float = 5.0
     # Seconds a user's role is trusted before it is read again (every call checks it).
     role_ttl: float = 5.0
+    # Longest rationale or flag note accepted, in bytes of UTF-8 (the dashboard sends them to every reviewer).
+    max_text_bytes: int = 4096
 
     def __post_init__(self) -> None:
         unknown = set(self.rationale_required) - set(RATIONALE_RULES)
@@ -94,11 +96,17 @@ class Progress:
     mine_total: int = 0
     pairs_done: int = 0
     pairs_total: int = 0
+    target: int | None = None  # votes asked of this annotator
+
+    @property
+    def target_reached(self) -> bool:
+        return self.target is not None and self.mine_total >= self.target
 
     def markdown(self) -> str:
         share = f" ({100 * self.pairs_done / self.pairs_total:.0f}%)" if self.pairs_total else ""
+        goal = f" of your target {self.target}" if self.target is not None else ""
         return (
-            f"**You:** {self.mine_today} today · {self.mine_total} in all  \n"
+            f"**You:** {self.mine_today} today · {self.mine_total} in all{goal}  \n"
             f"**Project:** {self.pairs_done} of {self.pairs_total} pairs have all their votes{share}"
         )
 
@@ -114,6 +122,22 @@ class Item:
     left_is: str | None = None  # "a" or "b": which response is on the left
     progress: Progress = field(default_factory=Progress)
     message: str = ""
+    # The same item as data, for the JSON API: the prompt's messages and the responses in screen order.
+    messages: list[dict[str, str]] = field(default_factory=list)
+    responses: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """Named fields for programs (see the README's JSON API section): raw texts, not display markdown."""
+        return {
+            "pair_id": self.pair_id,
+            "prompt": self.messages,
+            "responses": self.responses,
+            "shown_order": [r["response"] for r in self.responses],
+            "progress": {"mine_today": self.progress.mine_today, "mine_total": self.progress.mine_total,
+                         "target": self.progress.target, "pairs_done": self.progress.pairs_done,
+                         "pairs_total": self.progress.pairs_total},
+            "message": self.message,
+        }
 
 
 GUIDELINES_DIR = Path(__file__).parent / "guidelines"
@@ -158,7 +182,8 @@ class Labeling:
         self.config = config or LabelingConfig()
         self._progress_lock = threading.Lock()
         self._project_cache: tuple[float, tuple[int, int]] | None = None
-        self._roles: dict[str, tuple[float, str]] = {}  # user -> (when read, role); a dict write is atomic
+        # user -> (when read, (role, target)); a dict write is atomic
+        self._roles: dict[str, tuple[float, tuple[str, int | None]]] = {}
         # SQLite has one writer at a time, and a writer that finds the database locked sleeps in growing steps
         # (1, 2, 5, 10, 25 ms...). Queueing this process's writers on a mutex wakes each one as soon as the
         # previous commits, which keeps vote latency flat under load. PostgreSQL locks rows and needs none.
@@ -173,16 +198,20 @@ class Labeling:
     def role(self, user: str | None) -> str:
         if not user:
             raise PermissionDenied("log in first")
+        return self.account(user)[0]
+
+    def account(self, user: str) -> tuple[str, int | None]:
+        """(role, target) of the user, cached for `config.role_ttl` seconds."""
         now = monotonic()
         cached = self._roles.get(user)
         if cached is not None and now - cached[0] < self.config.role_ttl:
             return cached[1]
         with self.store.read() as session:
-            role = session.scalar(select(User.role).where(User.name == user))
-        if role is None:
+            row = session.execute(select(User.role, User.target).where(User.name == user)).first()
+        if row is None:
             raise PermissionDenied(f"unknown user {user!r}")
-        self._roles[user] = (now, role)
-        return role
+        self._roles[user] = (now, (row[0], row[1]))
+        return row[0], row[1]
 
     def require(self, user: str | None, roles: tuple[str, ...]) -> str:
         role = self.role(user)
@@ -195,24 +224,31 @@ class Labeling:
     def next_item(self, user: str | None, message: str = "") -> Item:
         """The pair leased to the user (the same one on a refresh or in a second tab), or a new lease."""
         self.require(user, ANNOTATE_ROLES)
-        with self.writing:
-            pair_id = lease_next_pair(self.store, user, lease_seconds=self.config.lease_seconds)
         progress = self.progress(user)
-        if pair_id is None:
+        pair_id = None
+        if progress.target_reached:
+            done = f"You reached your target of {progress.target} votes. Thank you!"
+        else:
             done = "Nothing left to label for you right now. Thank you!"
+            with self.writing:
+                pair_id = lease_next_pair(self.store, user, lease_seconds=self.config.lease_seconds)
+        if pair_id is None:
             return Item(None, progress=progress, message=" ".join(m for m in (message, done) if m))
         pair = get_pair(self.store, pair_id)
         left, _ = self.shown(user, pair_id)
-        sides = {"a": pair["response_a"]["text"], "b": pair["response_b"]["text"]}
         right = "b" if left == "a" else "a"
+        responses = [{"position": position, "response": side, "id": pair[f"response_{side}"]["id"],
+                      "text": pair[f"response_{side}"]["text"]} for position, side in (("left", left), ("right", right))]
         return Item(
             pair_id=pair_id,
             prompt=prompt_markdown(pair["prompt"]),
-            left=safe_markdown(sides[left]),
-            right=safe_markdown(sides[right]),
+            left=bidi(safe_markdown(responses[0]["text"])),
+            right=bidi(safe_markdown(responses[1]["text"])),
             left_is=left,
             progress=progress,
             message=message,
+            messages=[{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in pair["prompt"]],
+            responses=responses,
         )
 
     def shown(self, user: str, pair_id: int) -> tuple[str, datetime | None]:
@@ -274,7 +310,7 @@ class Labeling:
             raise Rejected(f"strength must be one of {', '.join(STRENGTHS)}, got {strength!r}")
         if screen_choice in ("tie", "both_bad"):
             level = 1  # strength grades a preference; a tie or both-bad has none
-        rationale = (rationale or "").strip()
+        rationale = self.limited("rationale", rationale)
         self.check_rationale(screen_choice, level, rationale)
         reasons = self.check_reasons(reasons_left, reasons_right)
         pair_id = self.leased_pair(user, pair_id)
@@ -285,6 +321,14 @@ class Labeling:
             rationale=rationale or None, left=left, shown_at=shown_at,
             reasons={left: reasons[0], right: reasons[1]} if any(reasons) else None,
         )
+
+    def limited(self, what: str, text: Any) -> str:
+        """The stripped text, refused with a message when longer than `config.max_text_bytes`."""
+        text = str(text or "").strip()
+        size = len(text.encode("utf-8", "replace"))
+        if size > self.config.max_text_bytes:
+            raise Rejected(f"the {what} is too long ({size} bytes); the limit is {self.config.max_text_bytes} bytes")
+        return text
 
     def check_rationale(self, screen_choice: str, level: int, rationale: str) -> None:
         rules = self.config.rationale_required
@@ -316,7 +360,7 @@ class Labeling:
             raise Rejected(f"choose why you flag this item: {', '.join(FLAG_REASONS)}")
         pair_id = self.leased_pair(user, pair_id)
         left, shown_at = self.shown(user, pair_id)
-        note = (note or "").strip()
+        note = self.limited("flag note", note)
         flag_reason = f"{reason}: {note}" if note else reason
         vote_id = self.record(pair_id, user, kind="flag", left=left, shown_at=shown_at, flag_reason=flag_reason)
         # A flag is no answer, so the store keeps the lease; the flagger never gets the pair again either way.
@@ -364,7 +408,8 @@ class Labeling:
         with self.store.read() as session:
             total, today_count = session.execute(mine).one()
         done, pairs = self.project_progress()
-        return Progress(mine_today=int(today_count), mine_total=int(total), pairs_done=done, pairs_total=pairs)
+        return Progress(mine_today=int(today_count), mine_total=int(total), pairs_done=done, pairs_total=pairs,
+                        target=self.account(user)[1])
 
     def project_progress(self) -> tuple[int, int]:
         """(pairs with all their votes, pairs), cached for `config.progress_ttl` seconds."""

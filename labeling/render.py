@@ -7,7 +7,11 @@ The text goes to `gr.Markdown`, which renders markdown in the browser. Before th
   language) here, so no part of the model's text reaches the browser's markdown parser as raw HTML, whatever
   that parser makes of the fences;
 - link and image targets whose scheme is not http, https or mailto (javascript:, data:, vbscript:, ...) are
-  replaced by "#blocked".
+  replaced by "#blocked";
+- images are never loaded: `![alt](url)` becomes the text "[image: alt]" and the URL as code, and any other
+  image syntax (`![alt][ref]`) loses its "!" magic, so a browser showing model output or an annotator's text
+  fetches nothing (which would tell the URL's owner the page was viewed). The app's Content-Security-Policy
+  (images only from the app itself or data: URLs) is the second layer.
 Gradio's own HTML sanitiser (`sanitize_html=True`) is a second layer, not the one we rely on.
 """
 
@@ -28,6 +32,8 @@ INLINE_TARGET = re.compile(r"(\]\(\s*)([^\s)]*)")
 # Reference definition: "[label]: target" (the label may hold code spans, hence the lazy match).
 REFERENCE_TARGET = re.compile(r"^( {0,3}\[.*?\]:\s*)(\S+)", re.MULTILINE)
 SCHEME = re.compile(r"^([a-z][a-z0-9+.\-]*):")
+# An inline image: ![alt](target "title"); the target may sit in <...>.
+INLINE_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(\s*<?([^\s)>]*)>?(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*\)")
 CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f-\x9f]+")
 # Characters that mean something to markdown: entity-encoded inside inline code so they stay literal.
 MARKDOWN_PUNCTUATION = set("\\`*_{}[]()#+-.!|~<>&\"'$")
@@ -136,9 +142,30 @@ def escape_prose(text: str) -> str:
         if is_code:
             parts.append("<code>" + "".join(encode_char(c) for c in piece) + "</code>")
         else:
-            # Only & and < can start markup; leaving > alone keeps "> quote" blockquotes working.
-            parts.append(piece.replace("&", "&amp;").replace("<", "&lt;"))
+            start = 0
+            for image in INLINE_IMAGE.finditer(piece):
+                parts += [escape_text(piece[start : image.start()]), image_as_text(image)]
+                start = image.end()
+            parts.append(escape_text(piece[start:]))
     return "".join(parts)
+
+
+def escape_text(text: str) -> str:
+    # Only & and < can start markup; leaving > alone keeps "> quote" blockquotes working. "![" left over (a
+    # reference-style image) is defused to "!\[", which shows as typed.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace("![", "!\\[")
+
+
+def image_as_text(match: re.Match) -> str:
+    """An image as its alt text and its URL, both as inert text (the URL in code): nothing links or loads it."""
+    alt = encode_text(html.escape(match.group(1).strip(), quote=False))
+    target = encode_text(html.escape(match.group(2), quote=False))
+    return f"&#91;image: {alt}&#93;" + (f" <code>{target}</code>" if target else "")
+
+
+def bidi(markdown: str) -> str:
+    """Markdown in a block whose direction follows its text (dir="auto"): Arabic or Hebrew reads right to left."""
+    return f'<div dir="auto">\n\n{markdown}\n\n</div>' if markdown else markdown
 
 
 def split_code_spans(text: str) -> list[tuple[bool, str]]:
@@ -199,9 +226,9 @@ def safe_target(target: str) -> str:
 def prompt_markdown(messages: list[dict[str, Any]]) -> str:
     """A prompt (chat messages) as safe markdown: the last user turn plain, earlier turns labelled by role."""
     if len(messages) == 1:
-        return safe_markdown(messages[0].get("content", ""))
+        return bidi(safe_markdown(messages[0].get("content", "")))
     blocks = []
     for message in messages:
         role = html.escape(str(message.get("role", "")))
-        blocks.append(f"**{role}:**\n\n{safe_markdown(message.get('content', ''))}")
+        blocks.append(f"**{role}:**\n\n{bidi(safe_markdown(message.get('content', '')))}")
     return "\n\n---\n\n".join(blocks)

@@ -1,10 +1,12 @@
 """The labeling app over HTTP: a launched server on a free port, driven by `gradio_client` (one Client per
-browser tab, logged in through Gradio's auth= callable backed by the store's users), plus the load benchmark."""
+browser tab, logged in through the app's /login, whose sessions live in the store), the JSON API, plus the load
+benchmark. Screen outputs are read by name through `ItemView.of`."""
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -39,7 +41,7 @@ def server(tmp_path_factory):
         info = fill_store(store, n_prompts=3, samples=2)
         make_pairs(store, info["version_id"], votes_required=2)
         for name, role in USERS.items():
-            add_user(store, name, f"pw-{name}", role)
+            add_user(store, name, f"pw-{name}-0123", role)
     demo = build_app(url, release_grace=0)
     demo.test_url, demo.store_url, demo.clients = launch_app(demo, port=free_port(), block=False, quiet=True), url, {}
     yield demo
@@ -57,10 +59,16 @@ def app(server):
     return server
 
 
+def view(outputs) -> "ItemView":
+    from labeling.app import ItemView
+
+    return ItemView.of(outputs)
+
+
 def client(app, name: str, new_tab: bool = False) -> Client:
     """A logged-in session of `name`: the same one for the module unless `new_tab` (another browser tab)."""
     if new_tab or name not in app.clients:
-        app.clients[name] = Client(app.test_url, auth=(name, f"pw-{name}"), verbose=False)
+        app.clients[name] = Client(app.test_url, auth=(name, f"pw-{name}-0123"), verbose=False)
     return app.clients[name]
 
 
@@ -76,7 +84,7 @@ def left_side(app, item) -> str:
     """Which response ("a"/"b") the screen showed on the left, read from the texts the API returned."""
     with connect(app.store_url) as store:
         pair = get_pair(store, int(item[0]))
-    return "a" if item[2] == pair["response_a"]["text"] else "b"
+    return "a" if pair["response_a"]["text"] in view(item).left else "b"
 
 
 def test_login_is_required(app):
@@ -92,7 +100,7 @@ def test_login_is_required(app):
 def test_refresh_and_second_tab_get_the_same_leased_pair(app):
     tab1 = client(app, "alice")
     first = tab1.predict(api_name="/next")
-    assert first[0] is not None and first[1] == "question 0"
+    assert first[0] is not None and "question 0" in view(first).prompt
     assert tab1.predict(api_name="/next")[0] == first[0]
     assert client(app, "alice", new_tab=True).predict(api_name="/load")[1] == first[0]  # /load: the header, then the item
     assert client(app, "bob").predict(api_name="/next")[0] is not None
@@ -103,7 +111,7 @@ def test_vote_stores_the_choice_in_response_order_and_the_side_shown(app):
     item = alice.predict(api_name="/next")
     left = left_side(app, item)
     after = alice.predict(item[0], *VOTE, api_name="/vote_right")
-    assert after[5] == "Saved: B (right) better." and after[0] != item[0]
+    assert view(after).status == "Saved: B (right) better." and after[0] != item[0]
     [vote] = rows(app, kind="vote")
     assert vote.annotator == "alice" and vote.pair_id == item[0]
     assert vote.left == left and vote.choice == ("b" if left == "a" else "a")
@@ -144,7 +152,7 @@ def test_two_annotators_overlap_k_times_and_never_see_a_pair_twice(app):
             seen[name].append(pair_id)
             items[name] = c.predict(pair_id, *VOTE, api_name="/vote_tie")
     assert sorted(seen["alice"]) == sorted(seen["bob"]) == [1, 2, 3]
-    assert "Nothing left" in items["alice"][5]
+    assert "Nothing left" in view(items["alice"]).status
     votes = rows(app, kind="vote")
     assert len(votes) == 6
     for pair_id in (1, 2, 3):  # counterbalanced: the two annotators of a pair saw opposite sides
@@ -156,12 +164,12 @@ def test_undo_skip_and_flag(app):
     first = alice.predict(api_name="/next")
     second = alice.predict(first[0], *VOTE, api_name="/vote_left")
     back = alice.predict(second[0], api_name="/undo")
-    assert back[0] == first[0] and back[5].startswith("Undone")
+    assert back[0] == first[0] and view(back).status.startswith("Undone")
     [vote] = rows(app, kind="vote")
     [undo] = rows(app, kind="undo")
     assert undo.supersedes_id == vote.id  # nothing deleted: the vote row is still there, superseded
     skipped = alice.predict(back[0], api_name="/skip")
-    assert skipped[5] == "Skipped." and skipped[0] != first[0]
+    assert view(skipped).status == "Skipped." and skipped[0] != first[0]
     with pytest.raises(AppError, match="choose why"):
         alice.predict(skipped[0], None, "", api_name="/flag")
     flagged = alice.predict(skipped[0], "broken", "answer cut off", api_name="/flag")
@@ -190,6 +198,77 @@ def test_reviewer_endpoints_refuse_annotators(app, tmp_path):
     assert "gold item" in client(app, "ada").predict(item[0], "a", api_name="/set_gold")
 
 
+def api_session(app, name: str) -> httpx.Client:
+    """A program's session: POST /login, then the JSON API with the cookie."""
+    session = httpx.Client(base_url=app.test_url, timeout=30)
+    login = session.post("/login", data={"username": name, "password": f"pw-{name}-0123"})
+    assert login.status_code == 200 and login.json()["success"] is True
+    return session
+
+
+def test_json_api_named_fields_and_guarantees(app):
+    alice, bob = api_session(app, "alice"), api_session(app, "bob")
+    item = alice.get("/api/v1/item").json()
+    assert set(item) == {"pair_id", "prompt", "responses", "shown_order", "progress", "message"}
+    assert item["prompt"] == [{"role": "user", "content": "question 0"}]
+    with connect(app.store_url) as store:
+        pair = get_pair(store, item["pair_id"])
+    texts = {side: pair[f"response_{side}"]["text"] for side in "ab"}
+    assert [r["position"] for r in item["responses"]] == ["left", "right"]
+    assert [r["text"] for r in item["responses"]] == [texts[side] for side in item["shown_order"]]
+    assert alice.get("/api/v1/item").json()["pair_id"] == item["pair_id"]  # a refresh: the same pair
+    refused = alice.post("/api/v1/vote", json={"pair_id": item["pair_id"], "choice": "left", "strength": "much"})
+    assert refused.status_code == 409 and refused.json() == {"error": "please give a rationale for a 'much better' vote"}
+    too_long = alice.post("/api/v1/vote", json={"pair_id": item["pair_id"], "choice": "left", "rationale": "é" * 2049})
+    assert too_long.json()["error"] == "the rationale is too long (4098 bytes); the limit is 4096 bytes"
+    done = alice.post("/api/v1/vote", json={"pair_id": item["pair_id"], "choice": "right"}).json()
+    [vote] = rows(app, annotator="alice")
+    assert vote.id == done["event_id"] and vote.choice == item["shown_order"][1] and vote.left == item["shown_order"][0]
+    assert done["next"]["pair_id"] not in (None, item["pair_id"])
+    assert bob.post("/api/v1/vote", json={"pair_id": item["pair_id"], "choice": "left"}).status_code == 409
+    assert httpx.get(f"{app.test_url}api/v1/item").status_code == 401
+    # The token works as a bearer token too; logout ends every session of the user.
+    token = httpx.post(f"{app.test_url}login", data={"username": "bob", "password": "pw-bob-0123"}).json()["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{app.test_url}api/v1/item", headers=bearer).json()["pair_id"] is not None
+    assert bob.post("/api/v1/logout").json()["sessions_ended"] == 2
+    time.sleep(2.1)  # the per-process session cache (2 s) runs out
+    assert httpx.get(f"{app.test_url}api/v1/item", headers=bearer).status_code == 401
+
+
+def test_every_response_carries_the_content_security_policy(app):
+    for response in (httpx.get(f"{app.test_url}login"), httpx.get(app.test_url),
+                     api_session(app, "alice").get("/"), httpx.get(f"{app.test_url}config")):
+        policy = response.headers["content-security-policy"]
+        assert "img-src 'self' data: blob:" in policy and "default-src 'self'" in policy
+    page = httpx.get(app.test_url)
+    assert page.status_code == 303 and page.headers["location"] == "login"  # no session: the login form
+
+
+def test_failed_logins_are_throttled_with_a_message(app):
+    """Five wrong passwords lock the account: the right one is refused too, with the wait on the screen."""
+    from align.store import LoginThrottle
+
+    for _ in range(5):
+        wrong = httpx.post(f"{app.test_url}login", data={"username": "ada", "password": "not her password"})
+        assert wrong.status_code == 401 and wrong.json()["error"] == "Wrong name or password."
+    locked = httpx.post(f"{app.test_url}login", data={"username": "ada", "password": "pw-ada-0123"},
+                        headers={"Accept": "text/html"})
+    assert locked.status_code == 429 and "Too many failed logins; try again in 2 s." in locked.text
+    with connect(app.store_url) as store, store.write() as session:
+        assert session.get(LoginThrottle, "account:ada").failures == 5
+        session.execute(delete(LoginThrottle))
+
+
+def test_errors_reach_the_screen_as_messages(app):
+    alice = client(app, "alice")
+    item = alice.predict(api_name="/next")
+    with pytest.raises(AppError, match="the rationale is too long \\(5000 bytes\\); the limit is 4096 bytes"):
+        alice.predict(item[0], "slightly", [], [], "x" * 5000, api_name="/vote_left")
+    with pytest.raises(AppError, match="the flag note is too long"):
+        alice.predict(item[0], "broken", "y" * 4097, api_name="/flag")
+
+
 def test_load_benchmark_loses_and_duplicates_nothing(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
@@ -211,11 +290,11 @@ def test_side_by_side_tab_streams_two_models_and_takes_the_vote(tmp_path, tiny_m
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     with connect(url) as store:
-        add_user(store, "alice", "pw-alice", "annotator")
+        add_user(store, "alice", "pw-alice-0123", "annotator")
     responders = [TransformersResponder(str(tiny_model_dir), name=name) for name in ("tiny-a", "tiny-b")]
     demo = build_app(url, responders=responders, sampling=SamplingSettings(temperature=1.0, max_new_tokens=5))
     try:
-        alice = Client(launch_app(demo, port=free_port(), block=False, quiet=True), auth=("alice", "pw-alice"),
+        alice = Client(launch_app(demo, port=free_port(), block=False, quiet=True), auth=("alice", "pw-alice-0123"),
                        verbose=False)
         left, right, pair_id, status = alice.predict("Name a colour.", api_name="/compare")
         assert pair_id is not None and status.startswith("Both answers are in")

@@ -79,7 +79,7 @@ def make_store(url: str) -> None:
                 for k, text in enumerate(texts)
             ])
             make_pairs(store, version, rule="all_pairs", votes_required=1, prompt_ids=[prompt_id])
-        add_user(store, "alice", "pw-alice", "annotator")
+        add_user(store, "alice", "pw-alice-0123", "annotator")
 
 
 def free_port() -> int:
@@ -115,8 +115,8 @@ def test_labeling_session_in_chromium(tmp_path):
             page.goto(app_url)
             page.locator("input[type=password]").wait_for()
             page.locator("input").first.fill("alice")
-            page.locator("input[type=password]").fill("pw-alice")
-            page.get_by_role("button", name="Login").click()
+            page.locator("input[type=password]").fill("pw-alice-0123")
+            page.get_by_role("button", name="Log in").click()
 
             # Pair 1: a normal item. Vote "B is better" by clicking.
             wait_for_text(page, "#response-left", "is_palindrome")
@@ -188,8 +188,8 @@ def test_two_annotators_at_once_dashboard_and_export(tmp_path):
             add_responses(store, [{"prompt_id": prompt_id, "model_version_id": version, "seed": 0, "sample_index": k,
                                    "max_new_tokens": 64, "text": text} for k, text in enumerate(texts)])
             make_pairs(store, version, rule="all_pairs", votes_required=2, prompt_ids=[prompt_id])
-        add_user(store, "alice", "pw-alice", "annotator")
-        add_user(store, "bob", "pw-bob", "annotator")
+        add_user(store, "alice", "pw-alice-0123", "annotator")
+        add_user(store, "bob", "pw-bob-0123", "annotator")
     demo = build_app(url, release_grace=0)
     app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
     try:
@@ -226,8 +226,8 @@ def login(browser, app_url: str, name: str):
     page.goto(app_url)
     page.locator("input[type=password]").wait_for()
     page.locator("input").first.fill(name)
-    page.locator("input[type=password]").fill(f"pw-{name}")
-    page.get_by_role("button", name="Login").click()
+    page.locator("input[type=password]").fill(f"pw-{name}-0123")
+    page.get_by_role("button", name="Log in").click()
     page.wait_for_function("() => { const el = document.querySelector('#prompt'); return el && el.innerText.trim().length > 0; }")
     return page
 

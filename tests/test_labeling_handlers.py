@@ -35,7 +35,7 @@ def setup_labeling(store, n_prompts=2, samples=4, votes_required=2, users=("alic
     info = fill_store(store, n_prompts=n_prompts, samples=samples)
     make_pairs(store, info["version_id"], votes_required=votes_required)
     for name in users:
-        add_user(store, name, f"pw-{name}", "annotator")
+        add_user(store, name, f"pw-{name}-0123", "annotator")
     return Labeling(store, LabelingConfig(**config))
 
 
@@ -52,10 +52,10 @@ def events(store, **where):
 
 def test_login_and_roles_are_checked_server_side(store, tmp_path):
     labeling = setup_labeling(store, users=("alice",))
-    add_user(store, "rita", "pw-rita", "reviewer")
-    assert labeling.authenticate("alice", "pw-alice")
+    add_user(store, "rita", "pw-rita-0123", "reviewer")
+    assert labeling.authenticate("alice", "pw-alice-0123")
     assert not labeling.authenticate("alice", "wrong")
-    assert not labeling.authenticate("nobody", "pw-alice")
+    assert not labeling.authenticate("nobody", "pw-alice-0123")
     assert not labeling.authenticate("", "")
     with pytest.raises(PermissionDenied, match="log in"):
         labeling.next_item(None)
@@ -78,7 +78,7 @@ def test_login_and_roles_are_checked_server_side(store, tmp_path):
 def test_vote_is_stored_in_response_order_with_the_side_shown(store):
     labeling = setup_labeling(store, guidelines_version="v7")
     item = labeling.next_item("alice")
-    assert item.left_is in ("a", "b") and item.prompt == "question 0"
+    assert item.left_is in ("a", "b") and "question 0" in item.prompt and item.messages == [{"role": "user", "content": "question 0"}]
     labeling.vote("alice", item.pair_id, "left", "slightly", ["correct"], ["incorrect", "too long"], "")
     [vote] = events(store, kind="vote")
     right = "b" if item.left_is == "a" else "a"
@@ -251,7 +251,9 @@ def test_guidelines_are_versioned(tmp_path):
         ("[x](javascript:alert(1))", "javascript:", "(#blocked)"),
         ("[x]( JaVaScRiPt:alert(1))", "JaVaScRiPt:", "#blocked"),
         ("[x](jav&#x61;script:alert(1))", "script:alert", "#blocked"),
-        ("![i](data:image/svg+xml;base64,PHN2Zz4=)", "data:", "#blocked"),
+        ("![i](data:image/svg+xml;base64,PHN2Zz4=)", "data:", "&#91;image: i&#93; <code>&#35;blocked</code>"),
+        ("![cat](http://canary.test/x.png)", "](http", "&#91;image: cat&#93; <code>http://canary&#46;test/x&#46;png</code>"),
+        ("![cat][r]\n\n[r]: http://canary.test/x.png", "![", "!\\[cat][r]"),
         ("[`a`](vbscript:msgbox)", "vbscript:", "#blocked"),
         ("[r]: javascript:alert(1)\n\n[x][r]", "javascript:", "[r]: #blocked"),
         ("`<b onmouseover=alert(1)>`", "<b", "<code>&#60;b onmouseover=alert&#40;1&#41;&#62;</code>"),
@@ -312,7 +314,7 @@ def run_align(*args, stdin=""):
 
 
 def test_users_command_reads_the_password_from_stdin(store_url, monkeypatch, capsys):
-    result = run_align("users", "add", "alice", "--role", "reviewer", "--db", store_url, stdin="s3cret\n")
+    result = run_align("users", "add", "alice", "--role", "reviewer", "--db", store_url, stdin="s3cret-s3cret\n")
     assert result.returncode == 0, result.stderr
     from align.cli import main
 
@@ -322,19 +324,21 @@ def test_users_command_reads_the_password_from_stdin(store_url, monkeypatch, cap
         out = capsys.readouterr()
         return code, out.out, out.err
 
-    code, _, err = align("users", "add", "alice", "--db", store_url, stdin="x\n")
+    code, _, err = align("users", "add", "alice", "--db", store_url, stdin="x-long-password\n")
     assert code == 2 and "already exists" in err
+    code, _, err = align("users", "add", "erin", "--db", store_url, stdin="short\n")
+    assert code == 2 and "too short: it needs at least 10 characters" in err
     code, _, err = align("users", "add", "bob", "--db", store_url, stdin="\n")
     assert code == 2 and "empty password" in err
     code, _, err = align("users", "add", "carol", "--role", "boss", "--db", store_url, stdin="pw\n")
     assert code == 2 and "invalid choice" in err
-    assert align("users", "add", "dave", "--db", store_url, stdin="pw-dave\n")[0] == 0
+    assert align("users", "add", "dave", "--db", store_url, stdin="pw-dave-0123\n")[0] == 0
     code, out, _ = align("users", "list", "--db", store_url)
     assert out.split() == ["alice", "reviewer", "dave", "annotator"]
     from align.store import connect
 
     with connect(store_url) as store:
-        assert Labeling(store).authenticate("alice", "s3cret") and Labeling(store).authenticate("dave", "pw-dave")
+        assert Labeling(store).authenticate("alice", "s3cret-s3cret") and Labeling(store).authenticate("dave", "pw-dave-0123")
 
 
 def test_label_command_delegates_simulation(monkeypatch):
@@ -349,3 +353,22 @@ def test_label_command_delegates_simulation(monkeypatch):
     with pytest.raises(Exception, match="unknown rule"):
         label_cli.rationale_rules("strong,always")
     assert label_cli.rationale_rules("none") == ()
+
+
+def test_an_annotator_target_stops_the_queue_there(store):
+    from align.errors import DataError
+    from align.store.users import set_target
+
+    labeling = setup_labeling(store, n_prompts=3, samples=2, users=("alice",), role_ttl=0)
+    set_target(store, "alice", 2)
+    for _ in range(2):
+        item = labeling.next_item("alice")
+        assert "of your target 2" in item.progress.markdown()
+        labeling.vote("alice", item.pair_id, "left")
+    done = labeling.next_item("alice")
+    assert done.pair_id is None and done.message == "You reached your target of 2 votes. Thank you!"
+    assert done.as_json()["progress"]["target"] == 2 and done.as_json()["progress"]["mine_total"] == 2
+    set_target(store, "alice", None)
+    assert labeling.next_item("alice").pair_id is not None
+    with pytest.raises(DataError, match="positive number of votes"):
+        set_target(store, "alice", 0)

@@ -39,7 +39,17 @@ from align.store import (
 )
 from align.store.db import parse_url
 from align.store.leases import set_assignment_mode, slot_states
-from align.store.schema import Assignment, Meta
+from align.store.schema import Assignment, LoginSession, Meta
+from align.store.users import (
+    ThrottlePolicy,
+    clear_failures,
+    end_sessions,
+    login_wait,
+    record_failure,
+    session_user,
+    start_session,
+    throttle_keys,
+)
 from tests.db import fill_store
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -431,19 +441,60 @@ def test_labeling_session_until_done(store):
 
 
 def test_users(store):
-    add_user(store, "ann", "correct horse", "annotator")
-    add_user(store, "root", "s3cret", role="admin")
-    assert verify_user(store, "ann", "correct horse") == "annotator"
-    assert verify_user(store, "root", "s3cret") == "admin"
+    add_user(store, "ann", "correct horse battery", "annotator")
+    add_user(store, "root", "s3cret-s3cret", role="admin")
+    assert verify_user(store, "ann", "correct horse battery") == "annotator"
+    assert verify_user(store, "root", "s3cret-s3cret") == "admin"
     assert verify_user(store, "ann", "wrong") is None
-    assert verify_user(store, "nobody", "correct horse") is None
+    assert verify_user(store, "nobody", "correct horse battery") is None
     with store.read() as session:
         stored = session.scalar(text('SELECT password_hash FROM "user" WHERE name = \'ann\''))
-    assert stored.startswith("scrypt$16384$8$1$") and "correct horse" not in stored
+    assert stored.startswith("scrypt$16384$8$1$") and "correct horse battery" not in stored
     with pytest.raises(AlignError, match="user 'ann' already exists"):
-        add_user(store, "ann", "again")
+        add_user(store, "ann", "again-again-again")
     with pytest.raises(DataError, match="unknown role 'god'"):
-        add_user(store, "zed", "pw", role="god")
+        add_user(store, "zed", "pw-long-enough", role="god")
+
+
+def test_passwords_need_ten_characters_by_default(store):
+    with pytest.raises(DataError, match="the password of 'ann' is too short: it needs at least 10 characters"):
+        add_user(store, "ann", "123456789")
+    add_user(store, "ann", "1234", min_length=4)
+    assert verify_user(store, "ann", "1234") == "annotator"
+
+
+def test_sessions_expire_and_end_everywhere(store):
+    add_user(store, "ann", "correct horse battery")
+    first = start_session(store, "ann", hours=12, now=T0)
+    second = start_session(store, "ann", hours=1, now=T0)
+    assert session_user(store, first, now=T0 + timedelta(hours=11))[0] == "ann"
+    assert session_user(store, second, now=T0 + timedelta(minutes=61)) is None  # expired
+    assert session_user(store, "not a token", now=T0) is None and session_user(store, None) is None
+    with store.read() as session:
+        assert first not in {row.token_hash for row in session.scalars(select(LoginSession))}  # only hashes
+    assert end_sessions(store, "ann") == 2
+    assert session_user(store, first, now=T0) is None
+
+
+def test_failed_logins_back_off_per_key(store):
+    policy = ThrottlePolicy(account_failures=3, address_failures=5, base_seconds=2, max_seconds=60, window=600)
+    account, address = throttle_keys("ann", "10.0.0.1")
+    for k in range(3):
+        assert login_wait(store, [account, address], now=T0) == 0
+        record_failure(store, [account, address], policy, now=T0)
+    assert login_wait(store, [account], now=T0) == 2  # the third failure locks the account for 2 s
+    assert login_wait(store, [address], now=T0) == 0  # the address may fail 5 times
+    record_failure(store, [account, address], policy, now=T0 + timedelta(seconds=3))
+    assert login_wait(store, [account], now=T0 + timedelta(seconds=3)) == 4  # doubled
+    for k in range(6):
+        record_failure(store, [account, address], policy, now=T0 + timedelta(seconds=4))
+    assert login_wait(store, [account], now=T0 + timedelta(seconds=4)) == 60  # capped
+    assert login_wait(store, [address], now=T0 + timedelta(seconds=4)) == 60  # 10 failures: 2 * 2**5, capped
+    clear_failures(store, account)
+    assert login_wait(store, [account], now=T0 + timedelta(seconds=4)) == 0
+    # A failure long after the last one starts the count again.
+    record_failure(store, [address], policy, now=T0 + timedelta(hours=2))
+    assert login_wait(store, [address], now=T0 + timedelta(hours=2, seconds=1)) == 0
 
 
 # ---- concurrent writers in separate processes ----------------------------------------------------------------

@@ -30,6 +30,8 @@ from align.store.schema import (
     VOTE_KINDS,
     Assignment,
     LeaseSlot,
+    LoginSession,
+    LoginThrottle,
     ModelVersion,
     Pair,
     Prompt,
@@ -42,7 +44,7 @@ from align.store.votes import add_vote, effective_votes, open_pairs
 
 __all__ = [
     "MIGRATIONS", "PAIR_RULES", "SCHEMA_VERSION", "VOTE_CHOICES", "VOTE_KINDS",
-    "Assignment", "LeaseSlot", "ModelVersion", "Pair", "Prompt", "Response", "Store", "User", "Verdict", "Vote",
+    "Assignment", "LeaseSlot", "LoginSession", "LoginThrottle", "ModelVersion", "Pair", "Prompt", "Response", "Store", "User", "Verdict", "Vote",
     "add_prompts", "add_responses", "add_user", "add_vote", "aggregate", "connect", "effective_votes",
     "existing_sample_keys", "export_preferences", "export_sft", "export_unpaired", "get_model_version",
     "get_pair", "has_live_lease", "lease_next_pair", "make_pairs", "open_pairs", "open_store",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, select, update
+from sqlalchemy import Connection, inspect, select, text, update
 
 from align.errors import AlignError
 from align.store.db import Store, first_line
@@ -22,7 +22,7 @@ from align.store.clock import utcnow
 from align.store.schema import Assignment, Base, LeaseSlot, Meta, Pair, Vote
 from align.store.votes import in_effect
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def upgrade_to_v2(connection: Connection) -> None:
@@ -52,8 +52,16 @@ def upgrade_to_v2(connection: Connection) -> None:
         connection.execute(LeaseSlot.__table__.insert(), rows[start : start + 2000])
 
 
+def upgrade_to_v3(connection: Connection) -> None:
+    """Logins in the database (sessions, failed-login throttling) and per-annotator targets."""
+    Base.metadata.tables["login_session"].create(connection, checkfirst=True)
+    Base.metadata.tables["login_throttle"].create(connection, checkfirst=True)
+    if "target" not in {column["name"] for column in inspect(connection).get_columns("user")}:
+        connection.execute(text('ALTER TABLE "user" ADD COLUMN target INTEGER'))
+
+
 # MIGRATIONS[v] upgrades a database from version v-1 to v, inside the caller's transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3}
 
 
 def ensure_schema(store: Store) -> int:

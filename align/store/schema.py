@@ -205,3 +205,29 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(300))
     role: Mapped[str] = mapped_column(String(16), default="annotator")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # How many votes this annotator is asked for (None: no target); the app stops handing out pairs there.
+    target: Mapped[int | None] = mapped_column(Integer)
+
+
+class LoginSession(Base):
+    """A login of the labeling app, in the database so that any app process serves it. Only a hash of the
+    token is stored: a copy of the table logs nobody in."""
+
+    __tablename__ = "login_session"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class LoginThrottle(Base):
+    """Failed logins per key ("account:NAME" or "address:IP"), shared by every app process: after a number of
+    failures the key is refused until `locked_until`, each further failure doubling the wait."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure_at: Mapped[datetime] = mapped_column(DateTime)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime)
