@@ -115,6 +115,10 @@ class ModelArgs(Validated):
     load_in_4bit: bool = option(
         False, "QLoRA: load the base weights in 4-bit NF4 (bitsandbytes, CUDA only); train a LoRA adapter on top."
     )
+    chat_template: Optional[str] = option(
+        None, "Chat template for a tokenizer without one (or to replace its own): chatml, a .jinja file, or the "
+        "template text. none: the tokenizer's own, else ChatML (named in the log)."
+    )
 
 
 @dataclass
@@ -176,8 +180,13 @@ class TrainArgs(Validated):
     resume: bool = option(False, "Resume from the last checkpoint in output_dir.")
     merge: bool = option(False, "Also save the base model with the adapter merged in (output_dir/merged).")
     name: Optional[str] = option(None, "Model-version name recorded in version.json (default: output_dir's name).")
-    report_to: Literal["tensorboard", "none"] = option(
-        "tensorboard", "Tracker for metrics besides metrics.jsonl: tensorboard or none.")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = option(
+        "tensorboard", "Tracker for metrics besides metrics.jsonl: none, tensorboard, wandb (pip install "
+        "'align[wandb]') or trackio (pip install 'align[trackio]')."
+    )
+    dataloader_num_workers: int = option(0, "Processes that collate batches in the background (0: the main one).")
+    push_to_hub: bool = option(False, "Upload the saved model and its model card to the Hugging Face hub at the end.")
+    hub_model_id: Optional[str] = option(None, "Hub repository for push_to_hub (default: output_dir's name).")
 
     def validate(self) -> None:
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -197,21 +206,53 @@ class TrainArgs(Validated):
         _positive("eval_steps", self.eval_steps, allow_zero=True)
         _positive("early_stopping_patience", self.early_stopping_patience, allow_zero=True)
         _positive("overfit_window", self.overfit_window, allow_zero=True)
+        _positive("dataloader_num_workers", self.dataloader_num_workers, allow_zero=True)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps must be -1 or > 0, got {self.max_steps}")
 
 
 @dataclass
-class SFTDataArgs(Validated):
-    _argument_group_name = "data"
+class DataSourceArgs(Validated):
+    """Where training data comes from (align/data.py reads it all through `datasets`)."""
 
-    train_file: str = option("data/sft/train.jsonl", "Chat-format JSONL: one {\"messages\": [...]} per line.")
-    eval_file: Optional[str] = option("data/sft/eval.jsonl", "Held-out JSONL in the same format (none: no eval).")
-    max_length: int = option(512, "Longest tokenised conversation kept; longer ones are truncated.")
-    max_train_samples: Optional[int] = option(None, "Use only the first N training rows (quick runs).")
-    max_eval_samples: Optional[int] = option(None, "Use only the first N evaluation rows.")
+    dataset_name: Optional[str] = option(
+        None, "A Hugging Face hub dataset id (or a local dataset folder) to read instead of train_file/eval_file.")
+    dataset_config: Optional[str] = option(None, "The hub dataset's configuration (subset) name.")
+    dataset_split: str = option("train", "Split (or slice, e.g. train[:1000]) of dataset_name to train on.")
+    dataset_eval_split: Optional[str] = option(
+        None, "Split (or slice) of dataset_name to evaluate on (none: no evaluation set).")
+    dataset_revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) of dataset_name.")
+    columns: Optional[str] = option(
+        None, "Map the data's column names onto align's: NAME=COLUMN,... e.g. prompt=question,chosen=good,rejected=bad.")
 
     def validate(self) -> None:
+        from align.data import parse_columns
+        from align.errors import DataError
+
+        try:
+            parse_columns(self.columns)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass
+class SFTDataArgs(DataSourceArgs):
+    _argument_group_name = "data"
+
+    train_file: str = option(
+        "data/sft/train.jsonl", "SFT data: a JSON/JSONL/CSV/Parquet file or glob, or a save_to_disk folder; messages, "
+        "prompt/completion, text, ShareGPT or Alpaca rows (data/README.md).")
+    eval_file: Optional[str] = option("data/sft/eval.jsonl", "Held-out data in any such format (none: no eval).")
+    max_length: int = option(512, "Longest tokenised conversation kept; longer ones are truncated (counted).")
+    max_train_samples: Optional[int] = option(None, "Use only the first N training rows (quick runs).")
+    max_eval_samples: Optional[int] = option(None, "Use only the first N evaluation rows.")
+    packing: bool = option(False, "Pack several rows into each max_length sequence (TRL's best-fit packing).")
+    padding_free: bool = option(
+        False, "Padding-free batches: rows concatenated into one sequence with position ids, no pad tokens "
+        "(needs an attention kernel that honours position ids, e.g. flash_attention_2).")
+
+    def validate(self) -> None:
+        super().validate()
         _positive("max_length", self.max_length)
 
 
@@ -329,19 +370,22 @@ def save_config(path: str | Path, *configs: Any) -> None:
 
 
 @dataclass
-class PreferenceDataArgs(Validated):
+class PreferenceDataArgs(DataSourceArgs):
     _argument_group_name = "data"
 
     train_file: str = option(
-        "data/preferences/train.jsonl", "Preference JSONL (TRL conversational format, as `align export` writes it)."
+        "data/preferences/train.jsonl", "Preference data: a JSON/JSONL/CSV/Parquet file or glob, or a save_to_disk "
+        "folder; TRL standard or conversational pairs, explicit or implicit prompt, UltraFeedback, Anthropic HH "
+        "(data/README.md)."
     )
-    eval_file: Optional[str] = option(None, "Held-out preference JSONL in the same format (none: no eval).")
+    eval_file: Optional[str] = option(None, "Held-out preference data in any such format (none: no eval).")
     max_length: int = option(1024, "Longest prompt + completion in tokens; longer completions are cut (and counted).")
     max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens (counted).")
     max_train_samples: Optional[int] = option(None, "Use only the first N training rows (quick runs).")
     max_eval_samples: Optional[int] = option(None, "Use only the first N evaluation rows.")
 
     def validate(self) -> None:
+        super().validate()
         _positive("max_length", self.max_length)
         _positive("max_prompt_length", self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:

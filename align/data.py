@@ -1,24 +1,36 @@
-"""Read and validate data files; tokenise chat conversations with an assistant-only loss mask.
+"""The one way data comes in: files, globs, `save_to_disk` folders or hub datasets, read through `datasets`
+(memory-mapped Arrow), recognised once, validated into the rows every method uses; tokenisation of chats.
 
-Every reader names the file and line of a problem, so a bad row in a 100k-line file is found at once.
+Every refusal names the file (or dataset) and the 1-based row (for JSON Lines files, the line), so a bad row in a
+100k-row file is found at once.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 from align.errors import AlignError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 ROLES = ("system", "user", "assistant")
+# A text longer than this many characters per token of max_length is cut before tokenising: it would be truncated
+# anyway, and tokenising a 50 MB line whole costs gigabytes. No tokenizer here averages 32 characters a token.
+CHARS_PER_TOKEN = 32
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -93,36 +105,441 @@ def write_atomically(path: str | Path, pieces: Iterable[str]) -> Path:
 
 
 def files_sha256(*paths: Optional[str | Path]) -> str:
-    """One hash over the contents of data files: the data snapshot a run trained on."""
+    """One hash over the contents of data files: the data snapshot a run trained on (read in blocks)."""
     digest = hashlib.sha256()
     for p in paths:
-        if p is not None:
-            digest.update(Path(p).read_bytes())
+        if p is not None and Path(p).is_file():
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
     return digest.hexdigest()[:16]
+
+
+# --- the entry point: any file, glob, save_to_disk folder or hub dataset, through `datasets` -----------------------
+
+
+@dataclass
+class Source:
+    """The rows of one input as read: a memory-mapped `datasets.Dataset` (a list only for a JSON Lines file whose
+    columns mix types, e.g. a prompt that is text in one row and messages in another, which Arrow cannot hold)."""
+
+    name: str  # what the user passed: a path, glob, folder or hub id
+    rows: Any  # a datasets.Dataset or a list of dicts
+    files: tuple[str, ...] = ()  # the local files read (for line numbers and the data hash)
+    fingerprint: Optional[str] = None  # a hub or save_to_disk dataset's own fingerprint
+    _lines: Optional[list[int]] = field(default=None, repr=False)
+
+    @property
+    def columns(self) -> list[str]:
+        if isinstance(self.rows, list):
+            return list(dict.fromkeys(k for row in self.rows for k in row))
+        return list(self.rows.column_names)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for row in self.rows:
+            yield {k: _plain(v) for k, v in row.items()}
+
+    def take(self, limit: Optional[int]) -> "Source":
+        if not limit or limit >= len(self.rows):
+            return self
+        rows = self.rows[:limit] if isinstance(self.rows, list) else self.rows.select(range(limit))
+        return Source(self.name, rows, self.files, self.fingerprint, self._lines)
+
+    def where(self, index: int) -> str:
+        """'FILE:LINE' for a JSON Lines file (what an editor jumps to), else 'NAME: row N', 1-based."""
+        if len(self.files) == 1 and _is_json_lines(self.files[0]):
+            if self._lines is None:
+                self._lines = _line_numbers(Path(self.files[0]))
+            if index < len(self._lines):
+                return f"{self.files[0]}:{self._lines[index]}"
+        return f"{self.name}: row {index + 1}"
+
+    def rename(self, mapping: dict[str, str]) -> "Source":
+        """`--columns prompt=question,...`: the user's column names mapped onto the ones align recognises."""
+        if not mapping:
+            return self
+        have = self.columns
+        missing = [src for src in mapping.values() if src not in have]
+        if missing:
+            raise DataError(f"{self.name}: --columns names {', '.join(map(repr, missing))}, not a column here "
+                            f"(columns: {', '.join(have)})")
+        renames = {src: dst for dst, src in mapping.items() if src != dst}
+        clash = [dst for dst in renames.values() if dst in have and dst not in renames]
+        if clash:
+            raise DataError(f"{self.name}: --columns maps onto {', '.join(clash)}, which is already a column; "
+                            "map that one elsewhere too or drop it from --columns")
+        if isinstance(self.rows, list):
+            rows = [{renames.get(k, k): v for k, v in row.items()} for row in self.rows]
+        else:
+            rows = self.rows.rename_columns(renames)
+        return Source(self.name, rows, self.files, self.fingerprint, self._lines)
+
+    def data_hash(self) -> str:
+        return files_sha256(*self.files) if self.files else (self.fingerprint or "unknown")[:16]
+
+
+def parse_columns(spec: Optional[str]) -> dict[str, str]:
+    """'prompt=question,chosen=good' -> {"prompt": "question", "chosen": "good"} (align's name = the data's)."""
+    mapping: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        ours, _, theirs = item.partition("=")
+        if not ours.strip() or not theirs.strip():
+            raise DataError(f"--columns: {item!r} is not NAME=COLUMN (e.g. prompt=question,chosen=good,rejected=bad)")
+        mapping[ours.strip()] = theirs.strip()
+    return mapping
+
+
+def _plain(value: Any) -> Any:
+    """Arrow gives every struct the union of the keys seen in its column (None where a row lacks one): drop them,
+    so a message or a per-version map reads back as it was written."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_json_lines(path: str) -> bool:
+    if Path(path).suffix == ".jsonl":
+        return True
+    with open(path, "rb") as f:
+        return f.read(64).lstrip()[:1] == b"{"
+
+
+def _line_numbers(path: Path) -> list[int]:
+    """Line number of each non-blank line (a JSON Lines reader skips blank lines, so row i is on numbers[i])."""
+    with path.open("rb") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+def _quiet_datasets() -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    return datasets
+
+
+def open_source(spec: str, split: Optional[str] = None, *, config: Optional[str] = None,
+                revision: Optional[str] = None, hub: bool = False) -> Source:
+    """Open one input: a JSON / JSON Lines / CSV / Parquet file or glob, a folder of such files, a `save_to_disk`
+    folder, or (hub=True, a name that is not a local path) a Hugging Face hub dataset. `split` picks a split or
+    slice ("train", "test[:500]") of a hub or save_to_disk dataset."""
+    datasets = _quiet_datasets()
+    path = Path(spec).expanduser()
+    if hub and not path.exists():
+        return _open_hub(spec, config, split or "train", revision)
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except Exception as exc:  # noqa: BLE001 - any failure is the folder's: one line naming it
+                raise DataError(f"{spec}: cannot read the save_to_disk folder ({_first_line(exc)})") from None
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = _pick_split(loaded, split or "train", spec)
+            elif split and split != "train":
+                loaded = _pick_split(datasets.DatasetDict({"train": loaded}), split, spec)
+            return _nonempty(Source(spec, loaded, fingerprint=loaded._fingerprint))
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{spec}: a folder with neither a save_to_disk dataset nor data files "
+                            f"({', '.join(sorted(BUILDERS))})")
+    elif glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+        if not files:
+            raise DataError(f"data file not found: no file matches {spec}")
+    else:
+        if not path.is_file():
+            raise DataError(f"data file not found: {spec}")
+        files = [path]
+    kinds = {BUILDERS.get(f.suffix) for f in files}
+    if None in kinds:
+        odd = next(f for f in files if f.suffix not in BUILDERS)
+        raise DataError(f"{odd}: cannot tell the format from the extension {odd.suffix!r}; use "
+                        f"{', '.join(sorted(BUILDERS))}, or a save_to_disk folder")
+    if len(kinds) > 1:
+        raise DataError(f"{spec}: mixes file formats ({', '.join(sorted(f.suffix for f in set(files)))}); use one")
+    return _load_files(spec, kinds.pop(), files)
+
+
+def _load_files(spec: str, builder: str, files: list[Path]) -> Source:
+    datasets = _quiet_datasets()
+    names = tuple(str(f) for f in files)
+    try:
+        loaded = datasets.load_dataset(builder, data_files=list(names), split="train")
+    except Exception as exc:  # noqa: BLE001 - Arrow's errors name neither file nor line: find them ourselves
+        if builder != "json":
+            raise DataError(f"{spec}: cannot read as {builder} ({_first_line(exc)})") from None
+        rows = [row for name in names for _, row in iter_jsonl(name)]  # names a malformed line
+        log.debug("%s: columns of mixed types, read without Arrow (%s)", spec, _first_line(exc))
+        return _nonempty(Source(spec, rows, names))
+    return _nonempty(Source(spec, loaded, names))
+
+
+def _nonempty(source: Source) -> Source:
+    if len(source) == 0:
+        raise DataError(f"{source.name}: no rows (the file is empty)")
+    return source
+
+
+def _open_hub(name: str, config: Optional[str], split: str, revision: Optional[str]) -> Source:
+    datasets = _quiet_datasets()
+    local_copy = ("pass a local copy instead: --train_file PATH (a .jsonl/.json/.csv/.parquet file or glob, or a "
+                  "folder written by datasets' save_to_disk on a machine with a network)")
+    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+                  for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    try:
+        loaded = datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        text = _first_line(exc)
+        if offline or any(w in text.lower() for w in ("offline", "connect", "network", "resolve", "reach", "timed out")):
+            raise DataError(f"dataset {name!r}: no network to reach the Hugging Face hub here; {local_copy}") from None
+        raise DataError(f"dataset {name!r} (config {config}, split {split!r}): {text}; {local_copy}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = _pick_split(loaded, split, name)
+    return _nonempty(Source(name, loaded, fingerprint=loaded._fingerprint))
+
+
+def _pick_split(dsd: Any, split: str, name: str) -> Any:
+    """'train', 'test[:500]' or 'train[100:]' of a DatasetDict."""
+    match = re.fullmatch(r"\s*([\w.-]+)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*", split)
+    if not match:
+        raise DataError(f"{name}: split {split!r} is not NAME or NAME[start:end]")
+    key, start, end = match.groups()
+    if key not in dsd:
+        raise DataError(f"{name}: no split {key!r} (splits: {', '.join(dsd)})")
+    ds = dsd[key]
+    if start or end:
+        ds = ds.select(range(len(ds))[slice(int(start) if start else None, int(end) if end else None)])
+    return ds
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_split(args: Any, which: str) -> Optional[Source]:
+    """The training (which="train") or held-out set a data config names: `dataset_name` (a hub id or local
+    dataset, with dataset_config / dataset_split / dataset_eval_split / dataset_revision), else train_file /
+    eval_file. None: no held-out set. `--columns` is applied."""
+    columns = parse_columns(getattr(args, "columns", None))
+    if getattr(args, "dataset_name", None):
+        split = args.dataset_split if which == "train" else args.dataset_eval_split
+        if split is None:
+            return None
+        source = open_source(args.dataset_name, split, config=args.dataset_config, revision=args.dataset_revision,
+                             hub=True)
+    else:
+        path = args.train_file if which == "train" else args.eval_file
+        if path is None:
+            return None
+        source = open_source(path)
+    return source.rename(columns)
+
+
+def data_record(args: Any, train_set: Any, eval_set: Any = None, counts: Optional[dict] = None) -> dict[str, Any]:
+    """What a run read, for version.json["data"] and the model card: the detected format, rows read and dropped
+    (and why), a hash of the data, the hub dataset when there is one."""
+    record = {"format": train_set.format, "described": train_set.describe(), "source": train_set.name,
+              "rows_read": train_set.n_read, "dropped": dict(train_set.dropped), **(counts or {}),
+              "hash": train_set.data_hash if eval_set is None else
+              hashlib.sha256(f"{train_set.data_hash}+{eval_set.data_hash}".encode()).hexdigest()[:16]}
+    name = getattr(args, "dataset_name", None)
+    if name and not Path(name).expanduser().exists():
+        record["hub_dataset"] = name
+    return record
+
+
+# --- SFT rows: every common format becomes messages (or plain text) ----------------------------------------------
+
+SFT_FORMATS = {
+    "messages": "conversations (messages)",
+    "conversations": "conversations (conversations: role/content)",
+    "sharegpt": "ShareGPT conversations (from/value, human/gpt)",
+    "prompt-completion": "prompt-completion rows",
+    "unpaired": "unpaired rows (prompt, completion, boolean label; label true trained on)",
+    "alpaca": "Alpaca instructions (instruction/input/output)",
+    "text": "plain text (loss on every token, no chat template applied)",
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class SFTSet:
+    """Validated SFT rows: each {"where", "messages"} or {"where", "text"}; `dropped` counts rows left out."""
+
+    name: str
+    format: str
+    rows: list[dict[str, Any]]
+    n_read: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    data_hash: str = ""
+
+    def describe(self) -> str:
+        return f"read {self.n_read:,} rows of {self.name} as {SFT_FORMATS[self.format]}"
+
+
+def sft_format(source: Source) -> str:
+    cols = set(source.columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        first = next(iter(source))["conversations"]
+        turn = first[0] if isinstance(first, list) and first and isinstance(first[0], dict) else {}
+        return "sharegpt" if "from" in turn else "conversations"
+    if {"prompt", "completion"} <= cols:
+        return "unpaired" if "label" in cols else "prompt-completion"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "text"
+    raise DataError(f"{source.name}: cannot tell the SFT format from the columns {', '.join(source.columns)}; "
+                    "align reads messages, prompt/completion, text, ShareGPT conversations (from/value) and Alpaca "
+                    "(instruction/input/output); map other names with --columns, e.g. --columns prompt=question,"
+                    "completion=answer")
+
+
+def check_messages(messages: Any, where: str, column: str = "messages") -> list[dict[str, str]]:
+    """A list of {role, content} with known roles; refusals name the row and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{column}' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: {column} message {i} must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: {column} message {i} has role {message['role']!r}; expected one of "
+                            f"{', '.join(ROLES)} (map other names in your data before training)")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: {column} message {i} content must be a string")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
 
 
 def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
     """Check one conversation: a list of {role, content}, ending with a non-empty assistant turn."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: message {i} content must be a string")
+    messages = check_messages(messages, where)
     last = messages[-1]
     if last["role"] != "assistant" or not last["content"].strip():
         raise DataError(f"{where}: the last message must be a non-empty assistant response")
     return messages
 
 
+def _text(value: Any, column: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{column}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def sft_messages(fmt: str, row: dict[str, Any], where: str) -> Optional[dict[str, Any]]:
+    """One row -> {"messages"} or {"text"}; None for a row left out (a false label)."""
+    if fmt == "text":
+        return {"text": _text(row["text"], "text", where)}
+    if fmt in ("messages", "conversations"):
+        return {"messages": check_messages(row[fmt], where, fmt)}
+    if fmt == "sharegpt":
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+                who = turn.get("from") if isinstance(turn, dict) else turn
+                raise DataError(f"{where}: conversations turn {i} is from {who!r}; expected one of "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": _text(turn.get("value"), "value", where)})
+        return {"messages": messages}
+    if fmt == "alpaca":
+        instruction = _text(row["instruction"], "instruction", where)
+        extra = row.get("input") or ""
+        user = f"{instruction}\n\n{_text(extra, 'input', where)}" if extra.strip() else instruction
+        return {"messages": [{"role": "user", "content": user},
+                             {"role": "assistant", "content": _text(row["output"], "output", where)}]}
+    if fmt == "unpaired":
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: label {label!r} must be true or false (true: a good completion, trained on; "
+                            "false: a bad one, left out)")
+        if not label:
+            return None
+    prompt, completion = row["prompt"], row["completion"]
+    prompt = check_messages(prompt, where, "prompt") if isinstance(prompt, list) else as_messages(
+        _text(prompt, "prompt", where))
+    if isinstance(completion, list):
+        completion = check_messages(completion, where, "completion")
+    else:
+        completion = [{"role": "assistant", "content": _text(completion, "completion", where)}]
+    return {"messages": prompt + completion}
+
+
+def cap_text(text: str, max_chars: Optional[int]) -> str:
+    return text if max_chars is None or len(text) <= max_chars else text[:max_chars]
+
+
+def load_sft(source: Source, limit: Optional[int] = None, max_length: Optional[int] = None) -> SFTSet:
+    """Recognise, convert and validate SFT rows. Rows whose response is empty are dropped and counted; texts
+    longer than CHARS_PER_TOKEN x max_length characters are cut before tokenising (they are truncated anyway)."""
+    source = source.take(limit)
+    fmt = sft_format(source)
+    max_chars = None if max_length is None else max_length * CHARS_PER_TOKEN
+    rows, dropped = [], {"empty_responses": 0, "false_labels": 0}
+    for i, raw in enumerate(source):
+        where = source.where(i)
+        row = sft_messages(fmt, raw, where)
+        if row is None:
+            dropped["false_labels"] += 1
+            continue
+        if "text" in row:
+            if not row["text"].strip():
+                dropped["empty_responses"] += 1
+                continue
+            row["text"] = cap_text(row["text"], max_chars)
+        else:
+            messages = row["messages"]
+            if messages[-1]["role"] != "assistant":
+                raise DataError(f"{where}: the last message must be an assistant response (the one trained on)")
+            if not messages[-1]["content"].strip():
+                dropped["empty_responses"] += 1
+                continue
+            row["messages"] = [dict(m, content=cap_text(m["content"], max_chars)) for m in messages]
+        rows.append({"where": where, **row})
+    dropped = {k: v for k, v in dropped.items() if v}
+    result = SFTSet(source.name, fmt, rows, len(source), dropped, source.data_hash())
+    log.info("%s", result.describe())
+    if dropped:
+        log.warning("%s: left out %s", source.name, ", ".join(f"{v} row(s) with {k.replace('_', ' ')}"
+                                                              for k, v in dropped.items()))
+    if not rows:
+        raise DataError(f"{source.name}: no rows left to train on ({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
+    return result
+
+
 def load_chat_file(path: str | Path, limit: Optional[int] = None) -> list[list[dict[str, str]]]:
-    """Conversations from a chat-format JSONL ({"messages": [...]} per line), validated."""
-    rows = read_jsonl(path, required=("messages",))
-    conversations = [validate_messages(row["messages"], f"{path}:{i + 1}") for i, row in enumerate(rows)]
-    return conversations[:limit] if limit else conversations
+    """Conversations of an SFT input (any format load_sft reads), validated."""
+    return [row["messages"] for row in load_sft(open_source(str(path)), limit).rows if "messages" in row]
+
+
+# --- chat templates: applied once, never twice ---------------------------------------------------------------------
+
+
+def template_markers(tokenizer: "PreTrainedTokenizerBase") -> list[str]:
+    """The special tokens the chat template writes (e.g. <|im_start|>): text holding one is already templated."""
+    template = tokenizer.chat_template or ""
+    return [t for t in tokenizer.all_special_tokens if t and t != tokenizer.pad_token and t in template]
+
+
+def refuse_templated(text: str, markers: Sequence[str], where: str, column: str) -> None:
+    found = next((m for m in markers if m in text), None)
+    if found is not None:
+        raise DataError(f"{where}: '{column}' already holds the chat-template marker {found!r}; align applies the "
+                        "template itself and would apply it twice: pass the plain text (or the conversation as "
+                        "messages), or put pre-templated text in a 'text' column for SFT, which is used as-is")
 
 
 def tokenize_chat(
@@ -163,3 +580,18 @@ def prompt_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, st
 def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
     """A prompt given as text or as chat messages, as chat messages."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def tokenize_sft_row(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase", max_length: int,
+                     markers: Sequence[str]) -> dict[str, list[int]]:
+    """A load_sft row -> input_ids and assistant_masks. Messages get the chat template once (a message that already
+    holds its markers is refused); plain text is used as-is, every token trained on, eos appended."""
+    if "text" in row:
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+            ids.append(tokenizer.eos_token_id)
+        ids = ids[:max_length]
+        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+    for i, message in enumerate(row["messages"]):
+        refuse_templated(message["content"], markers, row["where"], f"{message['role']} message {i}")
+    return tokenize_chat(row["messages"], tokenizer, max_length)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from align.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `align --help` must be quick
     import torch
@@ -149,7 +152,7 @@ def resolve_dtype(name: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
-def load_tokenizer(spec: str | ResolvedModel) -> "PreTrainedTokenizerBase":
+def load_tokenizer(spec: str | ResolvedModel, chat_template: Optional[str] = None) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
@@ -162,9 +165,27 @@ def load_tokenizer(spec: str | ResolvedModel) -> "PreTrainedTokenizerBase":
         raise _load_error(resolved, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ModelError(f"the tokenizer of {resolved.spec} has no chat template; align trains chat models")
+    choose_chat_template(tokenizer, chat_template, resolved.spec)
     return tokenizer
+
+
+def choose_chat_template(tokenizer: "PreTrainedTokenizerBase", choice: Optional[str], spec: str) -> None:
+    """`chat_template`: chatml, a .jinja file or the template text replaces the tokenizer's; without one, a
+    tokenizer that has none (a base model) gets ChatML, and the log says so."""
+    if choice:
+        if choice.lower() == "chatml":
+            tokenizer.chat_template, name = CHATML_TEMPLATE, "ChatML"
+        elif Path(choice).expanduser().is_file():
+            tokenizer.chat_template, name = Path(choice).expanduser().read_text(), choice
+        elif "{{" in choice or "{%" in choice:
+            tokenizer.chat_template, name = choice, "the given template text"
+        else:
+            raise ModelError(f"chat_template {choice!r} is not chatml, an existing template file or Jinja template text")
+        log.info("chat template of %s: %s (--chat_template)", spec, name)
+    elif tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+        log.warning("the tokenizer of %s has no chat template; using ChatML (choose another with --chat_template: "
+                    "chatml, a .jinja file or the template text)", spec)
 
 
 def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -172,7 +193,7 @@ def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTra
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(args.model, args.revision)
-    tokenizer = load_tokenizer(resolved)
+    tokenizer = load_tokenizer(resolved, args.chat_template)
     kwargs = {"dtype": resolve_dtype(args.dtype), "revision": resolved.revision}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
@@ -188,6 +209,8 @@ def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTra
 
         for adapter in resolved.adapters:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        if not args.load_in_4bit:
+            model.requires_grad_(True)  # peft froze the base: the merged model is a plain model again
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if args.load_in_4bit:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from align.data import as_messages, prompt_ids, read_jsonl
+from align.data import (CHARS_PER_TOKEN, ROLES, Source, as_messages, cap_text, check_messages, open_source, open_split,
+                        parse_columns, prompt_ids, refuse_templated, template_markers)
 from align.errors import DataError
 from align.logprobs import IGNORE_INDEX, score_tokens
 
@@ -34,31 +37,125 @@ SIDES = ("chosen", "rejected")
 
 @dataclass
 class PreferenceSet:
-    """Validated rows of one file. Each row keeps `where` ("file:line") so later errors can name it."""
+    """Validated rows of one input. Each row keeps `where` ("file:line" or "name: row N") so later errors can name
+    it; `format` is the recognised input format, `dropped` counts rows left out (and why)."""
 
     path: str
     rows: list[dict[str, Any]]
     n_read: int
     both_bad_dropped: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    format: str = "conversational-explicit"
+    dropped: dict[str, int] = field(default_factory=dict)
+    data_hash: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def describe(self) -> str:
+        return f"read {self.n_read:,} rows of {self.path} as {PAIR_FORMATS[self.format]}"
+
+
+# --- recognising a preference format -------------------------------------------------------------------------------
+
+PAIR_FORMATS = {
+    "standard-explicit": "standard preferences with explicit prompts",
+    "conversational-explicit": "conversational preferences with explicit prompts",
+    "standard-implicit": "standard preferences with implicit prompts (the shared leading text is the prompt)",
+    "conversational-implicit": "conversational preferences with implicit prompts (the shared leading turns are the "
+                               "prompt)",
+    "ultrafeedback": "UltraFeedback-binarized preferences (score_chosen - score_rejected is the margin)",
+    "hh": "Anthropic HH text preferences (\\n\\nHuman: / \\n\\nAssistant: turns; the shared leading turns are the prompt)",
+}
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def pair_format(source: Source) -> str:
+    cols = set(source.columns)
+    if {"chosen", "rejected"} <= cols:
+        first = next(iter(source))
+        conversational = isinstance(first.get("chosen"), list)
+        if "prompt" in cols:
+            if {"score_chosen", "score_rejected"} <= cols:
+                return "ultrafeedback"
+            return "conversational-explicit" if conversational or isinstance(first.get("prompt"), list) else "standard-explicit"
+        if not conversational and isinstance(first.get("chosen"), str) and HH_TURN.match(first["chosen"]):
+            return "hh"
+        return "conversational-implicit" if conversational else "standard-implicit"
+    if {"prompt", "completion", "label"} <= cols:
+        raise DataError(f"{source.name}: holds unpaired rows (prompt, completion, boolean label); DPO and reward "
+                        "models learn from two responses to one prompt compared, so they cannot use them. Pair the "
+                        "responses (`align export --kind preferences`), or train SFT on them (label true rows)")
+    raise DataError(f"{source.name}: cannot tell the preference format from the columns "
+                    f"{', '.join(source.columns)}; align reads prompt/chosen/rejected (standard or conversational), "
+                    "chosen/rejected with an implicit prompt, UltraFeedback and Anthropic HH; map other names with "
+                    "--columns, e.g. --columns prompt=question,chosen=good,rejected=bad")
+
+
+def hh_messages(text: Any, column: str, where: str) -> list[dict[str, str]]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{user: hi}, {assistant: hello}]."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: '{column}' must be Anthropic HH text, got {type(text).__name__}")
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError(f"{where}: '{column}' must start with '\\n\\nHuman:' and alternate Human/Assistant turns")
+    return [{"role": HH_ROLES[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
+
+
+def _split_shared(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:
+    """(shared leading turns, chosen rest, rejected rest) of two conversations: the implicit prompt."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: chosen and rejected share no leading turns, so there is no prompt; give a "
+                        "'prompt' column (or map one with --columns)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _strip_prompt(prompt: list, response: Any) -> Any:
+    """UltraFeedback-style responses repeat the prompt's turns before the answer: drop them."""
+    if isinstance(response, list) and len(response) > len(prompt) and response[:len(prompt)] == prompt:
+        return response[len(prompt):]
+    return response
+
+
+def to_native(fmt: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A row of any recognised format -> align's own row (prompt messages or text, chosen/rejected responses)."""
+    row = dict(raw)
+    if fmt == "hh":
+        chosen, rejected = hh_messages(raw["chosen"], "chosen", where), hh_messages(raw["rejected"], "rejected", where)
+        row["prompt"], row["chosen"], row["rejected"] = _split_shared(chosen, rejected, where)
+    elif fmt == "conversational-implicit":
+        chosen = check_messages(raw["chosen"], where, "chosen")
+        rejected = check_messages(raw["rejected"], where, "rejected")
+        row["prompt"], row["chosen"], row["rejected"] = _split_shared(chosen, rejected, where)
+    elif fmt == "standard-implicit":
+        chosen, rejected = (response_text(raw[k], k, where) for k in SIDES)
+        n = len(os.path.commonprefix([chosen, rejected]))
+        if n == 0:
+            raise DataError(f"{where}: chosen and rejected share no leading text, so there is no prompt; give a "
+                            "'prompt' column (or map one with --columns)")
+        row["prompt"], row["chosen"], row["rejected"] = chosen[:n], chosen[n:], rejected[n:]
+    elif fmt in ("conversational-explicit", "ultrafeedback") and isinstance(raw["prompt"], (list, str)):
+        prompt = _prompt(raw["prompt"], where)
+        row["chosen"], row["rejected"] = (_strip_prompt(prompt, raw[k]) for k in SIDES)
+        scores = [_number(raw, f"score_{k}", where) for k in SIDES] if fmt == "ultrafeedback" else [None]
+        if None not in scores and raw.get("margin") is None:
+            row["margin"] = scores[0] - scores[1]
+    return row
 
 
 # --- loading and validation ------------------------------------------------------------------------------------------
 
 
-def _line_numbers(path: Path) -> list[int]:
-    """Line number of each non-blank line (read_jsonl skips blank lines, so row i is on line numbers[i])."""
-    with path.open(encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
-
-
 def _prompt(value: Any, where: str) -> list[dict[str, str]]:
     if isinstance(value, str) and value.strip():
         return as_messages(value)
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if isinstance(value, list) and value:
+        return check_messages(value, where, "prompt")  # unknown roles (human, gpt, ...) refused, naming the row
     raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
 
 
@@ -70,6 +167,8 @@ def response_text(value: Any, column: str, where: str) -> str:
         message = value[0]
         if message.get("role") == "assistant" and isinstance(message.get("content"), str):
             return message["content"]
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: '{column}' has role {message.get('role')!r}; expected assistant")
     raise DataError(f"{where}: '{column}' must be a string or a list with one assistant message")
 
 
@@ -112,9 +211,13 @@ def _by_version(row: dict, where: str) -> Optional[dict[str, tuple[float, float]
 
 def validate_row(raw: dict, where: str) -> dict[str, Any]:
     """One JSONL row -> a normalised row; DataError naming `where` on any bad value."""
-    label = raw.get("label") or "chosen"
-    if label not in LABELS:
-        raise DataError(f"{where}: label {label!r} is not one of {', '.join(LABELS)}")
+    label = raw.get("label")
+    if label is None:
+        label = "chosen"
+    elif not isinstance(label, str) or label not in LABELS:
+        # Never `label or "chosen"`: 0 / false would silently become a win.
+        raise DataError(f"{where}: label {label!r} is not one of {', '.join(LABELS)} (or absent: chosen is preferred); "
+                        "a true/false label belongs to unpaired rows (prompt, completion, label), not to pairs")
     row = {
         "where": where,
         "prompt": _prompt(raw["prompt"], where),
@@ -137,28 +240,52 @@ def validate_row(raw: dict, where: str) -> dict[str, Any]:
     return row
 
 
-def load_preferences(path: str | Path, limit: Optional[int] = None, both_bad: str = "drop") -> PreferenceSet:
-    """Read, validate and count a preference file. both_bad pairs are dropped (counted, logged) or become ties."""
-    path = Path(path)
-    raw_rows = read_jsonl(path, required=("prompt", "chosen", "rejected"))  # names malformed lines
-    lines = _line_numbers(path)
-    raw_rows = raw_rows[:limit] if limit else raw_rows
-    rows = [validate_row(raw, f"{path}:{lines[i]}") for i, raw in enumerate(raw_rows)]
+def load_preferences(path: str | Path | Source, limit: Optional[int] = None, both_bad: str = "drop",
+                     max_length: Optional[int] = None, columns: Optional[str] = None) -> PreferenceSet:
+    """Read, recognise, convert, validate and count preference rows (any input open_source reads). both_bad pairs
+    are dropped (counted, logged) or become ties; pairs with an empty response or chosen == rejected are dropped
+    and counted; texts beyond CHARS_PER_TOKEN x max_length characters are cut before tokenising."""
+    source = path if isinstance(path, Source) else open_source(str(path)).rename(parse_columns(columns))
+    source = source.take(limit)
+    fmt = pair_format(source)
+    max_chars = None if max_length is None else max_length * CHARS_PER_TOKEN
+    rows, dropped = [], {"empty_responses": 0, "identical_pairs": 0}
+    for i, raw in enumerate(source):
+        where = source.where(i)
+        row = validate_row(to_native(fmt, raw, where), where)
+        if not row["chosen"].strip() or not row["rejected"].strip():
+            dropped["empty_responses"] += 1
+            continue
+        if row["chosen"].strip() == row["rejected"].strip():
+            dropped["identical_pairs"] += 1
+            continue
+        for side in SIDES:
+            if row[f"{side}_token_ids"] is None:
+                row[side] = cap_text(row[side], max_chars)
+        row["prompt"] = [dict(m, content=cap_text(m["content"], max_chars)) for m in row["prompt"]]
+        rows.append(row)
     counts = {label: sum(r["label"] == label for r in rows) for label in LABELS}
-    dropped = 0
+    both_bad_dropped = 0
     if both_bad == "drop":
-        dropped = counts["both_bad"]
+        both_bad_dropped = counts["both_bad"]
         rows = [r for r in rows if r["label"] != "both_bad"]
-        if dropped:
+        if both_bad_dropped:
             log.warning("%s: dropped %d both-bad pair(s) of %d (both_bad: drop; set both_bad: tie to train on them "
-                        "as ties)", path, dropped, len(raw_rows))
+                        "as ties)", source.name, both_bad_dropped, len(source))
     else:
         for r in rows:
             if r["label"] == "both_bad":
                 r["label"] = "tie"
+    dropped = {k: v for k, v in dropped.items() if v}
+    pset = PreferenceSet(source.name, rows, len(source), both_bad_dropped, counts, fmt, dropped, source.data_hash())
+    log.info("%s", pset.describe())
+    if dropped:
+        log.warning("%s: dropped %s", source.name,
+                    ", ".join(f"{v} pair(s) with {k.replace('_', ' ')}" for k, v in dropped.items()))
     if not rows:
-        raise DataError(f"{path}: no pairs left to train on (every pair was both_bad and both_bad is 'drop')")
-    return PreferenceSet(str(path), rows, len(raw_rows), dropped, counts)
+        raise DataError(f"{source.name}: no pairs left to train on (both-bad dropped: {both_bad_dropped}, "
+                        f"{', '.join(f'{k}: {v}' for k, v in dropped.items()) or 'nothing else dropped'})")
+    return pset
 
 
 # --- tokenisation ----------------------------------------------------------------------------------------------------
@@ -192,7 +319,12 @@ def tokenize_pairs(
     `chosen_ids`, `rejected_ids`, `is_tie`, `weight` (1.0 until weights are attached), `margin`, `soft_label`."""
     full, cut = [], []
     counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0}
+    markers = template_markers(tokenizer)
     for i, row in enumerate(pset.rows):
+        for j, message in enumerate(row["prompt"]):
+            refuse_templated(message["content"], markers, row["where"], f"prompt message {j}")
+        for side in SIDES:
+            refuse_templated(row[side], markers, row["where"], side)
         feature = {"index": i, "prompt_ids": prompt_ids(tokenizer, row["prompt"]), "is_tie": row["label"] == "tie",
                    "weight": 1.0 if row["weight"] is None else row["weight"],
                    "margin": row["margin"] or 0.0, "soft_label": row["label_agreement"]}
@@ -325,10 +457,13 @@ def score_pairs(
 
 
 def load_pair_sets(data_args: Any, both_bad: str) -> tuple[PreferenceSet, Optional[PreferenceSet]]:
-    """The training set and, when `data_args.eval_file` is set, the held-out set."""
-    train_set = load_preferences(data_args.train_file, data_args.max_train_samples, both_bad)
-    eval_set = (load_preferences(data_args.eval_file, data_args.max_eval_samples, both_bad)
-                if data_args.eval_file else None)
+    """The training set and, when the config names one (eval_file, or dataset_eval_split of dataset_name), the
+    held-out set."""
+    train_set = load_preferences(open_split(data_args, "train"), data_args.max_train_samples, both_bad,
+                                 data_args.max_length)
+    eval_source = open_split(data_args, "eval")
+    eval_set = (load_preferences(eval_source, data_args.max_eval_samples, both_bad, data_args.max_length)
+                if eval_source is not None else None)
     return train_set, eval_set
 
 

@@ -159,12 +159,43 @@ def write_version(out: Path, record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+# The hub id of each embedded alias's weights, for the model card's base_model.
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def card_metadata(version: dict[str, Any]) -> dict[str, Any]:
+    """The Hub's YAML header of a model card: base_model (a hub id only), library_name, tags, datasets."""
+    base = HUB_IDS.get(version["base_model"], version["base_model"])
+    adapter = Path(str(version.get("adapter_path", ""))).name == "adapter"
+    meta: dict[str, Any] = {}
+    if base.count("/") == 1 and not Path(base).exists():
+        meta["base_model"] = base
+    meta["library_name"] = "peft" if adapter else "transformers"
+    meta["tags"] = ["align", version["method"], "trl"] + (["lora"] if adapter else [])
+    hub_dataset = (version.get("data") or {}).get("hub_dataset")
+    if hub_dataset:
+        meta["datasets"] = [hub_dataset]
+    meta["pipeline_tag"] = "text-classification" if version["method"] == "reward" else "text-generation"
+    return meta
+
+
 def write_model_card(out: Path, version: dict[str, Any], metrics: dict[str, Any], command: str) -> None:
+    import yaml
+
+    data = version.get("data") or {}
     lines = [
+        "---",
+        yaml.safe_dump(card_metadata(version), sort_keys=False).strip(),
+        "---",
+        "",
         f"# {version['name']}",
         "",
         f"Trained by align ({version['method']}) from `{version['parent'] or version['base_model']}`.",
         "",
+    ]
+    if data.get("described"):
+        lines += [f"Data: {data['described']}" + (f"; dropped {data['dropped']}" if data.get("dropped") else "") + ".", ""]
+    lines += [
         "| field | value |",
         "|---|---|",
     ]
@@ -244,8 +275,10 @@ def record_run(
     metrics: dict[str, Any],
     tokenizer: Any,
     command: Optional[str] = None,
+    data: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Write version.json and the model card, as every training run does; return the version record."""
+    """Write version.json and the model card, as every training run does; return the version record. `data`: what
+    was read (the detected format, rows read, rows dropped and why, the data hash), recorded as version["data"]."""
     from align.data import files_sha256
     from align.models import tokenizer_fingerprint
 
@@ -257,7 +290,8 @@ def record_run(
             **lineage(model_spec, revision),
             "adapter_path": str(model_dir.resolve()),
             "adapter_hash": dir_sha256(model_dir),
-            "data_hash": files_sha256(*data_files),
+            "data_hash": data["hash"] if data and data.get("hash") else files_sha256(*data_files),
+            **({"data": data} if data else {}),
             "config": config,
             "metrics": metrics,
             **tokenizer_fingerprint(tokenizer),

@@ -31,8 +31,9 @@ def test_missing_column_and_empty_and_missing_file(tmp_path):
 @pytest.mark.parametrize(
     "messages, message",
     [
-        ([{"role": "user", "content": "hi"}], "last message must be a non-empty assistant"),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "non-empty assistant"),
+        ([{"role": "user", "content": "hi"}], "d.jsonl:1: the last message must be an assistant"),
+        # A whitespace-only response is dropped (counted); with nothing left the file is refused.
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], r"no rows left .*empty_responses: 1"),
         ([{"role": "robot", "content": "hi"}], "role 'robot'"),
         ("hello", "non-empty list"),
     ],

@@ -24,11 +24,13 @@ import torch
 from align import runs
 from align.config import (DPO_CONFIG, DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs,
                           parse_config, save_config, to_dict)
+from align.data import data_record
 from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
 from align.packing import PackedPreferenceCollator, restore_attention, use_packed_attention
 from align.preference import (PreferenceCollator, PreferenceSet, completion_logps, load_pair_sets, score_pairs,
                               tokenize_sets)
+from align.publish import check_tracker, hub_repo, push
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
 from align.weighting import SCHEMES
@@ -147,15 +149,23 @@ def _same_ids(a: Sequence[dict], b: Sequence[dict]) -> bool:
 
 def data_metrics(pset: PreferenceSet, counts: dict[str, int], prefix: str = "data") -> dict[str, int]:
     return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r["label"] == "tie" for r in pset.rows),
-            f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()}}
+            f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()},
+            **{f"{prefix}/dropped_{k}": v for k, v in pset.dropped.items()}}
 
 
 def write_run_record(out: Path, method: str, model_args: ModelArgs, model_dir: Path, data_args: PreferenceDataArgs,
-                     configs: Sequence[Any], metrics: dict, tokenizer: Any, command: Optional[str]) -> None:
-    """version.json and the model card for a preference run (DPO or reward)."""
+                     configs: Sequence[Any], metrics: dict, tokenizer: Any, command: Optional[str],
+                     data: Optional[dict] = None) -> None:
+    """version.json and the model card for a preference run (DPO or reward); pushed when push_to_hub is on."""
     runs.record_run(out, method=method, name=configs[-1].name, model_spec=model_args.model, revision=model_args.revision,
                     model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
-                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
+                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command, data=data)
+
+
+def preflight(train: TrainArgs) -> Optional[str]:
+    """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
+    check_tracker(train.report_to)
+    return hub_repo(train)
 
 
 @runs.discard_failed_runs
@@ -165,6 +175,7 @@ def train_dpo(
 ) -> Path:
     """Run DPO end to end and return the run directory. `callbacks`: see align.trainers.loop.train_loop."""
     configs = (model_args, lora_args, data_args, dpo_args, weighting, train)
+    repo = preflight(train)
     accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
     train_set, eval_set = load_pair_sets(data_args, dpo_args.both_bad)
     model, tokenizer = load_model(model_args, device=str(accelerator.device))
@@ -208,7 +219,10 @@ def train_dpo(
                                  state_dict=state_dict)
         if interference is not None:
             metrics.update(interference.finish(accelerator.unwrap_model(prepared), out))
-        write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
+        write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
+                         data_record(data_args, train_set, eval_set, counts))
+        if repo:
+            push(out, model_dir, repo)
     accelerator.wait_for_everyone()
     return out
 

@@ -81,12 +81,15 @@ class MetricsLogger:
         self.main = accelerator.is_main_process
         self.path = out / "metrics.jsonl"
         self.writer = None
+        self.tracker = None
         if self.main and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out / "tensorboard"))
-        elif self.main and report_to not in ("none", "tensorboard"):
-            log.warning("report_to=%s is not supported by this trainer; metrics go to %s only", report_to, self.path)
+        elif self.main and report_to in ("wandb", "trackio"):
+            from align.publish import Tracker
+
+            self.tracker = Tracker(report_to, out)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.main:
@@ -94,15 +97,19 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **clean}, default=str) + "\n")
+        scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.writer is not None:
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.tracker is not None:
+            self.tracker.log(scalars, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -255,12 +262,13 @@ def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
             model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
+    workers = train.dataloader_num_workers
     loader = DataLoader(list(task.train_data), batch_size=train.per_device_train_batch_size, shuffle=True,
-                        collate_fn=task.collate)
+                        collate_fn=task.collate, num_workers=workers)
     eval_loader = None
     if task.eval_data and task.eval_step is not None:
         eval_loader = DataLoader(list(task.eval_data), batch_size=train.per_device_eval_batch_size,
-                                 collate_fn=task.collate)
+                                 collate_fn=task.collate, num_workers=workers)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
     steps_per_epoch = max(1, math.ceil(len(loader) / train.gradient_accumulation_steps))

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from align import runs
 from align.config import (REWARD_CONFIG, LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, TrainArgs,
                           WeightingArgs, parse_config, save_config)
-from align.data import as_messages, prompt_ids
+from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import davidson_tie_nll, reward_pairwise_loss
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
 from align.packing import packed_rewards, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
-from align.trainers.dpo import data_metrics, preference_collator, write_run_record
+from align.publish import push
+from align.trainers.dpo import data_metrics, preference_collator, preflight, write_run_record
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import dataset_weights, report, scalar_diagnostics
 
@@ -63,6 +64,7 @@ def load_sequence_classifier(spec: str, revision: Optional[str], dtype: str, pad
         config = PeftConfig.from_pretrained(adapter)
         config.task_type = None
         model = PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()
+    model.requires_grad_(True)  # peft froze the merged base; LoRA (if any) freezes it again on top
     model.config.pad_token_id = pad_token_id  # the head reads the last token that is not padding
     return model
 
@@ -180,9 +182,10 @@ def train_reward(
         raise ConfigError("weighting_target: dynamic applies to DPO; a reward model's target is the policy of the "
                           "next RLHF round, so recompute static weights per round instead")
     configs = (model_args, lora_args, data_args, reward_args, weighting, train)
+    repo = preflight(train)
     accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
     train_set, eval_set = load_pair_sets(data_args, reward_args.both_bad)
-    tokenizer = load_tokenizer(model_args.model)
+    tokenizer = load_tokenizer(model_args.model, model_args.chat_template)
     collator = PreferenceCollator(tokenizer.pad_token_id)
     full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
     weights = _weights(train_set, full, model_args, weighting, collator, train.per_device_eval_batch_size,
@@ -212,7 +215,10 @@ def train_reward(
         runs.write_json(out / "reward_stats.json", stats)
         model_dir = save_trained(accelerator.unwrap_model(prepared), tokenizer, out, model_args.model, train.merge,
                                  state_dict=state_dict)
-        write_run_record(out, "reward", model_args, model_dir, data_args, configs, metrics, tokenizer, command)
+        write_run_record(out, "reward", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
+                         data_record(data_args, train_set, eval_set, counts))
+        if repo:
+            push(out, model_dir, repo)
     accelerator.wait_for_everyone()
     return out
 

@@ -221,8 +221,10 @@ def trainer_config(rl: RLHFArgs, train: TrainArgs, model_args: ModelArgs, out: P
         max_grad_norm=train.max_grad_norm, logging_steps=train.logging_steps, save_strategy="steps",
         save_steps=train.save_steps, save_total_limit=train.save_total_limit,
         gradient_checkpointing=train.gradient_checkpointing, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16, seed=train.seed, data_seed=train.seed, report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
+        fp16=dtype == torch.float16, seed=train.seed, data_seed=train.seed,
+        # TensorBoard is our own callback (DIR/tensorboard); wandb and trackio are transformers'.
+        report_to=[train.report_to] if train.report_to in ("wandb", "trackio") else "none", run_name=out.resolve().name,
+        dataloader_pin_memory=torch.cuda.is_available(), dataloader_num_workers=train.dataloader_num_workers,
         num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
         top_p=1.0, top_k=0, beta=rl.beta, use_vllm=rl.use_vllm, remove_unused_columns=False, log_completions=False,
     )
@@ -273,7 +275,10 @@ def train_rlhf(
     from align.trainers.dpo import stage_interference
     from align.trainers.sft import callbacks as run_callbacks
 
+    from align.trainers.dpo import preflight
+
     samples_per_step = check_setup(rl, monitor_args, train)
+    repo = preflight(train)
     configs = (model_args, lora_args, data_args, rl, monitor_args, train)
     out = runs.prepare_output_dir(train.output_dir, train.resume)
     device = PartialState().device
@@ -338,6 +343,10 @@ def train_rlhf(
                     config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command)
     if monitor_args.audit_db:
         push_audit(monitor_args, monitor, out, model_args, rl, trainer.model, tokenizer, reference, train.seed)
+    if repo:
+        from align.publish import push
+
+        push(out, model_dir, repo)
     return out
 
 

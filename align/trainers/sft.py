@@ -14,29 +14,44 @@ from typing import Any, Optional, Sequence
 
 from align import overfit, runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
-from align.data import load_chat_file, tokenize_chat
+from align.data import SFTSet, data_record, load_sft, open_split, template_markers, tokenize_sft_row
 from align.errors import DataError
 from align.models import apply_lora, load_model, save_trained
+from align.publish import check_tracker, hub_repo, push
 from align.trainers.finite import non_finite_callback
 from align.overfit import GapTracker
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(conversations: list[list[dict[str, str]]], tokenizer: Any, max_length: int, name: str):
-    """Tokenise conversations; drop (and count) those whose assistant tokens were all truncated away."""
-    from datasets import Dataset
+def build_dataset(sft_set: SFTSet, tokenizer: Any, max_length: int):
+    """Tokenise the rows (memory-mapped Arrow, not Python lists); drop (and count) rows whose assistant tokens were all
+    truncated away, count the truncated ones. Returns (dataset, counts)."""
+    from datasets import Dataset, concatenate_datasets
 
-    rows = [tokenize_chat(m, tokenizer, max_length) for m in conversations]
-    kept = [r for r in rows if any(r["assistant_masks"])]
-    if not kept:
-        raise DataError(f"{name}: no conversation has an assistant turn within max_length={max_length} tokens")
-    if len(kept) < len(rows):
-        log.warning("%s: dropped %d conversations whose response lies beyond max_length=%d", name, len(rows) - len(kept), max_length)
-    return Dataset.from_list(kept)
+    markers = template_markers(tokenizer)
+    chunks, lengths, useful = [], [], []
+    for start in range(0, len(sft_set.rows), 1024):  # compact Arrow chunks, never one Python list of every row
+        part = [tokenize_sft_row(row, tokenizer, max_length, markers) for row in sft_set.rows[start:start + 1024]]
+        lengths += [len(r["input_ids"]) for r in part]
+        useful += [any(r["assistant_masks"]) for r in part]
+        chunks.append(Dataset.from_dict({k: [r[k] for r in part] for k in ("input_ids", "assistant_masks")}))
+    tokenized = concatenate_datasets(chunks) if len(chunks) > 1 else chunks[0]
+    keep = [i for i, ok in enumerate(useful) if ok]
+    counts = {"rows": len(tokenized), "truncated": sum(n >= max_length for n in lengths),
+              "dropped_beyond_max_length": len(tokenized) - len(keep)}
+    if not keep:
+        raise DataError(f"{sft_set.name}: no conversation has an assistant turn within max_length={max_length} tokens")
+    if counts["dropped_beyond_max_length"]:
+        log.warning("%s: dropped %d conversations whose response lies beyond max_length=%d", sft_set.name,
+                    counts["dropped_beyond_max_length"], max_length)
+    if counts["truncated"]:
+        log.warning("%s: truncated %d row(s) to max_length=%d tokens", sft_set.name, counts["truncated"], max_length)
+    return (tokenized.select(keep) if len(keep) < len(tokenized) else tokenized), counts
 
 
-def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: Path) -> Any:
+def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: Path,
+                 data_args: Optional[SFTDataArgs] = None) -> Any:
     """Our config, translated once into TRL's SFTConfig (so TRL's names stay out of our configs)."""
     from trl import SFTConfig
 
@@ -72,9 +87,15 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
         fp16=dtype == torch.float16,
         seed=train.seed,
         data_seed=train.seed,
-        report_to="none",  # TensorBoard is added as a callback writing to DIR/tensorboard
+        # TensorBoard is our own callback (writing to DIR/tensorboard); wandb and trackio are transformers'.
+        report_to=[train.report_to] if train.report_to in ("wandb", "trackio") else "none",
+        run_name=out.resolve().name,
         dataloader_pin_memory=torch.cuda.is_available(),
-        max_length=None,  # already truncated by build_dataset
+        dataloader_num_workers=train.dataloader_num_workers,
+        packing=bool(data_args and data_args.packing),
+        padding_free=bool(data_args and data_args.padding_free),
+        # Rows are already truncated by build_dataset; packing needs the length it packs to.
+        max_length=data_args.max_length if data_args and data_args.packing else None,
         dataset_num_proc=None,
     )
 
@@ -111,13 +132,16 @@ def train_sft(
     from trl import SFTTrainer
 
     state = PartialState()
+    check_tracker(train.report_to)
+    repo = hub_repo(train)  # push_to_hub: token and network checked before any training
     with state.main_process_first():  # one rank probes and creates the run directory
         out = runs.prepare_output_dir(train.output_dir, train.resume)
-    train_rows = load_chat_file(data_args.train_file, data_args.max_train_samples)
-    eval_rows = load_chat_file(data_args.eval_file, data_args.max_eval_samples) if data_args.eval_file else []
+    train_set = load_sft(open_split(data_args, "train"), data_args.max_train_samples, data_args.max_length)
+    eval_source = open_split(data_args, "eval")
+    eval_set = load_sft(eval_source, data_args.max_eval_samples, data_args.max_length) if eval_source else None
     model, tokenizer = load_model(model_args)
-    train_ds = build_dataset(train_rows, tokenizer, data_args.max_length, data_args.train_file)
-    eval_ds = build_dataset(eval_rows, tokenizer, data_args.max_length, data_args.eval_file) if eval_rows else None
+    train_ds, counts = build_dataset(train_set, tokenizer, data_args.max_length)
+    eval_ds = build_dataset(eval_set, tokenizer, data_args.max_length)[0] if eval_set else None
     set_seed(train.seed)  # the LoRA init is random: same seed, same run
     if lora_args.use_lora:
         model = apply_lora(model, lora_args)
@@ -127,7 +151,7 @@ def train_sft(
     gaps = GapTracker(train.overfit_window)
     trainer = SFTTrainer(
         model=model,
-        args=trainer_args(train, model_args, eval_ds is not None, out),
+        args=trainer_args(train, model_args, eval_ds is not None, out, data_args),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -144,8 +168,11 @@ def train_sft(
     if not trainer.is_world_process_zero():
         return out
     model_dir = save_trained(trainer.model, tokenizer, out, model_args.model, train.merge, state_dict=state_dict)
+    data = data_record(data_args, train_set, eval_set, counts)
     runs.record_run(out, method="sft", name=train.name, model_spec=model_args.model, revision=model_args.revision,
                     model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
                     config=to_dict(model_args, lora_args, data_args, train), metrics=metrics, tokenizer=tokenizer,
-                    command=command)
+                    command=command, data=data)
+    if repo:
+        push(out, model_dir, repo)
     return out
