@@ -56,7 +56,7 @@ def test_unknown_command():
     [
         ("missing", ["--train_file", "{tmp}/nope.jsonl"], "data file not found"),
         ("malformed", ["--train_file", "{tmp}/bad.jsonl"], "bad.jsonl:2: malformed JSON"),
-        ("nocolumn", ["--train_file", "{tmp}/nocol.jsonl"], "nocol.jsonl:1: missing column(s) messages"),
+        ("nocolumn", ["--train_file", "{tmp}/nocol.jsonl"], "nocol.jsonl: cannot tell the SFT format from the columns question"),
         ("empty", ["--train_file", "{tmp}/empty.jsonl"], "empty.jsonl: no rows"),
         ("model", ["--model", "{tmp}/no-model"], "model path does not exist"),
     ],
@@ -64,7 +64,7 @@ def test_unknown_command():
 def test_bad_input_is_one_clear_line(tmp_path, tiny_model_dir, setup, args, pattern):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n{oops\n")
-    (tmp_path / "nocol.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "nocol.jsonl").write_text('{"question": "x"}\n')
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "good.jsonl").write_text(json.dumps(good) + "\n")
     base = ["sft", "--model", str(tiny_model_dir), "--train_file", str(tmp_path / "good.jsonl"), "--eval_file", "none",
