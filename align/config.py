@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from align.commands.parser import RaisingParser
 from align.errors import ConfigError
 from align.weighting import SCHEME_NAMES
 
@@ -332,11 +333,10 @@ def parse_config(
 
 
 def _parser_class() -> type:
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser  # deferred: transformers takes seconds to import
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str) -> typing.NoReturn:  # one clear line instead of argparse's usage dump
-            raise ConfigError(message)
+    class Parser(RaisingParser, HfArgumentParser):  # one clear line instead of argparse's usage dump
+        pass
 
     return Parser
 

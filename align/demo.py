@@ -16,19 +16,19 @@ failure is fixed and resumed, not restarted. Everything is seeded: the same seed
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
 import time
 import typing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from align.collect import repo_file
+from align.prompts import repo_file
 from align.config import WeightingArgs
 from align.errors import AlignError
+from align.runs import write_json
 
 BASE_MODEL = "smollm2-135m-instruct"
 CONFIGS = {method: f"recipes/configs/{method}/smollm2_lora.yaml" for method in ("sft", "dpo", "reward", "rlhf")}
@@ -174,7 +174,7 @@ def stage_rlhf(demo: Demo) -> dict:
 
 def stage_eval(demo: Demo) -> dict:
     from align import store as st
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.data import read_jsonl
     from align.report import write_report
     from align.report.clusters import DEFAULT as embedder
@@ -214,7 +214,7 @@ STAGES: list[tuple[str, Callable[[Demo], dict]]] = [
 
 def prompt_sets(demo: Demo) -> tuple[list[dict], list[dict]]:
     """Disjoint training prompts, balanced over task families: v0's set, then v1's new set."""
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
 
     size = demo.size
     picked = resolve_prompts("tasks:train", size.v0_per_family + size.v1_per_family)
@@ -228,7 +228,7 @@ def prompt_sets(demo: Demo) -> tuple[list[dict], list[dict]]:
 
 def version_of(demo: Demo, spec: str) -> str:
     from align import store as st
-    from align.collect import ensure_registered
+    from align.store.versions import ensure_registered
 
     with st.connect(demo.db) as store:
         return ensure_registered(store, spec)[1]
@@ -236,7 +236,7 @@ def version_of(demo: Demo, spec: str) -> str:
 
 def _generate(demo: Demo, spec: str, rows: list[dict], pair_rule: str = "random_iid") -> dict:
     from align import store as st
-    from align.collect import generate_to_store
+    from align.sampling import generate_to_store
 
     with st.connect(demo.db) as store:
         return generate_to_store(store, spec, rows, demo.size.n, demo.settings(), batch_size=4 * demo.size.n,
@@ -313,7 +313,7 @@ def check_settings(demo: Demo) -> None:
             raise AlignError(f"{demo.out} holds a demo made with other settings ({', '.join(changed)}); "
                              f"use another --out, or delete {demo.out} to start over")
         return
-    _write(path, settings)
+    write_json(path, settings)
 
 
 def run_stages(demo: Demo, stages=STAGES) -> dict[str, dict]:
@@ -341,7 +341,7 @@ def run_stages(demo: Demo, stages=STAGES) -> dict[str, dict]:
                 "this stage, or `align demo --debug` for the traceback"
             ) from exc
         records[name] = {"seconds": time.time() - started, "result": result}
-        _write(marker, records[name])
+        write_json(marker, records[name])
         print(f"[demo] {name}: done in {records[name]['seconds']:.0f}s", flush=True)
     return records
 
@@ -407,31 +407,10 @@ def print_summary(demo: Demo, table: dict) -> None:
           f"--train_file {demo.path('prefs_round2.jsonl')} --eval_file none --weighting_scheme {demo.weighting}")
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    tmp.replace(path)
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="align demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="Demo directory (re-running resumes it); default: demo, or "
-                        "demo-full for --size full.")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="small: about 12 minutes on 2 CPU cores; full: a bigger run for a GPU.")
-    parser.add_argument("--model", default=BASE_MODEL, help="Base model (v0): the embedded alias, a path or a hub id.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weighting", default="length_normalized", choices=WEIGHTING_SCHEMES,
-                        help="Importance-weighting scheme for v0's pairs in the DPO stage.")
-    for field in ("sft_steps", "dpo_steps", "reward_steps", "rlhf_steps"):
-        parser.add_argument(f"--{field}", type=int, default=None, help=f"Override the size's {field}.")
-    args = parser.parse_args(argv)
-    size = SIZES[args.size]
-    changed = {f: getattr(args, f) for f in ("sft_steps", "dpo_steps", "reward_steps", "rlhf_steps")
-               if getattr(args, f) is not None}
-    out = Path(args.out or ("demo" if args.size == "small" else f"demo-{args.size}"))
-    demo = Demo(out, replace(size, **changed), args.size, args.model, args.seed, args.weighting)
+def run(demo: Demo) -> dict:
+    """Run (or resume) every stage, write DIR/summary.json and print the summary table; return the table."""
     records = run_stages(demo)
     table = summary(demo, records)
-    _write(demo.path("summary.json"), table)
+    write_json(demo.path("summary.json"), table)
     print_summary(demo, table)
+    return table

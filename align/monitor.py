@@ -320,11 +320,11 @@ def push_audit_pairs(
     (e.g. the trained LoRA model inside `disable_adapter()`) saves loading `reference_spec` again.
     """
     from align import store as st
-    from align.collect import ensure_registered
+    from align.store.versions import ensure_registered
     from align.data import as_messages
     from align.generation import sample_responses
     from align.store.clock import utcnow
-    from align.store.ops import insert_ignoring_conflicts
+    from align.store.db import insert_ignoring_conflicts
     from align.store.schema import Pair
 
     if not samples:

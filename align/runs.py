@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from align.data import write_atomically
 from align.errors import AlignError
 
 if TYPE_CHECKING:
@@ -122,9 +123,7 @@ def set_aside_lost_metrics(out: Path, checkpoint: Optional[Path]) -> None:
         return
     with open(out / "metrics.discarded.jsonl", "a", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in lost)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= restart))
-    tmp.replace(path)
+    write_atomically(path, (json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= restart))
 
 
 def last_checkpoint(out: str | Path) -> Optional[Path]:
@@ -147,8 +146,7 @@ def dir_sha256(path: str | Path) -> str:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    from align.data import write_atomically
-
+    """The project's one JSON-file writer: indented, sorted keys, atomic."""
     write_atomically(path, [json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"])
 
 
@@ -219,6 +217,23 @@ def metrics_callback(path: str | Path) -> "TrainerCallback":
                     f.write(json.dumps(row, default=float) + "\n")
 
     return MetricsJsonl()
+
+
+def print_run_summary(out: Path) -> None:
+    """Print what a training run saved (main process only: other ranks have nothing to say)."""
+    from accelerate import PartialState  # deferred: accelerate imports torch
+
+    if not PartialState().is_main_process:
+        return
+    version = json.loads((out / "version.json").read_text())
+    metrics = version.get("metrics", {})
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"run {version['name']} ({version['method']}) saved to {out}")
+    print(f"  model: {version['adapter_path']}")
+    print(f"  metrics: {shown}")
+    for key in ("stop_reason", "overfit_alarm", "interference_warning"):  # align.overfit, align.interference
+        if isinstance(metrics.get(key), str):
+            print(f"  {key.replace('_', ' ')}: {metrics[key]}")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ with source "sim:<judge>" and never count toward the human vote quota.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import random
@@ -101,23 +100,3 @@ def _pairs_with_text(store, pair_ids: Optional[list[int]]) -> list[dict]:
         query = query.where(Pair.id.in_(pair_ids))
     with store.read() as session:
         return [dict(zip(("id", "family", "gold", "text_a", "text_b"), row)) for row in session.execute(query)]
-
-
-def main(argv: list[str]) -> None:
-    from align import store as st
-
-    parser = argparse.ArgumentParser(prog="align label --simulate", description="Simulated annotators vote on pairs.")
-    parser.add_argument("--simulate", required=True, choices=["gold"], help="The judge: gold (the tasks' gold scorers).")
-    parser.add_argument("--db", default="sqlite:///runs/store.db")
-    parser.add_argument("--annotators", type=int, default=3, help="Independent simulated annotators per pair.")
-    parser.add_argument("--judge_temperature", type=float, default=0.1, help="Noise: higher means more random votes.")
-    parser.add_argument("--tie_threshold", type=float, default=0.05)
-    parser.add_argument("--both_bad_threshold", type=float, default=0.2)
-    parser.add_argument("--position_bias", type=float, default=0.0, help="Logit toward the left-shown response.")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    judge = GoldJudge(args.simulate, args.judge_temperature, args.tie_threshold, args.both_bad_threshold, args.position_bias)
-    with st.connect(args.db) as store:
-        counts = simulate(store, judge, args.annotators, args.seed)
-    print(f"sim:{judge.name}: {counts['votes']} votes on {counts['pairs']} pairs"
-          + (f"; {counts['skipped_no_gold']} pairs skipped: their prompts have no gold check" if counts["skipped_no_gold"] else ""))

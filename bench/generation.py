@@ -242,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     import torch
     import transformers
 
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.config import ModelArgs
     from align.data import as_messages
     from align.generation import SamplingSettings

@@ -181,7 +181,7 @@ def split_prompts(b: Bench) -> tuple[list[dict], list[dict]]:
 def label(b: Bench, spec: str, prompts: list[dict], seed: int) -> tuple[str, list[dict]]:
     """Sample two responses per prompt from `spec` into the store, label them (simulated), export decided/tie rows."""
     from align import store as st
-    from align.collect import generate_to_store
+    from align.sampling import generate_to_store
     from align.generation import SamplingSettings
     from align.simulate import simulate
 

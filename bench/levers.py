@@ -39,7 +39,7 @@ def lever(on: bool):
 
 
 def make_batch(tokenizer, batch: int, completion: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.data import as_messages, prompt_ids
 
     rng = random.Random(seed)

@@ -2,8 +2,8 @@
 
 import sys
 
-from align.cli import run_guarded
-from align.label_cli import cmd_label
+from align.commands import run_guarded
+from align.commands.label import main
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(cmd_label, sys.argv[1:]))
+    sys.exit(run_guarded(main, sys.argv[1:]))

@@ -12,7 +12,8 @@ weighting diagnostics weights.json / weights.png. `--resume` continues from the 
 
 import sys
 
-from align.cli import print_run_summary, run_guarded
+from align.commands import run_guarded
+from align.runs import print_run_summary
 from align.config import DPO_CONFIG, parse_config
 from align.trainers.dpo import train_dpo
 

@@ -11,7 +11,8 @@ weighting diagnostics. Load it back with `align.trainers.reward.load_reward_mode
 
 import sys
 
-from align.cli import print_run_summary, run_guarded
+from align.commands import run_guarded
+from align.runs import print_run_summary
 from align.config import REWARD_CONFIG, parse_config
 from align.trainers.reward import train_reward
 

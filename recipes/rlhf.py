@@ -19,7 +19,8 @@ monitor.json, version.json (method "rlhf") and a model card.
 
 import sys
 
-from align.cli import print_run_summary, run_guarded
+from align.commands import run_guarded
+from align.runs import print_run_summary
 from align.config import RLHF_CONFIG, parse_config
 from align.trainers.rlhf import train_rlhf
 

@@ -11,7 +11,8 @@ version.json and a model card. `--resume` continues from the last checkpoint.
 
 import sys
 
-from align.cli import print_run_summary, run_guarded
+from align.commands import run_guarded
+from align.runs import print_run_summary
 from align.config import SFT_CONFIG, parse_config
 from align.trainers.sft import train_sft
 

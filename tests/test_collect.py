@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from align import store as st
-from align.collect import generate_to_store, read_prompts, rescore
+from align.prompts import read_prompts
+from align.sampling import generate_to_store, rescore
 from align.errors import DataError
 from align.generation import SamplingSettings
 from align.simulate import GoldJudge, simulate
@@ -85,7 +86,7 @@ def test_interrupted_generation_resumes_to_the_same_store(store, tiny_model_dir,
 
 
 def test_training_run_registers_with_its_lineage(store, tiny_model_dir, tmp_path):
-    from align.collect import ensure_registered
+    from align.store.versions import ensure_registered
 
     run = tmp_path / "v1"
     run.mkdir()
@@ -130,10 +131,10 @@ def test_export_cli_writes_a_loadable_dataset(store_url, tiny_model_dir, task_ro
 def test_generate_cli_takes_a_balanced_subset_of_the_task_suite(store_url, tiny_model_dir):
     from sqlalchemy import select
 
-    from align.collect import generate_main
+    from align.commands.generate import main as generate
     from align.store import Prompt
 
-    generate_main(["--model", str(tiny_model_dir), "--prompts", "tasks:train", "--per_family", "2", "--limit", "12",
+    generate(["--model", str(tiny_model_dir), "--prompts", "tasks:train", "--per_family", "2", "--limit", "12",
                    "--n", "2", "--max_new_tokens", "3", "--db", store_url])
     with st.connect(store_url) as store, store.read() as session:
         families = list(session.scalars(select(Prompt.family)))

@@ -133,7 +133,7 @@ def test_same_seed_same_demo(finished, tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_every_size_fits_the_task_suite(size, tmp_path):
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
 
     demo = Demo(tmp_path, SIZES[size], size)
     v0, v1 = prompt_sets(demo)
@@ -145,9 +145,9 @@ def test_every_size_fits_the_task_suite(size, tmp_path):
     assert SIZES[size].n >= 2 and SIZES[size].rlhf_steps >= 1
 
 
-def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path, capsys):
-    from align.demo import main
+def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path):
+    from align.commands.demo import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(AlignError, match="invalid choice: 'mixture'"):
         main(["--out", str(tmp_path / "demo"), "--weighting", "mixture"])
-    assert "invalid choice: 'mixture'" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+    assert not (tmp_path / "demo").exists()

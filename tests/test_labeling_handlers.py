@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from align.errors import ConfigError
 from align.store import Vote, add_user, effective_votes, make_pairs, release_lease
 from labeling.handlers import (
     Labeling,
@@ -316,7 +316,7 @@ def run_align(*args, stdin=""):
 def test_users_command_reads_the_password_from_stdin(store_url, monkeypatch, capsys):
     result = run_align("users", "add", "alice", "--role", "reviewer", "--db", store_url, stdin="s3cret-s3cret\n")
     assert result.returncode == 0, result.stderr
-    from align.cli import main
+    from align.commands import main
 
     def align(*args, stdin=""):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
@@ -341,18 +341,16 @@ def test_users_command_reads_the_password_from_stdin(store_url, monkeypatch, cap
         assert Labeling(store).authenticate("alice", "s3cret-s3cret") and Labeling(store).authenticate("dave", "pw-dave-0123")
 
 
-def test_label_command_delegates_simulation(monkeypatch):
-    from align import label_cli
+def test_label_command_delegates_simulation(store_url, capsys):
+    from align.commands import label
 
-    calls = []
-    fake = types.ModuleType("align.simulate")
-    fake.main = lambda argv: calls.append(argv)
-    monkeypatch.setitem(sys.modules, "align.simulate", fake)
-    label_cli.cmd_label(["--simulate", "length", "--db", "x.db"])
-    assert calls == [["--simulate", "length", "--db", "x.db"]]
+    with pytest.raises(ConfigError, match="invalid choice: 'length'"):  # the simulated-annotator mode's own options
+        label.main(["--simulate", "length", "--db", store_url])
+    label.main(["--simulate", "gold", "--db", store_url])
+    assert "sim:gold: 0 votes on 0 pairs" in capsys.readouterr().out
     with pytest.raises(Exception, match="unknown rule"):
-        label_cli.rationale_rules("strong,always")
-    assert label_cli.rationale_rules("none") == ()
+        label.rationale_rules("strong,always")
+    assert label.rationale_rules("none") == ()
 
 
 def test_an_annotator_target_stops_the_queue_there(store):

@@ -210,7 +210,7 @@ def test_advice_names_the_config_that_fits():
 
 
 def test_memory_command(capsys):
-    from align.cli import main
+    from align.commands import main
 
     assert main(["memory", "--model", "qwen2.5-0.5b", "--method", "dpo", "--lora", "--batch", "8",
                  "--max_length", "1024", "--gpu", "l4-24gb"]) == 0

@@ -30,7 +30,7 @@ def build_fixture_report(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, 
     from align.generation import SamplingSettings
     from align.models import save_tiny_model
     from align.report import write_report
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
 
     root = tmp_path_factory.mktemp("eval")
@@ -101,7 +101,7 @@ def test_eval_samples_are_stored_with_provenance(built):
 
 
 def test_unknown_version_lists_known_versions(built, tmp_path, capsys):
-    from align.cli import main
+    from align.commands import main
 
     _, report, url, _ = built
     prompts = tmp_path / "p.jsonl"
@@ -116,7 +116,7 @@ def test_unknown_version_lists_known_versions(built, tmp_path, capsys):
 
 def test_empty_prompt_set_is_an_error(tmp_path, built):
     from align import store as st
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
 
     empty = tmp_path / "empty.jsonl"
@@ -137,7 +137,7 @@ def test_gold_judge_names_the_family_it_cannot_score(built):
 
 
 def test_judge_option_parsing():
-    from align.eval_cli import parse_judge
+    from align.commands.eval import parse_judge
 
     assert parse_judge("gold", None) == (["gold"], None)
     assert parse_judge("reward:runs/rm", None) == (["reward"], "runs/rm")
@@ -203,7 +203,7 @@ def _fake_run(root: Path, name: str, parent: str, with_extras: bool) -> Path:
 
 
 def test_runs_report(tmp_path):
-    from align.eval_cli import build_runs_report
+    from align.commands.report import build_runs_report
     from align.report import write_report
 
     first = _fake_run(tmp_path, "v1-dpo", "smollm2-135m-instruct", with_extras=True)
@@ -223,7 +223,7 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     """judge "both": reward-model scores and win rates beside gold, and its accuracy on held-out pairs."""
     from align import store as st
     from align.generation import SamplingSettings
-    from align.collect import resolve_prompts
+    from align.prompts import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
     from align.trainers.reward import train_reward
     from tests.test_preference import load_tokenizer, pair_rows, write_pairs

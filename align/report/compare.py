@@ -105,7 +105,7 @@ def known_versions(store) -> list[str]:
 
 def register(store, spec: str) -> Any:
     """The stored ModelVersion of a spec or version name, registering it if needed; a clear error if neither."""
-    from align.collect import ensure_registered
+    from align.store.versions import ensure_registered
     from align.store import get_model_version
 
     try:
@@ -122,7 +122,7 @@ def load_samples(store, version_id: int, prompt_ids: Sequence[int], n: int, sett
     from sqlalchemy import select
 
     from align.store import Response
-    from align.store.ops import sample_settings
+    from align.store.samples import sample_settings
 
     wanted = sample_settings(settings.as_dict())
     query = select(Response).where(
@@ -157,7 +157,7 @@ def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
 def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT) -> dict:
     """Sample, judge and summarise; returns the report as a JSON-ready dict (see align.report.html for rendering)."""
     from align import store as st
-    from align.collect import generate_to_store
+    from align.sampling import generate_to_store
 
     if not spec.prompt_rows:
         raise AlignError("the prompt set is empty: give a JSONL with at least one prompt (or a larger --per_family)")

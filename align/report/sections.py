@@ -66,7 +66,7 @@ def kl_to_reference(reference, versions: Sequence, prompts: dict, samples: dict,
                     seed: int = 0) -> dict | str:
     """KL(π_v ‖ π_ref) per version: mean over v's samples of the stored log π_v(y) minus log π_ref(y) re-scored
     teacher-forced under the reference. The reference's own row re-scores its samples (≈ 0: a consistency check)."""
-    from align.collect import loadable_spec
+    from align.store.versions import loadable_spec
     from align.config import ModelArgs
     from align.data import prompt_ids as render
     from align.generation import score_completions

@@ -17,14 +17,8 @@ from align.store.export import (
 )
 from align.store.leases import has_live_lease, lease_next_pair, release_lease, undo_last_vote
 from align.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from align.store.ops import (
-    add_prompts,
-    add_responses,
-    existing_sample_keys,
-    get_model_version,
-    register_model_version,
-)
 from align.store.pairs import PAIR_RULES, get_pair, make_pairs, set_gold
+from align.store.samples import add_prompts, add_responses, existing_sample_keys
 from align.store.schema import (
     VOTE_CHOICES,
     VOTE_KINDS,
@@ -40,6 +34,7 @@ from align.store.schema import (
     Vote,
 )
 from align.store.users import add_user, verify_user
+from align.store.versions import get_model_version, register_model_version
 from align.store.votes import add_vote, effective_votes, open_pairs
 
 __all__ = [

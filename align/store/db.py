@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -154,3 +156,27 @@ def first_line(error: BaseException) -> str:
     cause = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return lines[0] if lines else type(cause).__name__
+
+
+# ---- writes that many processes can make at once ----------------------------------------------------------------
+
+CHUNK = 500  # ids per IN (...) list: well under SQLite's bound-parameter limit
+
+
+def insert_ignoring_conflicts(session: Session, model: type, rows: list[dict[str, Any]], key: Sequence[str]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: concurrent writers of the same rows never fail or duplicate.
+
+    Rows are deduplicated and sorted on their unique `key` first: PostgreSQL refuses to touch one row twice in a
+    statement, and two writers inserting overlapping rows in different orders would deadlock on each other.
+    """
+    unique = {tuple(row[k] for k in key): row for row in reversed(rows)}  # reversed: the first repeat wins
+    if not unique:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model.__table__).on_conflict_do_nothing(), [unique[k] for k in sorted(unique)])
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

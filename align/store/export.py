@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 
 from align.data import write_jsonl  # noqa: F401  (re-exported: the store's writer is the project's one)
 from align.errors import AlignError
-from align.store.db import Store
-from align.store.ops import chunks, get_model_version
+from align.store.db import Store, chunks
 from align.store.pairs import prompt_messages
 from align.store.schema import ModelVersion, Pair, Prompt, Response
+from align.store.versions import get_model_version
 from align.store.votes import effective_votes_query
 
 

@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 
 from align.errors import AlignError, DataError
 from align.store.clock import utcnow
-from align.store.db import Store
-from align.store.ops import chunks, insert_ignoring_conflicts
+from align.store.db import Store, chunks, insert_ignoring_conflicts
 from align.store.schema import VOTE_CHOICES, Pair, Prompt, Response
 from align.store.slots import add_slots
 

@@ -22,8 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from align import runs
-from align.config import (DPO_CONFIG, DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs,
-                          parse_config, save_config, to_dict)
+from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs, save_config, to_dict
 from align.data import data_record
 from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
@@ -225,10 +224,3 @@ def train_dpo(
             push(out, model_dir, repo)
     accelerator.wait_for_everyone()
     return out
-
-
-def main(argv: list[str]) -> None:
-    """`align dpo --config FILE [--key value ...]`."""
-    from align.cli import print_run_summary
-
-    print_run_summary(train_dpo(*parse_config(DPO_CONFIG, argv, prog="align dpo")))

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from align import runs
-from align.config import (REWARD_CONFIG, LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, TrainArgs,
-                          WeightingArgs, parse_config, save_config)
+from align.config import LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, TrainArgs, WeightingArgs, save_config
 from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import davidson_tie_nll, reward_pairwise_loss
@@ -280,10 +279,3 @@ def score(
     if stats is None:
         return rewards
     return [(r - stats["mean"]) / stats["std"] for r in rewards]
-
-
-def main(argv: list[str]) -> None:
-    """`align reward --config FILE [--key value ...]`."""
-    from align.cli import print_run_summary
-
-    print_run_summary(train_reward(*parse_config(REWARD_CONFIG, argv, prog="align reward")))

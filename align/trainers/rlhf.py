@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence
 from transformers import Trainer, TrainerCallback
 
 from align import runs
-from align.config import (RLHF_CONFIG, LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs,
-                          parse_config, save_config, to_dict)
+from align.config import (LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs, save_config,
+                          to_dict)
 from align.errors import ConfigError, DataError
 from align.models import load_model, resolve_dtype, save_trained
 
@@ -47,7 +47,7 @@ def prompt_dataset(path: str, limit: Optional[int]):
     so the reward function can score rollouts with the task's gold check."""
     from datasets import Dataset
 
-    from align.collect import read_prompts
+    from align.prompts import read_prompts
     from align.data import as_messages
 
     rows = read_prompts(path)[:limit]
@@ -383,14 +383,3 @@ def push_audit(monitor_args: MonitorArgs, monitor: Any, out: Path, model_args: M
             pairs = push_audit_pairs(monitor_args.audit_db, out, samples, model_args.model, settings, model, tokenizer,
                                      monitor_args.audit_votes_required)
     log.info("pushed %d audit pairs to %s", len(pairs), monitor_args.audit_db)
-
-
-def main(argv: list[str]) -> None:
-    """`align rlhf --config FILE [--key value ...]`."""
-    from accelerate import PartialState
-
-    from align.cli import print_run_summary
-
-    out = train_rlhf(*parse_config(RLHF_CONFIG, argv, prog="align rlhf"))
-    if PartialState().is_main_process:
-        print_run_summary(out)

@@ -10,7 +10,6 @@ normaliser cannot be recomputed every step, so a running estimate is used; see `
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -20,9 +19,9 @@ import torch
 
 from align import runs
 from align.config import WeightingArgs
-from align.errors import ConfigError, DataError
+from align.errors import DataError
 from align.preference import PreferenceSet
-from align.weighting import (SCHEME_NAMES, SCHEMES, WeightResult, compute_importance_weights, log_weight_shift,
+from align.weighting import (SCHEMES, WeightResult, compute_importance_weights, log_weight_shift,
                              weight_diagnostics)
 
 log = logging.getLogger(__name__)
@@ -231,71 +230,3 @@ class DynamicWeights:
         self.log_scale = float(state["log_scale"])
         self.collapsed_steps = int(state.get("collapsed_steps", 0))
         self.collapsed = bool(state.get("collapsed", False))
-
-
-# --- `align weights` -------------------------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one clear line through the CLI's error handling
-        raise ConfigError(message)
-
-
-def main(argv: list[str]) -> None:
-    """`align weights --data PATH --model SPEC [--scheme ...] [--out DIR]`: weights and diagnostics, no training."""
-    from align.config import ModelArgs
-    from align.models import DEFAULT_MODEL, load_model
-    from align.preference import PreferenceCollator, load_preferences, score_pairs, tokenize_pairs
-
-    parser = _Parser(prog="align weights", description=main.__doc__)
-    parser.add_argument("--data", required=True, help="Preference JSONL (as `align export` writes it).")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Target policy: the model the next round starts from.")
-    parser.add_argument("--revision", default=None, help="Hub revision for hub ids.")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--scheme", default="sequence", choices=SCHEME_NAMES)
-    parser.add_argument("--alpha", type=float, default=1.0, help="Tempering α (tempered, mixture).")
-    parser.add_argument("--clip", type=float, default=5.0, help="Truncation c (>= 1); 0: off.")
-    parser.add_argument("--both_bad", default="drop", choices=["drop", "tie"])
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--out", default=None, help="Directory for weights.json and weights.png.")
-    args = parser.parse_args(argv)
-    weighting = WeightingArgs(weighting_scheme=args.scheme, weighting_alpha=args.alpha,
-                              weighting_clip=args.clip or None)
-
-    pset = load_preferences(args.data, both_bad=args.both_bad)
-    model = tokenizer = None
-    if args.scheme != "none":
-        check_columns(pset, args.scheme)  # before loading a model
-        model, tokenizer = load_model(ModelArgs(model=args.model, revision=args.revision, dtype=args.dtype),
-                                      device="cuda" if torch.cuda.is_available() else None)
-    if tokenizer is not None:
-        full, _, _ = tokenize_pairs(pset, tokenizer)  # untruncated: the stored log-probs cover every token
-    else:
-        full = []
-    collator = PreferenceCollator(tokenizer.pad_token_id) if tokenizer is not None else None
-    result, _ = dataset_weights(
-        pset, full, weighting, lambda feats, coll: score_pairs(model, feats, collator, args.batch_size,
-                                                               with_collision=coll))
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    report(result, pset, out)
-    print_summary(result.diagnostics, pset, out)
-
-
-def print_summary(diag: dict, pset: PreferenceSet, out: Optional[Path]) -> None:
-    print(f"weights for {diag['weights/n']} pairs of {pset.path} (scheme {diag.get('scheme')}, "
-          f"alpha {diag.get('alpha', 1.0):g}, clip {diag.get('clip')})")
-    if pset.both_bad_dropped:
-        print(f"  both-bad pairs dropped: {pset.both_bad_dropped}")
-    print(f"  ESS/N overall: {diag['weights/ess_frac']:.3f}   top-1% weight share: {diag['weights/top1pct_share']:.3f}")
-    for key in sorted(k for k in diag if k.startswith("weights/ess_frac/")):
-        version = key.split("/", 2)[2]
-        print(f"  ESS/N {version}: {diag[key]:.3f}   (pairs {diag[f'data/share/{version}']:.0%}, "
-              f"weight {diag[f'weights/share/{version}']:.0%})")
-    if "kl/per_token" in diag:
-        print(f"  KL(sampler ‖ target) per token: {diag['kl/per_token']:.4f} nat")
-    if "warning" in diag:
-        print(f"  warning: {diag['warning']}")
-    if out is not None:
-        print(f"  wrote {out / 'weights.json'} and {out / 'weights.png'}")

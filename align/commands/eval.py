@@ -1,19 +1,21 @@
-"""`align eval` (compare model versions on prompts) and `align report` (summarise training runs).
+"""`align eval`: compare model versions on a prompt set; write OUT/report.html (self-contained), report.json and
+summary.md.
 
     align eval --models smollm2-135m-instruct,runs/v1-sft --prompts tasks:eval --per_family 5 \\
         --judge gold --db runs/store.db --out runs/eval
-    align report runs/v1-sft runs/v2-dpo --out runs/report
-
-Both write OUT/report.html (self-contained), OUT/report.json and OUT/summary.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
+from align import store as st
+from align.commands.parser import DEFAULT_DB, ArgumentParser, comma_list
+from align.data import read_jsonl
 from align.errors import AlignError
+from align.generation import SamplingSettings
+from align.prompts import resolve_prompts
+from align.report import write_report
+from align.report.compare import EvalSpec, run_eval
+from align.runs import command_line
 
 
 def parse_judge(value: str, reward_model: str | None) -> tuple[list[str], str | None]:
@@ -34,17 +36,10 @@ def parse_judge(value: str, reward_model: str | None) -> tuple[list[str], str | 
     raise AlignError(f"unknown --judge {value!r}; use gold, reward:RUN_DIR or both:RUN_DIR")
 
 
-def eval_main(argv: list[str]) -> None:
-    from align import store as st
-    from align.collect import resolve_prompts
-    from align.generation import SamplingSettings
-    from align.report import write_report
-    from align.report.compare import EvalSpec, run_eval
-    from align.runs import command_line
-
-    parser = argparse.ArgumentParser(prog="align eval", description="Compare model versions on a prompt set and "
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="align eval", description="Compare model versions on a prompt set and "
                                      "write a self-contained HTML report (plus JSON and a Markdown summary).")
-    parser.add_argument("--models", required=True,
+    parser.add_argument("--models", required=True, type=comma_list,
                         help="Comma-separated model specs or stored version names (aliases, paths, run dirs).")
     parser.add_argument("--prompts", default="tasks:eval",
                         help="A JSONL of prompts, or tasks:eval / tasks:train (the shipped task suite).")
@@ -56,7 +51,7 @@ def eval_main(argv: list[str]) -> None:
     parser.add_argument("--heldout_pairs", default=None,
                         help="Preference JSONL (prompt/chosen/rejected) for reward-model accuracy; default: the "
                              "store's human-labelled pairs.")
-    parser.add_argument("--db", default="sqlite:///runs/store.db", help="Store URL (samples are stored there).")
+    parser.add_argument("--db", default=DEFAULT_DB, help="Store URL (samples are stored there).")
     parser.add_argument("--out", required=True, help="Output directory.")
     parser.add_argument("--n", type=int, default=1, help="Samples per prompt and version.")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -71,12 +66,10 @@ def eval_main(argv: list[str]) -> None:
     if args.n < 1:
         raise AlignError("--n must be at least 1")
     judges, reward_model = parse_judge(args.judge, args.reward_model)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = args.models or []
     rows = resolve_prompts(args.prompts, args.per_family, args.limit)
     heldout = None
     if args.heldout_pairs:
-        from align.data import read_jsonl
-
         heldout = read_jsonl(args.heldout_pairs, required=("prompt", "chosen", "rejected"))
     settings = SamplingSettings(0.0 if args.greedy else args.temperature, 1.0, 0, args.max_new_tokens, args.seed)
     spec = EvalSpec(models=models, prompt_rows=rows, judges=judges, reward_model=reward_model, settings=settings,
@@ -94,39 +87,3 @@ def eval_main(argv: list[str]) -> None:
                       f"[{p['low']:.3f}, {p['high']:.3f}] on {p['n']} prompts")
 
 
-def build_runs_report(run_dirs: list[str]) -> dict:
-    """The report of training runs: curves, weights diagnostics, monitor flags, lineage, final metrics."""
-    from align.report import artifacts
-
-    runs = []
-    for raw in run_dirs:
-        run = Path(raw).expanduser()
-        if not (run / "version.json").is_file():
-            raise AlignError(f"{raw} is not a finished training run (no version.json)")
-        runs.append(run)
-    if not runs:
-        raise AlignError("give at least one run directory")
-    versions = []
-    for run in runs:
-        info = json.loads((run / "version.json").read_text())
-        versions.append({"name": info.get("name") or run.name, "method": info.get("method"),
-                         "parent": info.get("parent"), "base_model": info.get("base_model"), "samples": None})
-    report = {"kind": "runs", "title": f"align report: {len(runs)} training run(s)", "versions": versions,
-              "notes": {}}
-    artifacts.add_run_dir_sections(report, runs)
-    return report
-
-
-def report_main(argv: list[str]) -> None:
-    from align.report import write_report
-    from align.runs import command_line
-
-    parser = argparse.ArgumentParser(prog="align report", description="Turn training runs into a report (training "
-                                     "curves, weighting diagnostics, monitor flags, lineage; no sampling).")
-    parser.add_argument("runs", nargs="+", help="Training run directories (each with version.json).")
-    parser.add_argument("--out", required=True, help="Output directory.")
-    args = parser.parse_args(argv)
-    report = build_runs_report(args.runs)
-    report["command"] = command_line()
-    path = write_report(report, args.out)
-    print(f"wrote {path} (+ report.json, summary.md)")

@@ -1,114 +1,19 @@
-"""Writes and reads for model versions, prompts and responses. Every add is idempotent (insert-or-get)."""
+"""Prompts and the responses sampled for them. Every add is idempotent (insert-or-get)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from align.errors import AlignError, DataError
+from align.errors import DataError
 from align.store.clock import utcnow
-from align.store.db import Store
-from align.store.schema import RESPONSE_KEY, ModelVersion, Prompt, Response
-
-CHUNK = 500  # ids per IN (...) list: well under SQLite's bound-parameter limit
-
-
-def insert_ignoring_conflicts(session: Session, model: type, rows: list[dict[str, Any]], key: Sequence[str]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING: concurrent writers of the same rows never fail or duplicate.
-
-    Rows are deduplicated and sorted on their unique `key` first: PostgreSQL refuses to touch one row twice in a
-    statement, and two writers inserting overlapping rows in different orders would deadlock on each other.
-    """
-    unique = {tuple(row[k] for k in key): row for row in reversed(rows)}  # reversed: the first repeat wins
-    if not unique:
-        return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(insert(model.__table__).on_conflict_do_nothing(), [unique[k] for k in sorted(unique)])
-
-
-def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# ---- model versions ------------------------------------------------------------------------------------------
-
-VERSION_FIELDS = (
-    "base_model", "base_revision", "adapter_path", "adapter_hash", "tokenizer_hash", "chat_template_hash",
-    "method", "data_hash",
-)
-
-
-def register_model_version(store: Store, version_json: dict[str, Any] | str | os.PathLike[str]) -> int:
-    """Record a training run's version.json (a dict, the file, or its run directory); return the version's id.
-
-    Idempotent by name: the same name with the same adapter_hash returns the existing id; a different hash under
-    an existing name is an error, because a version is immutable.
-    """
-    info = load_version_json(version_json)
-    name, base_model = info.get("name"), info.get("base_model")
-    if not name or not base_model:
-        raise DataError("version.json needs a 'name' and a 'base_model'")
-    row = {field: info.get(field) for field in VERSION_FIELDS}
-    row.update(name=name, training_config=info.get("config"), created_at=utcnow())
-    with store.write() as session:
-        row["parent_id"] = parent_id(session, info.get("parent"), name)
-        insert_ignoring_conflicts(session, ModelVersion, [row], key=("name",))
-        stored = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).one()
-        if stored.adapter_hash != row["adapter_hash"]:
-            raise AlignError(
-                f"model version {name!r} is already registered with adapter_hash {stored.adapter_hash!r}, "
-                f"not {row['adapter_hash']!r}; give the new run its own name"
-            )
-        return stored.id
-
-
-def load_version_json(version_json: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
-    if isinstance(version_json, dict):
-        return version_json
-    path = Path(version_json)
-    if path.is_dir():
-        path = path / "version.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"cannot read model version file {path}: {error}") from error
-    if not isinstance(info, dict):
-        raise DataError(f"{path} must hold a JSON object")
-    return info
-
-
-def parent_id(session: Session, parent: str | int | None, child: str) -> int | None:
-    if parent is None:
-        return None
-    column = ModelVersion.id if isinstance(parent, int) else ModelVersion.name
-    found = session.scalars(select(ModelVersion.id).where(column == parent)).one_or_none()
-    if found is None:
-        raise AlignError(f"parent version {parent!r} of {child!r} is not registered; register it first")
-    return found
-
-
-def get_model_version(store: Store, name_or_id: str | int) -> ModelVersion:
-    """The version with this name (str) or id (int); AlignError listing the known names if there is none."""
-    column = ModelVersion.id if isinstance(name_or_id, int) else ModelVersion.name
-    with store.read() as session:
-        found = session.scalars(select(ModelVersion).where(column == name_or_id)).one_or_none()
-        if found is not None:
-            return found
-        names = session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)).all()
-    known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "none registered"
-    raise AlignError(f"unknown model version {name_or_id!r}; known: {known}")
-
+from align.store.db import Store, chunks, insert_ignoring_conflicts
+from align.store.schema import RESPONSE_KEY, Prompt, Response
 
 # ---- prompts -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,38 @@
+"""`align export --db URL --out FILE [--kind preferences|sft|unpaired] [filters]`: labeled pairs for training."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+
+from align import store as st
+from align.commands.parser import DEFAULT_DB, ArgumentParser, comma_list
+from align.data import write_jsonl
+from align.errors import AlignError
+
+KINDS = {"preferences": st.export_preferences, "sft": st.export_sft, "unpaired": st.export_unpaired}
+
+
+def main(argv: list[str]) -> None:
+    parser = ArgumentParser(prog="align export", description="Export labeled pairs for training.")
+    parser.add_argument("--db", default=DEFAULT_DB)
+    parser.add_argument("--out", required=True, help="Output JSONL (loads with datasets.load_dataset('json', ...)).")
+    parser.add_argument("--kind", choices=list(KINDS), default="preferences",
+                        help="preferences: prompt/chosen/rejected + provenance; sft: preferred responses; unpaired: KTO rows.")
+    parser.add_argument("--model_versions", type=comma_list, default=None,
+                        help="Comma-separated version names: pairs sampled from these.")
+    parser.add_argument("--since", type=datetime.fromisoformat, default=None, help="Votes at or after (ISO time).")
+    parser.add_argument("--until", type=datetime.fromisoformat, default=None, help="Votes before (ISO time).")
+    parser.add_argument("--annotators", type=comma_list, default=None, help="Comma-separated annotator names.")
+    parser.add_argument("--source", choices=["human", "simulated"], default=None, help="Only human or only simulated votes.")
+    parser.add_argument("--min_agreement", type=float, default=0.0, help="Keep pairs whose majority share is at least this.")
+    args = parser.parse_args(argv)
+    with st.connect(args.db) as store:
+        rows = KINDS[args.kind](store, model_versions=args.model_versions, since=args.since, until=args.until,
+                                annotators=args.annotators, source=args.source, min_agreement=args.min_agreement)
+    if not rows:
+        raise AlignError("nothing to export: no pair has votes matching these filters")
+    write_jsonl(rows, args.out)
+    labels = Counter(row.get("label", "-") for row in rows)
+    shown = ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda kv: str(kv[0])))
+    print(f"wrote {len(rows)} {args.kind} rows to {args.out} ({shown})")
