@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from align.cli import main as cli_main
+from align.commands import main as cli_main
 from align.config import TrainArgs
 from align.errors import AlignError
 from align.runs import read_metrics
