@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import func, select
 
 from align import store as st
-from align.collect import generate_to_store
 from align.errors import AlignError
+from align.sampling import generate_to_store
 from align.store import ModelVersion, Response
 from tests.test_collect import SETTINGS, task_rows  # noqa: F401 - a fixture
 
