@@ -260,7 +260,7 @@ def dpo_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
-    from align.eval_cli import build_runs_report
+    from align.commands.report import build_runs_report
     from align.report import write_report
     from align.runs import read_metrics
 
