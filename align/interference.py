@@ -29,7 +29,7 @@ GOLD_MAX_NEW_TOKENS = 64  # greedy answers to the task prompts; the shipped task
 
 def sft_file(setting: Optional[str], model_spec: str) -> tuple[Optional[str], str]:
     """(path, where it came from) of the SFT conversations to measure, or (None, why not)."""
-    from align.collect import repo_file
+    from align.prompts import repo_file
     from align.errors import AlignError
 
     if setting and setting != "auto":
@@ -87,7 +87,7 @@ class InterferenceCheck:
     """Measure the starting model (`before`), then the trained one (`after`), then `result()`."""
 
     def __init__(self, args: Any, model_spec: str, method: str, tokenizer: Any, sft_weight: Optional[float] = None):
-        from align.collect import repo_file
+        from align.prompts import repo_file
         from align.data import load_chat_file
         from align.evaluate import stratified
         from align.tasks import load_tasks

@@ -62,7 +62,7 @@ def test_sft_file_follows_the_lineage_to_the_sft_run(tmp_path):
 
 def test_dpo_run_records_what_it_cost_the_sft_stage(tiny_model_dir, tmp_path):
     """Values: the before/after SFT losses equal sft_loss of the starting model and of the saved run."""
-    from align.collect import repo_file
+    from align.prompts import repo_file
     from align.config import DPOArgs, ModelArgs
     from align.data import load_chat_file
     from align.models import load_model
