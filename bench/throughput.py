@@ -192,6 +192,10 @@ class Turns:
         self.names, self.cuda, self.turn, self.finished = names, cuda, names[0], set()
         self.cond = threading.Condition()
         self.times: dict[str, list[float]] = {n: [] for n in names}
+        # Process CPU time of each step: the sides never run at once, so this is the step's own CPU time, all torch
+        # threads included, and unlike wall time it hardly moves when other processes share the machine.
+        self.cpu: dict[str, list[float]] = {n: [] for n in names}
+        self._start_cpu: dict[str, float] = {}
         self.peaks: dict[str, list[int]] = {n: [] for n in names}
         self.resident = dict.fromkeys(names, 0)  # bytes the side holds between its steps (weights, optimizer state)
         self._start: dict[str, float] = {}
@@ -207,6 +211,7 @@ class Turns:
             self._allocated[name] = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         self._start[name] = time.perf_counter()
+        self._start_cpu[name] = time.process_time()
 
     def _hand_over(self, name: str, finished: bool = False) -> None:
         with self.cond:
@@ -224,6 +229,7 @@ class Turns:
             self.peaks[name].append(self.resident[name] + torch.cuda.max_memory_allocated() - start)
             self.resident[name] += torch.cuda.memory_allocated() - start
         self.times[name].append(time.perf_counter() - self._start[name])
+        self.cpu[name].append(time.process_time() - self._start_cpu[name])
         self._hand_over(name)
         self._wait(name)
 
@@ -312,9 +318,9 @@ def our_side(b: Bench, configs: tuple, hook: Any, reference_s: list) -> Callable
         score_pairs = dpo.score_pairs
 
         def timed(*args, **kwargs):  # the reference pass of precompute_ref: charged to the steps
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = score_pairs(*args, **kwargs)  # returns CPU tensors: the GPU has finished
-            reference_s.append(time.perf_counter() - start)
+            reference_s.append((time.perf_counter() - start, time.process_time() - start_cpu))
             return out
 
         with mock.patch.object(dpo, "score_pairs", timed):
@@ -362,13 +368,17 @@ def trl_side(b: Bench, model_dir: Path, rows: list[dict], configs: tuple, hook: 
 # ---- results ------------------------------------------------------------------------------------------------------
 
 
-def side_result(b: Bench, turns: Turns, name: str, tokens: int, ideal_s: Optional[float], extra_s: float = 0.0) -> dict:
-    """Median steady-state step (plus an amortised one-off pass) -> samples/s, tokens/s, MFU, peak memory.
-    `ideal_s` is the step time at 100% MFU."""
+def side_result(b: Bench, turns: Turns, name: str, tokens: int, ideal_s: Optional[float], extra_s: float = 0.0,
+                extra_cpu_s: float = 0.0) -> dict:
+    """Median steady-state step (plus an amortised one-off pass) -> samples/s, tokens/s, MFU, peak memory; and the
+    same in CPU time (`cpu_*`). `ideal_s` is the step time at 100% MFU."""
     times = turns.times[name]
     step = statistics.median(times[b.warmup:])
+    cpu = statistics.median(turns.cpu[name][b.warmup:])
     out = {"step_s": step, "charged_per_step_s": extra_s, "samples_per_s": b.batch / (step + extra_s),
-           "tokens_per_s": tokens / (step + extra_s), "first_step_with_setup_s": times[0], "step_s_all": times}
+           "tokens_per_s": tokens / (step + extra_s), "first_step_with_setup_s": times[0], "step_s_all": times,
+           "cpu_step_s": cpu, "cpu_charged_per_step_s": extra_cpu_s, "cpu_samples_per_s": b.batch / (cpu + extra_cpu_s),
+           "cpu_step_s_all": turns.cpu[name]}
     if b.cuda:
         out["peak_memory_gib"] = max(turns.peaks[name][b.warmup:]) / 2**30
     if ideal_s is not None:
@@ -404,6 +414,10 @@ def markdown(r: dict) -> str:
             (f"**{UNIT[r['method']]}/s**", fmt(o["samples_per_s"]), fmt(t["samples_per_s"]),
              f"**{ratio('samples_per_s')}**"),
             ("non-pad tokens/s", fmt(o["tokens_per_s"]), fmt(t["tokens_per_s"]), ratio("tokens_per_s")),
+            ("CPU time per step, median (s), + reference", f"{fmt(o['cpu_step_s'])} + {fmt(o['cpu_charged_per_step_s'])}",
+             fmt(t["cpu_step_s"]), ""),
+            (f"**{UNIT[r['method']]} per CPU-second**", fmt(o["cpu_samples_per_s"]), fmt(t["cpu_samples_per_s"]),
+             f"**{ratio('cpu_samples_per_s')}**"),
             ("MFU (%)", pct(o), pct(t), ratio("mfu")),
             ("peak memory (GiB)", fmt(o.get("peak_memory_gib")), fmt(t.get("peak_memory_gib")),
              ratio("peak_memory_gib")),
@@ -463,7 +477,8 @@ def measure(b: Bench, verbose: bool) -> dict:
             quiet.enter_context(contextlib.redirect_stderr(log))
         turns.run({"trl": trl_side(b, model_dir, rows, configs, hooks["trl"], seen),
                    "ours": our_side(b, configs, hooks["ours"], reference_s)})
-    return {"turns": turns, "hooks": hooks, "configs": configs, "seen": seen, "reference_s": sum(reference_s),
+    return {"turns": turns, "hooks": hooks, "configs": configs, "seen": seen,
+            "reference_s": sum(w for w, _ in reference_s), "reference_cpu_s": sum(c for _, c in reference_s),
             "sequences": our_sequences(b, data, tokenizer), "n_params": matmul_params(model_dir, b.method)}
 
 
@@ -493,13 +508,14 @@ def collect(b: Bench, m: dict, peak: Optional[float], command: str, device: str)
          "mfu_convention": (f"{FLOP_FACTOR[b.method]}·N·(non-pad tokens) FLOPs per step, N = {n:,}, against {peak:g} "
                             "TFLOP/s (see bench/README.md)" if peak else "not computed (no GPU peak known)"),
          # The reference pass covers the whole data set, one batch: amortised over one epoch, it is one step's.
-         "ours": {**side_result(b, m["turns"], "ours", tokens, ideal_s, m["reference_s"]),
+         "ours": {**side_result(b, m["turns"], "ours", tokens, ideal_s, m["reference_s"], m["reference_cpu_s"]),
                   "reference_pass_s": m["reference_s"], "first_logs": hooks["ours"].first,
                   "config": {k: getattr(c, k) for c in configs for k in NOTED if hasattr(c, k)}},
          "trl": {**side_result(b, m["turns"], "trl", tokens, ideal_s), "first_logs": hooks["trl"].first,
                  "config": m["seen"].get("config", {})},
          "parity": parity(b.method, hooks["ours"].first, hooks["trl"].first, TOLERANCE.get(b.dtype, (2e-2, 1e-2)))}
     r["ratio"] = r["ours"]["samples_per_s"] / r["trl"]["samples_per_s"]
+    r["ratio_cpu"] = r["ours"]["cpu_samples_per_s"] / r["trl"]["cpu_samples_per_s"]
     return r
 
 
@@ -554,7 +570,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = collect(b, measured, peak, command, device)
     stem = write_results(result, Path(args.results_dir))
     print(markdown(result))
-    print(f"\nours/TRL ({UNIT[b.method]}/s): {result['ratio']:.2f}x; wrote {stem}.json and .md", flush=True)
+    print(f"\nours/TRL ({UNIT[b.method]}/s): {result['ratio']:.2f}x wall, {result['ratio_cpu']:.2f}x CPU time; wrote "
+          f"{stem}.json and .md", flush=True)
     return result
 
 
