@@ -177,6 +177,12 @@ class TrainArgs(Validated):
         3, "Overfitting alarm: warn when the eval − train loss gap has widened this many evaluations in a row; 0: off."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).")
+    mixed_precision: Literal["auto", "bf16", "no"] = option(
+        "auto", "Training-step precision (DPO, reward). auto: bf16 autocast when the weights are bf16 (the GPU "
+        "default). bf16: bf16 autocast over float32 weights too (GPUs; CPUs with AVX512-BF16 or AMX), the reference "
+        "pass under the same autocast (loss log 2 at step 0); losses, importance weights and stored log-probs stay "
+        "float32. no: never."
+    )
     seed: int = option(42, "Random seed (data order, LoRA init, dropout).")
     resume: bool = option(False, "Resume from the last checkpoint in output_dir.")
     merge: bool = option(False, "Also save the base model with the adapter merged in (output_dir/merged).")

@@ -133,9 +133,17 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on (bf16 training steps), else the input's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias, temperature: float) -> torch.Tensor:
     """float32 logits of a chunk, rounded exactly as the model's own head would round them (matmul in its dtype)."""
-    z = torch.nn.functional.linear(hidden, weight, bias)
+    z = torch.nn.functional.linear(hidden, weight, None if bias is None else bias.to(weight.dtype))
     z = z if z.dtype == torch.float64 else z.float()
     return z if temperature == 1.0 else z / temperature
 
@@ -151,11 +159,15 @@ class LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk):
+        # Under autocast the head runs in its dtype, forward and backward alike (the backward runs outside the
+        # autocast context, so the dtype is recorded here and applied by hand).
+        ctx.compute_dtype = dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         log_norm = torch.empty_like(out)
         with torch.no_grad():
             for s in range(0, hidden.shape[0], chunk):
-                z = _head_logits(hidden[s:s + chunk], weight, bias, temperature)
+                z = _head_logits(hidden[s:s + chunk].to(dtype), w, bias, temperature)
                 log_norm[s:s + chunk] = torch.logsumexp(z, dim=-1)
                 out[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - log_norm[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
@@ -169,19 +181,20 @@ class LinearTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        tau, chunk = ctx.temperature, ctx.chunk
+        tau, chunk, dtype = ctx.temperature, ctx.chunk, ctx.compute_dtype
+        w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
-            h, g = hidden[s:s + chunk], grad[s:s + chunk].to(log_norm.dtype)
+            h, g = hidden[s:s + chunk].to(dtype), grad[s:s + chunk].to(log_norm.dtype)
             with torch.no_grad():
-                z = _head_logits(h, weight, bias, tau)
+                z = _head_logits(h, w, bias, tau)
                 # d/dz (z_y - logsumexp z) = onehot(y) - softmax(z); times the incoming gradient and 1/τ.
                 dz = torch.exp(z.sub_(log_norm[s:s + chunk, None])).mul_(-g[:, None])
                 dz.scatter_add_(-1, targets[s:s + chunk, None], g[:, None])
                 if tau != 1.0:
                     dz.div_(tau)
-                dz_model = dz.to(hidden.dtype)
+                dz_model = dz.to(dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = dz_model @ weight
+                    grad_h[s:s + chunk] = dz_model @ w
                 if need_w:
                     grad_w.add_((dz_model.t() @ h).float())
                 if need_b:
@@ -202,10 +215,12 @@ def linear_log_collision(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          temperature: float = 1.0, chunk: Optional[int] = None) -> torch.Tensor:
     """`token_log_collision` from hidden states, chunked, without gradient: (N, d) -> (N,) float32."""
     chunk = chunk or _chunk_rows(weight.shape[0])
+    dtype = _compute_dtype(hidden)
+    w = weight.to(dtype)
     out = []
     with torch.no_grad():
         for s in range(0, hidden.shape[0], chunk):
-            z = _head_logits(hidden[s:s + chunk], weight, bias, temperature)
+            z = _head_logits(hidden[s:s + chunk].to(dtype), w, bias, temperature)
             out.append(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 

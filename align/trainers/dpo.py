@@ -14,6 +14,7 @@ KL(π‖π_ref) itself (the chosen responses are samples of the labelled data, n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -194,11 +195,15 @@ def train_dpo(
         feature["weight"] = w
     objective = DPOObjective(dpo_args, weighting, accelerator)
     if dpo_args.precompute_ref or not lora_args.use_lora:
-        reusable = target is not None and _same_ids(full, features) and (
+        # The reference runs in the policy's precision (under its autocast), so that policy == reference at step 0
+        # gives exactly log 2; the weights' target above was scored without autocast, in float32 where the weights are.
+        autocast = accelerator.mixed_precision == "bf16"
+        reusable = not autocast and target is not None and _same_ids(full, features) and (
             not objective.need_collision or "chosen_log_collision" in target)
-        attach_reference(features, target if reusable else score(features, objective.need_collision))
-        if eval_features:
-            attach_reference(eval_features, score(eval_features, False))
+        with accelerator.autocast() if autocast else contextlib.nullcontext():
+            attach_reference(features, target if reusable else score(features, objective.need_collision))
+            if eval_features:
+                attach_reference(eval_features, score(eval_features, False))
     if lora_args.use_lora:
         model = apply_lora(model, lora_args)
     if accelerator.is_main_process:

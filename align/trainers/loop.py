@@ -52,13 +52,21 @@ class Task:
 
 
 def make_accelerator(train: TrainArgs, dtype: torch.dtype) -> Any:
-    """An Accelerator: bf16 autocast for bf16 models; a seeded sampler so data order is a function of
+    """An Accelerator: bf16 autocast for bf16 models or `mixed_precision: bf16`; a seeded sampler so data order is a function of
     (seed, epoch) alone, which makes resuming exact."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from accelerate.state import AcceleratorState
+
+    bf16 = train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and dtype == torch.bfloat16)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", "no") != ("bf16" if bf16 else "no"):
+        # One process may train several runs (tests, notebooks, the demo): Accelerate keeps its precision in a
+        # process-wide state, which must be dropped (not the distributed one) before another precision is asked.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+        mixed_precision="bf16" if bf16 else "no",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
     )
 
