@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from align import store as st
 from align.commands.parser import DEFAULT_DB, ArgumentParser
 from align.errors import AlignError
@@ -33,7 +35,25 @@ def label_parser() -> ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=256, help="side-by-side answer length limit")
     parser.add_argument("--temperature", type=float, default=0.7, help="side-by-side sampling temperature")
     parser.add_argument("--device", default=None, help="device for side-by-side models, e.g. cuda")
+    add_server_arguments(parser)
     return parser
+
+
+def add_server_arguments(parser: ArgumentParser) -> None:
+    """Serving options: processes, nginx, logins, limits (labeling.server, labeling.workers)."""
+    parser.add_argument("--workers", type=int, default=1,
+                        help="app processes on one store (ports PORT.. or, with --nginx, PORT+1..); default 1")
+    parser.add_argument("--nginx", action="store_true",
+                        help="run nginx (Debian's package) on PORT in front of the workers; "
+                        "config: labeling/deploy/nginx.conf")
+    parser.add_argument("--session_hours", type=float, default=12.0, help="a login lasts this long (default 12)")
+    parser.add_argument("--max_text_bytes", type=int, default=4096,
+                        help="longest rationale or flag note accepted, in bytes (default 4096)")
+    parser.add_argument("--assignment_mode", choices=("breadth_first", "depth_first"), default=None,
+                        help="queue order for the whole project, stored in the store: breadth_first (every pair "
+                        "its first vote first) or depth_first (complete pairs one after another); default: as set")
+    parser.add_argument("--trusted_proxy", action="append", default=None,
+                        help="address whose X-Real-IP header is believed (default: 127.0.0.1 and ::1)")
 
 
 def rationale_rules(text: str) -> tuple[str, ...]:
@@ -50,23 +70,42 @@ def main(argv: list[str]) -> None:
     if "--simulate" in argv:  # a different mode: a named judge labels the queue (align.simulate)
         return simulate(argv)
     args = label_parser().parse_args(argv)
-    from labeling.app import build_app, launch_app  # deferred: gradio takes seconds to import
+    from labeling.server import ServerSettings  # deferred: fastapi and gradio take seconds to import
+    from labeling.workers import Workers, WorkerSpec, serve_worker
 
-    responders = None
-    if args.compare:
-        from labeling.compare import TransformersResponder  # deferred: loads transformers
+    if args.assignment_mode:
+        from align.store.leases import set_assignment_mode
 
-        names = args.compare_names or args.compare
-        responders = [TransformersResponder(spec, name=name, device=args.device)
-                      for spec, name in zip(args.compare, names)]
-    demo = build_app(
-        args.db, guidelines_version=args.guidelines, lease_seconds=args.lease_seconds,
-        rationale_required=rationale_rules(args.rationale), responders=responders,
-        sampling=SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens),
+        with st.connect(args.db) as store:
+            set_assignment_mode(store, args.assignment_mode)
+    settings = ServerSettings(session_hours=args.session_hours,
+                              trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")))
+    spec = WorkerSpec(
+        args.db,
+        build={"guidelines_version": args.guidelines, "lease_seconds": args.lease_seconds,
+               "rationale_required": rationale_rules(args.rationale), "max_text_bytes": args.max_text_bytes,
+               "sampling": SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)},
+        settings=settings,
+        compare=tuple(zip(args.compare, args.compare_names or args.compare)) if args.compare else None,
+        device=args.device,
     )
-    print(f"labeling app on http://{args.host}:{args.port} (store {demo.labeling.store.url}); Ctrl-C stops it",
+    if args.workers == 1 and not args.nginx:
+        print(f"labeling app on http://{args.host}:{args.port}; Ctrl-C stops it", flush=True)
+        serve_worker(spec, args.host, args.port)
+        return None
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the workers and nginx too, as Ctrl-C does
+    workers = Workers(spec, args.workers, args.port, args.host, nginx=args.nginx)
+    print(f"labeling app on {workers.url} ({args.workers} processes on ports "
+          f"{', '.join(map(str, workers.ports))}{', nginx in front' if args.nginx else ''}); Ctrl-C stops it",
           flush=True)
-    launch_app(demo, host=args.host, port=args.port, quiet=True)
+    try:
+        workers.wait()
+    finally:
+        workers.stop()
     return None
 
 

@@ -22,6 +22,8 @@ def users_parser() -> ArgumentParser:
     add = commands.add_parser("add", help="add a user; the password is prompted (or read from stdin)")
     add.add_argument("name")
     add.add_argument("--role", choices=("annotator", "reviewer", "admin"), default="annotator")
+    add.add_argument("--min_password_length", type=int, default=10, help="refuse shorter passwords (default 10)")
+    add.add_argument("--target", type=int, default=None, help="votes asked of this annotator (default: none)")
     add.add_argument("--db", default=DEFAULT_DB)
     listing = commands.add_parser("list", help="list users and roles")
     listing.add_argument("--db", default=DEFAULT_DB)
@@ -45,7 +47,8 @@ def main(argv: list[str]) -> None:
     args = users_parser().parse_args(argv)
     with connect(args.db) as store:
         if args.action == "add":
-            add_user(store, args.name, read_password(args.name), role=args.role)
+            add_user(store, args.name, read_password(args.name), role=args.role,
+                     min_length=args.min_password_length, target=args.target)
             print(f"added {args.role} {args.name!r} to {store.url}")
         else:
             with store.read() as session:
