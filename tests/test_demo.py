@@ -77,6 +77,23 @@ def test_report_shows_what_dpo_and_rlhf_cost_the_sft_stage(finished):
     assert "Stage interference" in demo.path("report/report.html").read_text()
 
 
+def test_report_colours_tokens_by_credit(finished):
+    demo, _ = finished
+    report = json.loads(demo.path("report/report.json").read_text())
+    credit = report["credit"]
+    assert set(credit["per_version"]) == {"v1-sft", "v2-dpo", "v3-rlhf"}  # each against its parent; v0 has none
+    assert credit["per_version"]["v2-dpo"]["reference"] == "v1-sft"
+    beta = json.loads(demo.path("v2-dpo/version.json").read_text())["config"]["beta"]
+    for pair in credit["per_version"]["v2-dpo"]["pairs"]:
+        for side in ("chosen", "rejected"):
+            assert pair[side]["sum"] == pytest.approx(sum(pair[side]["log_ratio"]), abs=1e-9)
+            assert len(pair[side]["tokens"]) == len(pair[side]["log_ratio"])
+        assert pair["margin"] == pytest.approx(beta * (pair["chosen"]["sum"] - pair["rejected"]["sum"]))
+    drops = credit["reward_model"]["pairs"][0]["chosen"]
+    assert len(drops["reward_drop"]) == len(drops["tokens"])  # 8-token answers: every token dropped once
+    assert "Token-level credit" in demo.path("report/report.html").read_text()
+
+
 def test_summary_table_comes_from_the_report_and_the_runs(finished):
     demo, records = finished
     table = summary(demo, records)

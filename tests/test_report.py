@@ -280,3 +280,29 @@ def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
     assert report["interference"]["v1-dpo"]["before"] == recorded["before"]
     assert f"{recorded['after']['sft_loss'] - recorded['before']['sft_loss']:.3f}" in html
     assert "held-out SFT loss" in html
+
+
+def test_runs_report_token_credit_against_the_parent(dpo_run, tiny_model_dir, tmp_path):
+    """align report RUN: tokens of pairs from the run's own data, coloured by log π_run − log π_parent."""
+    from align.config import ModelArgs
+    from align.data import as_messages, prompt_ids, read_jsonl
+    from align.commands.report import build_runs_report
+    from align.models import load_model
+    from align.report import write_report
+    from tests.test_credit import _by_hand
+
+    report = build_runs_report([str(dpo_run)], credit_pairs=2)
+    credit = report["credit"]["per_version"]["v1-dpo"]
+    assert credit["beta"] == 0.1 and credit["reference"] == str(tiny_model_dir.resolve()) and len(credit["pairs"]) == 2
+    policy, tokenizer = load_model(ModelArgs(model=str(dpo_run)))
+    reference, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    rows = {r["prompt"][0]["content"]: r for r in read_jsonl(dpo_run.parent / "eval.jsonl")}  # eval_file first
+    pair = credit["pairs"][0]
+    row = rows[pair["prompt"]]
+    prompt = prompt_ids(tokenizer, as_messages(row["prompt"]))
+    ids = row["chosen_token_ids"]
+    expected = [p - r for p, r in zip(_by_hand(policy.eval(), prompt, ids), _by_hand(reference.eval(), prompt, ids))]
+    assert pair["chosen"]["log_ratio"] == pytest.approx(expected, abs=1e-4)
+    assert pair["margin"] == pytest.approx(0.1 * (pair["chosen"]["sum"] - pair["rejected"]["sum"]))
+    html = write_report(report, tmp_path / "out").read_text()
+    assert "Token-level credit" in html and f"{pair['margin']:+.4f}" in html

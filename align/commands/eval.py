@@ -62,6 +62,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the intervals.")
     parser.add_argument("--side_by_side", type=int, default=8, help="Prompts shown side by side.")
     parser.add_argument("--no_clusters", action="store_true", help="Skip the embedding clusters of failures.")
+    parser.add_argument("--credit_pairs", type=int, default=3,
+                        help="Labelled pairs whose tokens are coloured by credit (log-ratio to the parent; reward "
+                             "change when dropped); 0: off.")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise AlignError("--n must be at least 1")
@@ -74,7 +77,8 @@ def main(argv: list[str]) -> None:
     settings = SamplingSettings(0.0 if args.greedy else args.temperature, 1.0, 0, args.max_new_tokens, args.seed)
     spec = EvalSpec(models=models, prompt_rows=rows, judges=judges, reward_model=reward_model, settings=settings,
                     n=args.n, reference=args.reference, heldout_pairs=heldout, batch_size=args.batch_size,
-                    n_boot=args.bootstrap, side_by_side=args.side_by_side, prompt_source=args.prompts, seed=args.seed)
+                    n_boot=args.bootstrap, side_by_side=args.side_by_side, prompt_source=args.prompts, seed=args.seed,
+                    credit_pairs=args.credit_pairs)
     with st.connect(args.db) as store:
         report = run_eval(store, spec, embed=None if args.no_clusters else "minilm")
     report.update(title=f"align eval: {len(models)} version(s) on {args.prompts}", command=command_line())
@@ -85,5 +89,3 @@ def main(argv: list[str]) -> None:
             if section["versions"].index(p["a"]) < section["versions"].index(p["b"]):
                 print(f"  [{judge}] {p['a']} vs {p['b']}: win rate {p['win_rate']:.3f} "
                       f"[{p['low']:.3f}, {p['high']:.3f}] on {p['n']} prompts")
-
-

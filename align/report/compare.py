@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from align.errors import AlignError
 from align.generation import SamplingSettings
 from align.report import artifacts, clusters, stats
+from align.report.credit import eval_credit
 from align.report.sections import (failures, heldout_accuracy, human_votes, kl_to_reference, ranking,
                                    score_summary, side_by_side, win_rates)
 
@@ -38,6 +39,7 @@ class EvalSpec:
     side_by_side: int = 8
     prompt_source: str = ""
     seed: int = 0
+    credit_pairs: int = 3  # labelled pairs whose tokens are coloured by credit (0: off)
 
 
 # ---- judges ------------------------------------------------------------------------------------------------------
@@ -209,6 +211,8 @@ def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT
     _section(report, "failures", lambda: failures(names, prompt_ids, prompts, samples, scores, embed, spec.seed))
     report["side_by_side"] = side_by_side(names, reference.name, prompt_ids, prompts, samples, scores,
                                           spec.side_by_side)
+    _section(report, "credit", lambda: eval_credit(store, versions, spec.heldout_pairs, judges, spec.credit_pairs,
+                                                   spec.seed))
     artifacts.add_run_sections(report, store, versions)
     return report
 

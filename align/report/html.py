@@ -30,12 +30,16 @@ pre{white-space:pre-wrap;word-break:break-word;margin:4px 0;font:12.5px/1.4 ui-m
 max-height:14em;overflow:auto}
 .prompt{background:#eef4fb;border-radius:6px;padding:6px 8px;margin-top:10px}
 .cluster{border-left:4px solid #3b6fb6;padding-left:10px;margin:10px 0}
+.tok{white-space:pre-wrap;word-break:break-word;font:12.5px/1.7 ui-monospace,Menlo,Consolas,monospace;max-height:16em;
+overflow:auto;border:1px solid #d0d7de;border-radius:6px;padding:6px 8px;background:#fff}
+.tok span{border-radius:2px}.legend span{padding:0 6px;border-radius:2px;margin-right:4px}
 """
 
 SECTIONS = (  # id, title
     ("win_rates", "Win rates"), ("ranking", "Ranking (Bradley–Terry)"), ("gold", "Gold reward per task family"),
     ("reward", "Reward-model scores"), ("kl", "KL to the reference"), ("lengths", "Lengths"),
     ("human_votes", "Human side-by-side votes"), ("failures", "Failures"), ("side_by_side", "Samples side by side"),
+    ("credit", "Token-level credit"),
     ("training", "Training curves"), ("weights", "Importance-weighting diagnostics"),
     ("monitor", "Reward-hacking flags"), ("interference", "Stage interference"), ("lineage", "Lineage"),
 )
@@ -197,6 +201,71 @@ def s_side_by_side(r: dict) -> Optional[str]:
     return out
 
 
+def _shade(value: float, scale: float) -> str:
+    """Green for positive credit, red for negative, opacity by |value| / scale (capped)."""
+    alpha = 0.0 if scale <= 0 else min(1.0, abs(value) / scale) * 0.8
+    rgb = "46,160,67" if value > 0 else "207,34,46"
+    return f"rgba({rgb},{alpha:.3f})"
+
+
+def _tokens(tokens: list[str], values: list[float], scale: float) -> str:
+    """Each token as a coloured span, its value in the tooltip; all text escaped (no markup from the data)."""
+    spans = "".join(f'<span style="background:{_shade(v, scale)}" title="{v:+.4f}">{escape(t) or "&#8203;"}</span>'
+                    for t, v in zip(tokens, values))
+    strongest = sorted(range(len(values)), key=lambda i: -abs(values[i]))[:5]
+    top = ", ".join(f"{escape(repr(tokens[i]))} {values[i]:+.3f}" for i in strongest)
+    return f'<div class="tok">{spans}</div><p class="meta">strongest: {top}</p>'
+
+
+def _scale(values: list[float]) -> float:
+    """The colour scale of a pair: the 95th percentile of |value| over both responses (one outlier cannot wash
+    every other token out)."""
+    mags = sorted(abs(v) for v in values)
+    return mags[min(len(mags) - 1, int(0.95 * len(mags)))] if mags else 0.0
+
+
+def _credit_pair(pair: dict, key: str, kind: str) -> str:
+    values = [v for side in ("chosen", "rejected") for v in pair[side].get(key) or []]
+    scale = _scale(values)
+    cells = []
+    for side in ("chosen", "rejected"):
+        d = pair[side]
+        if kind == "log_ratio":
+            head = (f"<b>{side}</b> · Σ log-ratio {d['sum']:+.3f} · implicit reward β·Σ = {d['implicit_reward']:+.4f}")
+        elif d.get(key) is not None:
+            head = f"<b>{side}</b> · reward {d['reward']:+.3f} · Σ drops {sum(d[key]):+.3f}"
+        else:
+            head = f"<b>{side}</b> · {escape(d.get('reward_drop_note', 'not scored'))}"
+        body = _tokens(d["tokens"], d[key], scale) if d.get(key) is not None else f'<pre>{escape("".join(d["tokens"]))}</pre>'
+        cells.append(f'<div><p class="meta">{head}</p>{body}</div>')
+    label = "" if pair.get("label", "chosen") == "chosen" else f" · labelled {escape(pair['label'])}"
+    margin = (f" · implicit reward margin β·(Σc − Σr) = {pair['margin']:+.4f} (β = {pair['beta']:g})"
+              if kind == "log_ratio" else "")
+    return (f'<div class="prompt">{escape(pair["prompt"][:400])}<span class="meta">{label}{margin}</span></div>'
+            f'<div class="sbs">{"".join(cells)}</div>')
+
+
+def s_credit(r: dict) -> Optional[str]:
+    c = r.get("credit")
+    if not c:
+        return None
+    out = ('<p class="meta">Each token of the chosen and rejected responses of sampled labelled pairs, coloured by '
+           'its credit: <span class="legend"><span style="background:rgba(46,160,67,.6)">positive</span>'
+           '<span style="background:rgba(207,34,46,.6)">negative</span></span> (hover a token for its value; the '
+           "scale is per pair). For a trained version: log π(token) − log π_ref(token) against the model it started "
+           "from; summed over a response and times β it is DPO's implicit reward. For the reward model: the reward "
+           "lost when that one token is dropped.</p>")
+    for name, d in (c.get("per_version") or {}).items():
+        out += (f"<h3>{escape(plots.short(name, 60))} against {escape(str(d.get('reference')))}</h3>"
+                + "".join(_credit_pair(p, "log_ratio", "log_ratio") for p in d["pairs"]))
+    if c.get("reward_model"):
+        d = c["reward_model"]
+        out += (f"<h3>reward model {escape(plots.short(str(d.get('run', '')), 60))}: reward change when a token is "
+                "dropped</h3>" + "".join(_credit_pair(p, "reward_drop", "reward") for p in d["pairs"]))
+    out += "".join(note(f"{n}: {why}") for n, why in (c.get("skipped") or {}).items())
+    return out
+
+
 def s_training(r: dict) -> Optional[str]:
     tr = r.get("training")
     if not tr:
@@ -307,6 +376,7 @@ def s_lineage(r: dict) -> Optional[str]:
 RENDERERS: dict[str, Callable[[dict], Optional[str]]] = {
     "win_rates": s_win_rates, "ranking": s_ranking, "gold": s_gold, "reward": s_reward, "kl": s_kl,
     "lengths": s_lengths, "human_votes": s_human, "failures": s_failures, "side_by_side": s_side_by_side,
+    "credit": s_credit,
     "training": s_training, "weights": s_weights, "monitor": s_monitor, "interference": s_interference,
     "lineage": s_lineage,
 }
