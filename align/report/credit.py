@@ -158,7 +158,7 @@ def eval_credit(store, versions: Sequence, rows: Optional[list[dict]], judges: S
                 seed: int = 0) -> dict | str:
     """Credit for `align eval`: each compared version that has a parent, against that parent, on k sampled pairs
     (the held-out pairs given, else the store's labelled pairs); the reward judge's drop-one-token credit."""
-    from align.collect import loadable_spec
+    from align.store.versions import loadable_spec
     from align.config import ModelArgs
     from align.errors import AlignError
     from align.models import load_model
