@@ -210,11 +210,11 @@ def dashboard_tab_body() -> dict[str, Any]:
     c["leaderboard"] = gr.Dataframe(label="Model versions (Bradley–Terry, 95% bootstrap interval)")
     c["flags"] = gr.Dataframe(label="Flagged items to adjudicate")
     with gr.Row():
-        c["review_id"] = gr.Number(label="Pair id", precision=0, scale=1)
-        c["review"] = gr.Button("Show pair", size="sm", scale=0)
+        c["review_id"] = gr.Number(label="Pair id", precision=0, scale=1, elem_id="review-pair-id")
+        c["review"] = gr.Button("Show pair", size="sm", scale=0, elem_id="review-button")
         c["gold_choice"] = gr.Radio(["a", "b", "tie", "both_bad"], label="Gold answer", scale=2)
         c["set_gold"] = gr.Button("Make gold item", size="sm", scale=0)
-    c["review_md"] = gr.Markdown()
+    c["review_md"] = gr.Markdown(elem_id="review-md")
     with gr.Row():
         c["export"] = gr.Button("Export preferences (JSONL)", size="sm", scale=0)
         c["export_file"] = gr.File(label="Export", interactive=False)

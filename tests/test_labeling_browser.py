@@ -241,3 +241,96 @@ def vote(page, how: str) -> None:
         page.locator("#prompt").click()
         page.keyboard.press("1")
         wait_for_text(page, "#status", "Saved: A (left) better.")
+
+
+class Canary:
+    """A local HTTP server that records every request: the page must never make one to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests: list[str] = []
+        canary = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                canary.requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.browser
+def test_images_in_model_output_and_rationales_are_never_fetched(tmp_path):
+    """Markdown images (inline, reference, HTML) in a prompt, in responses and in an annotator's rationale reach
+    neither the annotator's nor the reviewer's browser as requests; a script that tries anyway is stopped by the
+    Content-Security-Policy. The same screen shows right-to-left text right to left and renders inline maths."""
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+
+    canary = Canary()
+    leak = f"{canary.url}/leak"
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with connect(url) as store:
+        version = register_model_version(store, {"name": "v0", "base_model": "tiny", "adapter_hash": "v0"})
+        [prompt_id] = add_prompts(store, [{"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"First turn ![p]({leak}/prompt.png)"},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "LAST TURN: what is $x^2$ for x = 3?"},
+        ]}])
+        add_responses(store, [
+            {"prompt_id": prompt_id, "model_version_id": version, "seed": 0, "sample_index": k, "max_new_tokens": 64,
+             "text": text}
+            for k, text in enumerate((
+                f"مرحبا بالعالم، هذه إجابة باللغة العربية ![a]({leak}/a.png) and $x^2 = 9$",
+                f"Answer ![b][r] <img src=\"{leak}/html.png\">\n\n[r]: {leak}/ref.png",
+            ))
+        ])
+        [pair_id] = make_pairs(store, version, rule="all_pairs", votes_required=1, prompt_ids=[prompt_id])
+        add_user(store, "alice", "pw-alice-0123", "annotator")
+        add_user(store, "rita", "pw-rita-0123", "reviewer")
+    demo = build_app(url, release_grace=0)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = login(browser, app_url, "alice")
+            wait_for_text(page, "#response-left", "image")
+            assert "LAST TURN" in page.inner_text("#prompt")  # the whole conversation, the last turn too
+            assert f"{leak}/prompt.png" in page.inner_text("#prompt")  # shown as text
+            arabic = "#response-left" if "مرحبا" in page.inner_text("#response-left") else "#response-right"
+            direction = page.eval_on_selector(f"{arabic} [dir=auto] p", "el => getComputedStyle(el).direction")
+            assert direction == "rtl"
+            assert page.locator("#prompt .katex").count() >= 1 and page.locator(f"{arabic} .katex").count() >= 1
+            # Code and maths aside, nothing on the page loads from elsewhere, even when a script asks for it.
+            page.evaluate(f"() => {{ const img = new Image(); img.src = '{leak}/script.png';"
+                          "document.body.appendChild(img); }")
+            page.locator("#rationale textarea").fill(f"see ![r]({leak}/rationale.png) <img src=\"{leak}/r2.png\">")
+            page.locator("#vote-left").click()
+            wait_for_text(page, "#status", "Saved")
+            reviewer = login(browser, app_url, "rita")
+            reviewer.get_by_role("tab", name="Dashboard").click()
+            reviewer.locator("#review-pair-id input").fill(str(pair_id))
+            reviewer.locator("#review-button").click()
+            wait_for_text(reviewer, "#review-md", f"{leak}/rationale.png")  # the rationale, its image as text
+            shown = reviewer.inner_text("#review-md")
+            assert "see [image: r]" in shown and f'<img src="{leak}/r2.png">' in shown and "LAST TURN" in shown
+            browser.close()
+    finally:
+        close_app(demo)
+        canary.close()
+    assert canary.requests == []
