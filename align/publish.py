@@ -37,7 +37,8 @@ class Tracker:
         if report_to == "wandb":
             import wandb
 
-            self.run = wandb.init(project=project, name=out.resolve().name, dir=str(out), config=config or {})
+            self.run = wandb.init(project=project, name=out.resolve().name, dir=str(out), config=config or {},
+                                  reinit="finish_previous")
         else:
             import trackio
 
@@ -53,6 +54,14 @@ class Tracker:
 
     def close(self) -> None:
         self.run.finish() if self.kind == "wandb" else __import__("trackio").finish()
+
+
+def finish_tracker(report_to: str) -> None:
+    """End the tracker run transformers' callback opened (wandb keeps it open past training)."""
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is not None:
+        import wandb
+
+        wandb.finish()
 
 
 def hub_repo(train: Any) -> Optional[str]:

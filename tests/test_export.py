@@ -156,3 +156,38 @@ def test_jsonl_loads_with_datasets(store, labeled, tmp_path):
     assert to_dataset(rows).num_rows == 4
     write_jsonl(rows[:1], path)  # overwrites atomically
     assert len(path.read_text().splitlines()) == 1
+
+
+def test_trl_format_keeps_decided_pairs_only_and_trains_in_plain_trl(store, store_url, labeled, tmp_path, capsys,
+                                                                    tiny_model_dir):
+    """`align export --format trl`: ties and both-bad pairs are left out and counted, so TRL's own DPOTrainer (which
+    reads every row as a win) trains on decided pairs only; the native export keeps all four."""
+    import json
+
+    from align.commands.export import main as export_main
+
+    out = tmp_path / "trl.jsonl"
+    export_main(["--db", store_url, "--out", str(out), "--format", "trl"])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    native = by_pair(export_preferences(store))
+    decided = [r for r in native.values() if r["label"] == "chosen"]
+    assert len(native) == 4 and len(rows) == len(decided) == 2
+    assert printed.strip().endswith("left out 1 tie(s) and 1 both-bad pair(s)")
+    assert [set(r) for r in rows] == [{"prompt", "chosen", "rejected"}] * 2
+    assert sorted(r["chosen"][0]["content"] for r in rows) == sorted(r["chosen"][0]["content"] for r in decided)
+    with pytest.raises(AlignError, match="applies to --kind preferences"):
+        export_main(["--db", store_url, "--out", str(out), "--format", "trl", "--kind", "sft"])
+
+    # Plain TRL reads it as a conversational preference dataset: one step of its DPOTrainer on it.
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), processing_class=tokenizer,
+                         train_dataset=ds,
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
+                                        report_to="none", save_strategy="no", logging_steps=1, bf16=False))
+    assert trainer.train().global_step == 1

@@ -26,12 +26,26 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--annotators", type=comma_list, default=None, help="Comma-separated annotator names.")
     parser.add_argument("--source", choices=["human", "simulated"], default=None, help="Only human or only simulated votes.")
     parser.add_argument("--min_agreement", type=float, default=0.0, help="Keep pairs whose majority share is at least this.")
+    parser.add_argument("--format", choices=["native", "trl"], default="native",
+                        help="preferences only. native: every pair with its label and provenance (align dpo/reward); "
+                        "trl: decided pairs only as plain prompt/chosen/rejected, for TRL's own trainers (ties and "
+                        "both-bad pairs left out and counted).")
     args = parser.parse_args(argv)
+    if args.format == "trl" and args.kind != "preferences":
+        raise AlignError("--format trl applies to --kind preferences (sft and unpaired rows are TRL's formats already)")
     with st.connect(args.db) as store:
         rows = KINDS[args.kind](store, model_versions=args.model_versions, since=args.since, until=args.until,
                                 annotators=args.annotators, source=args.source, min_agreement=args.min_agreement)
     if not rows:
         raise AlignError("nothing to export: no pair has votes matching these filters")
+    if args.format == "trl":
+        rows, left_out = st.to_trl(rows)
+        if not rows:
+            raise AlignError(f"nothing to export: every matching pair is a tie or both-bad ({dict(left_out)})")
+        write_jsonl(rows, args.out)
+        print(f"wrote {len(rows)} decided pairs to {args.out} in TRL's format; left out "
+              f"{left_out['tie']} tie(s) and {left_out['both_bad']} both-bad pair(s)")
+        return
     write_jsonl(rows, args.out)
     labels = Counter(row.get("label", "-") for row in rows)
     shown = ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda kv: str(kv[0])))

@@ -12,6 +12,7 @@ from align.store.export import (
     export_preferences,
     export_sft,
     export_unpaired,
+    to_trl,
     to_dataset,
     write_jsonl,
 )
@@ -41,7 +42,7 @@ __all__ = [
     "MIGRATIONS", "PAIR_RULES", "SCHEMA_VERSION", "VOTE_CHOICES", "VOTE_KINDS",
     "Assignment", "LeaseSlot", "LoginSession", "LoginThrottle", "ModelVersion", "Pair", "Prompt", "Response", "Store", "User", "Verdict", "Vote",
     "add_prompts", "add_responses", "add_user", "add_vote", "aggregate", "connect", "effective_votes",
-    "existing_sample_keys", "export_preferences", "export_sft", "export_unpaired", "get_model_version",
+    "existing_sample_keys", "export_preferences", "export_sft", "export_unpaired", "to_trl", "get_model_version",
     "get_pair", "has_live_lease", "lease_next_pair", "make_pairs", "open_pairs", "open_store",
     "register_model_version", "release_lease", "set_gold", "to_dataset", "undo_last_vote", "verify_user",
     "write_jsonl",

@@ -133,6 +133,16 @@ def preference_row(
     }
 
 
+def to_trl(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter]:
+    """Native preference rows -> plain TRL conversational preferences (prompt, chosen, rejected) for decided pairs
+    only, and the count of rows left out by label. TRL's trainers read every row as "chosen beats rejected", so a tie
+    or a both-bad pair would be trained as a win."""
+    left_out = Counter(row["label"] for row in rows if row["label"] != "chosen")
+    kept = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+            for row in rows if row["label"] == "chosen"]
+    return kept, left_out
+
+
 def export_sft(store: Store, **filters: Any) -> list[dict[str, Any]]:
     """{"messages": prompt + [assistant: the majority-preferred response]} for each decided pair, each response
     once. Filters as export_preferences."""

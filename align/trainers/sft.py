@@ -17,7 +17,7 @@ from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_confi
 from align.data import SFTSet, data_record, load_sft, open_split, template_markers, tokenize_sft_row
 from align.errors import DataError
 from align.models import apply_lora, load_model, save_trained
-from align.publish import check_tracker, hub_repo, push
+from align.publish import check_tracker, finish_tracker, hub_repo, push
 from align.trainers.finite import non_finite_callback
 from align.overfit import GapTracker
 
@@ -162,6 +162,7 @@ def train_sft(
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    finish_tracker(train.report_to)
     metrics.update(gaps.summary())
     # Every rank: gathers the full weights when they are sharded (FSDP2, ZeRO-3).
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
