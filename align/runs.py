@@ -14,16 +14,21 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from align.data import write_atomically
 from align.errors import AlignError
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
 
 
 RUN_MARKER = ".align-run"  # written into every run directory, so a directory is known to be ours
@@ -62,11 +67,14 @@ def prepare_output_dir(path: str | Path, resume: bool) -> Path:
     return out
 
 
-def discard_failed_runs(train_fn: Callable) -> Callable:
-    """Decorate a `train_*(..., TrainArgs, ...)` function: when it fails before its first training step, in a
-    directory that was new or empty, that directory is left as it was found (removed, or emptied), so nothing
-    that looks like a result stays behind. Once training has started, the metrics and checkpoints stay (they
-    say what went wrong, and `--resume` continues from a checkpoint); a failed run never has a version.json."""
+def guard_run(train_fn: Callable) -> Callable:
+    """Decorate a `train_*(..., TrainArgs, ...)` function that returns its run directory.
+
+    `--resume` on a finished run (one with a version.json) is a no-op that says so: nothing is trained, nothing
+    rewritten. A run that fails before its first training step, in a directory that was new or empty, leaves that
+    directory as it found it (removed, or emptied), so nothing that looks like a result stays behind. Once training
+    has started, the metrics and checkpoints stay (they say what went wrong, and `--resume` continues from a
+    checkpoint); a failed run never has a version.json."""
 
     @functools.wraps(train_fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -74,6 +82,10 @@ def discard_failed_runs(train_fn: Callable) -> Callable:
 
         train = next(a for a in (*args, *kwargs.values()) if isinstance(a, TrainArgs))
         out = Path(train.output_dir)
+        if train.resume and (out / "version.json").is_file():
+            log.warning("%s is a finished run (it has a version.json): --resume has nothing to do; nothing was "
+                        "trained or rewritten", out)
+            return out
         existed = out.exists()
         fresh = not existed or (out.is_dir() and not any(out.iterdir()))
         try:
@@ -127,12 +139,63 @@ def set_aside_lost_metrics(out: Path, checkpoint: Optional[Path]) -> None:
 
 
 def last_checkpoint(out: str | Path) -> Optional[Path]:
-    """The newest complete trainer checkpoint in DIR/checkpoints, or None."""
+    """The newest complete, undamaged trainer checkpoint in DIR/checkpoints, or None. A damaged one (a file torn
+    by a full disk or a copy cut short) is passed over for the one before it, with a warning naming the file."""
     ckpt_dir = Path(out) / "checkpoints"
     if not ckpt_dir.is_dir():
         return None
     done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    for ckpt in sorted(done, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if problem not in _warned:
+            _warned.add(problem)
+            log.warning("checkpoint %s is damaged: %s; using the checkpoint before it", ckpt.name, problem)
+    return None
+
+
+_warned: set[str] = set()
+
+
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """The first file of a checkpoint that cannot be whole, as 'PATH (why)', or None. Cheap: headers and zip
+    directories are read, not the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(p for p in ckpt.iterdir() if p.is_file()):
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt"):  # checks the header covers the file exactly
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                with open(f, "rb") as handle:
+                    is_zip = handle.read(2) == b"PK"
+                if is_zip:  # torch.save's format keeps its index at the end: a torn file has none
+                    zipfile.ZipFile(f).close()
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as exc:
+            return f"{f} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def mean_loss(losses: Sequence[tuple[int, float]]) -> float:
+    """Mean training loss per step from logged (step, mean loss since the previous row) pairs, the rows of an
+    interrupted attempt included; rows whose loss was not finite (skipped steps) are left out."""
+    total = weight = 0.0
+    previous = 0
+    for step, loss in losses:
+        if loss is not None and math.isfinite(loss):
+            total += loss * (step - previous)
+            weight += step - previous
+        previous = step
+    return total / weight if weight else math.nan
+
+
+def logged_losses(log_history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, loss) rows of a transformers Trainer's log history (restored from the checkpoint on resume)."""
+    return [(row["step"], row["loss"]) for row in log_history if "loss" in row and "step" in row]
 
 
 def dir_sha256(path: str | Path) -> str:
@@ -146,8 +209,20 @@ def dir_sha256(path: str | Path) -> str:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """The project's one JSON-file writer: indented, sorted keys, atomic."""
-    write_atomically(path, [json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"])
+    """The project's one JSON-file writer: indented, sorted keys, atomic, strict JSON (NaN and infinities, an
+    undefined metric, are written as null, which every reader parses)."""
+    text = json.dumps(finite_or_none(data), indent=2, sort_keys=True, default=str, allow_nan=False)
+    write_atomically(path, [text + "\n"])
+
+
+def finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def write_version(out: Path, record: dict[str, Any]) -> dict[str, Any]:

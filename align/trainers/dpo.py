@@ -168,7 +168,7 @@ def preflight(train: TrainArgs) -> Optional[str]:
     return hub_repo(train)
 
 
-@runs.discard_failed_runs
+@runs.guard_run
 def train_dpo(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PreferenceDataArgs, dpo_args: DPOArgs,
     weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),

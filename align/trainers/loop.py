@@ -190,19 +190,6 @@ def resume_step(accelerator: Any, out: Path) -> tuple[int, list[tuple[int, float
     return step, [(int(s), float(v)) for s, v in state.get("losses", [])]
 
 
-def mean_loss(losses: Sequence[tuple[int, float]]) -> float:
-    """Mean training loss per step from logged (step, mean loss since the previous row) pairs; rows whose loss was
-    not finite (skipped steps) are left out."""
-    total = weight = 0.0
-    previous = 0
-    for step, loss in losses:
-        if math.isfinite(loss):
-            total += loss * (step - previous)
-            weight += step - previous
-        previous = step
-    return total / weight if weight else math.nan
-
-
 def evaluate(accelerator: Any, model: Any, task: Task, loader: Any) -> dict[str, float]:
     """Run task.eval_step over the eval set, gather per-example values across ranks, summarise."""
     model.eval()
@@ -270,9 +257,11 @@ def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
             model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
                                   weight_decay=train.weight_decay)
+    # A generator of its own: starting an iterator draws a seed from it, and from the global RNG otherwise, so a
+    # run resumed mid-epoch (a new iterator) would draw different dropout masks from then on than the original.
     workers = train.dataloader_num_workers
     loader = DataLoader(list(task.train_data), batch_size=train.per_device_train_batch_size, shuffle=True,
-                        collate_fn=task.collate, num_workers=workers)
+                        collate_fn=task.collate, num_workers=workers, generator=torch.Generator().manual_seed(train.seed))
     eval_loader = None
     if task.eval_data and task.eval_step is not None:
         eval_loader = DataLoader(list(task.eval_data), batch_size=train.per_device_eval_batch_size,
@@ -355,7 +344,7 @@ def train_loop(
     progress.close()
     logger.close()
     _call(callbacks, "on_train_end", accelerator.unwrap_model(model))
-    return {"train_loss": mean_loss(losses), "global_step": step, **final, **gaps.summary()}, model
+    return {"train_loss": runs.mean_loss(losses), "global_step": step, **final, **gaps.summary()}, model
 
 
 def _call(callbacks: Sequence[Any], name: str, *args: Any) -> None:

@@ -171,7 +171,7 @@ def reward_stats(model: Any, features: Sequence[dict], collator: PreferenceColla
     return {"mean": float(rewards.mean()), "std": std if std > 0 else 1.0, "n": int(rewards.numel())}
 
 
-@runs.discard_failed_runs
+@runs.guard_run
 def train_reward(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PreferenceDataArgs, reward_args: RewardArgs,
     weighting: WeightingArgs, train: TrainArgs, command: Optional[str] = None, callbacks: Sequence[Any] = (),

@@ -259,7 +259,7 @@ def load_reward(run_dir: str, device: Any, rl: RLHFArgs, monitor: Any = None) ->
     return RewardFunction(model, tokenizer, stats, rl.length_penalty, rl.reward_batch_size, monitor)
 
 
-@runs.discard_failed_runs
+@runs.guard_run
 def train_rlhf(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PromptDataArgs, rl: RLHFArgs, monitor_args: MonitorArgs,
     train: TrainArgs, command: Optional[str] = None, extra_callbacks: Sequence[Any] = (),
@@ -352,7 +352,8 @@ def train_rlhf(
 
 def final_metrics(trainer: Any, result: Any, evaluation: Optional[GoldEvalCallback]) -> dict[str, Any]:
     """Training summary, the last logged KL/reward/β, and the gold evaluation at the start and at the end."""
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
+    metrics: dict[str, Any] = {"train_loss": runs.mean_loss(runs.logged_losses(trainer.state.log_history)),
+                               "global_step": result.global_step}
     for key in ("kl", "reward", "kl/beta", "monitor/proxy", "monitor/gold", "monitor/length"):
         found = [row[key] for row in trainer.state.log_history if row.get(key) is not None]
         if found:

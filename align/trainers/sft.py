@@ -117,7 +117,7 @@ def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = 
     return found
 
 
-@runs.discard_failed_runs
+@runs.guard_run
 def train_sft(
     model_args: ModelArgs,
     lora_args: LoraArgs,
@@ -159,7 +159,9 @@ def train_sft(
     )
     checkpoint = runs.last_checkpoint(out) if train.resume else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "global_step": result.global_step}
+    # Not result.training_loss: after a resume that averages the resumed steps only.
+    metrics: dict[str, Any] = {"train_loss": runs.mean_loss(runs.logged_losses(trainer.state.log_history)),
+                               "global_step": result.global_step}
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     finish_tracker(train.report_to)
