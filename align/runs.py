@@ -82,9 +82,9 @@ def guard_run(train_fn: Callable) -> Callable:
 
         train = next(a for a in (*args, *kwargs.values()) if isinstance(a, TrainArgs))
         out = Path(train.output_dir)
-        if train.resume and (out / "version.json").is_file():
-            log.warning("%s is a finished run (it has a version.json): --resume has nothing to do; nothing was "
-                        "trained or rewritten", out)
+        if train.resume and reached_its_end(out, train):
+            log.warning("%s is a finished run (its version.json records the steps asked for): --resume has nothing "
+                        "to do; nothing was trained or rewritten", out)
             return out
         existed = out.exists()
         fresh = not existed or (out.is_dir() and not any(out.iterdir()))
@@ -100,6 +100,22 @@ def guard_run(train_fn: Callable) -> Callable:
             raise
 
     return run
+
+
+def reached_its_end(out: Path, train: Any) -> bool:
+    """Whether the run in `out` finished with at least the training `train` asks for (a larger max_steps or
+    num_train_epochs continues a finished run from its last checkpoint)."""
+    path = out / "version.json"
+    if not path.is_file():
+        return False
+    try:
+        version = json.loads(path.read_text())
+    except ValueError:
+        return False
+    done, config = version.get("metrics", {}).get("global_step"), version.get("config", {})
+    if train.max_steps > 0:
+        return isinstance(done, int) and done >= train.max_steps
+    return config.get("max_steps") == -1 and config.get("num_train_epochs", 0) >= train.num_train_epochs
 
 
 def _trained(out: Path) -> bool:

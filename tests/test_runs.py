@@ -130,7 +130,7 @@ def test_resume_on_a_finished_run_is_a_no_op_that_says_so(tiny_model_dir, chat_f
     before = {p.name: p.read_bytes() for p in (out / "version.json", out / "metrics.jsonl")}
     with caplog.at_level(logging.WARNING):
         assert train(resume=True) == out
-    assert "is a finished run (it has a version.json): --resume has nothing to do" in caplog.text
+    assert "is a finished run (its version.json records the steps asked for): --resume has nothing to do" in caplog.text
     assert {p.name: p.read_bytes() for p in (out / "version.json", out / "metrics.jsonl")} == before
     assert strict_json(out / "version.json")["metrics"]["global_step"] == 2
 
