@@ -461,9 +461,12 @@ class DPOArgs(InterferenceArgs):
 class WeightingArgs(Validated):
     _argument_group_name = "weighting"
 
-    weighting_scheme: Literal[SCHEME_NAMES] = option(
-        "none", "Importance weights for pairs sampled by older versions (align/weighting.py); none: the `weight` "
-        "column of the data if present, else 1."
+    weighting_scheme: Literal[(*SCHEME_NAMES, "auto")] = option(
+        "auto", "Importance weights for pairs sampled by older versions (align/weighting.py). auto (align/reuse.py): "
+        "none, tempered, length_normalized or per-version trust, whichever short pilot fits show raises the held-out "
+        "log-likelihood of the target's own pairs; none, saying why, with too few of those or of old pairs. none: the "
+        "`weight` column of the data if present, else 1. sequence and mixture: kept, but they lost to unweighted "
+        "reuse in bench/iw_sim.py (README)."
     )
     weighting_alpha: float = option(1.0, "Tempering exponent α for tempered and mixture (0: unweighted, 1: plain IS).")
     weighting_clip: Optional[float] = option(5.0, "Truncate weights at c (≥ 1) after normalising to mean 1; none: off.")
@@ -472,8 +475,25 @@ class WeightingArgs(Validated):
         "policy each step, detached, normalised by a running dataset mean."
     )
 
+    weighting_new_version: Optional[str] = option(
+        None, "auto: the version whose pairs the target model sampled (held out to validate on); none: the version "
+        "whose generation log-probs equal the target's."
+    )
+    weighting_auto_steps: int = option(40, "auto: optimizer steps of each pilot fit (candidates × 2 folds, plus 2 "
+                                           "fits for per-version trust): the budget auto spends before training.")
+    weighting_auto_min_new: int = option(50, "auto: fewest pairs of the target's own version to validate on; fewer: "
+                                             "none.")
+    weighting_auto_min_ratio: float = option(10.0, "auto: fewest old pairs per new pair for weighting to pay; fewer: "
+                                                   "none.")
+
     def validate(self) -> None:
         _positive("weighting_alpha", self.weighting_alpha, allow_zero=True)
+        _positive("weighting_auto_steps", self.weighting_auto_steps)
+        _positive("weighting_auto_min_new", self.weighting_auto_min_new)
+        _positive("weighting_auto_min_ratio", self.weighting_auto_min_ratio, allow_zero=True)
+        if self.weighting_target == "dynamic" and self.weighting_scheme == "auto":
+            raise ConfigError("weighting_target dynamic needs a named weighting_scheme, not auto (auto decides once, "
+                              "before training, against the static target)")
         if self.weighting_clip is not None and self.weighting_clip < 1:
             raise ConfigError(f"weighting_clip must be >= 1 (weights have mean 1), got {self.weighting_clip}")
 

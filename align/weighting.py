@@ -340,7 +340,9 @@ def weight_diagnostics(
     """
     w = _to_vector("weights", weights)
     n = w.numel()
-    lw = _to_vector("log_weights", log_weights, n)
+    lw = torch.as_tensor(log_weights, dtype=torch.float64)
+    dropped = lw == -math.inf  # weight 0 on purpose (a version with trust 0): not in the histogram
+    lw = _to_vector("log_weights", lw[~dropped] if bool(dropped.any()) else lw, n - int(dropped.sum()))
     top_k = max(1, n // 100)  # top 1% of pairs, at least one
     diag = {
         "weights/n": n,
@@ -351,6 +353,8 @@ def weight_diagnostics(
         "weights/mean": float(w.mean()),
         "weights/log_hist": _histogram(lw - torch.logsumexp(lw, 0) + math.log(n), bins),
     }
+    if bool(dropped.any()):
+        diag["weights/dropped"] = int(dropped.sum())
     warnings = []
     if diag["weights/ess_frac"] < 0.1:
         warnings.append(f"overall ESS/N = {diag['weights/ess_frac']:.3f} < 0.1: collect new data for this version")
@@ -377,6 +381,17 @@ def weight_diagnostics(
     if warnings:
         diag["warning"] = "; ".join(warnings)
     return diag
+
+
+def _trust_log_weights(p: PairLogps, trust: dict) -> torch.Tensor:
+    """log t_v of each pair's source version (versions not in `trust`: 0); t = 0 gives -inf (the pair drops out)."""
+    if p.source_version is None:
+        raise DataError("per-version trust needs source_version (gen_model_version) for every pair")
+    for v, t in trust.items():
+        if not 0 <= float(t) <= 1:
+            raise ConfigError(f"trust of version {v!r} must lie in [0, 1], got {t}")
+    values = torch.tensor([float(trust.get(v, 1.0)) for v in p.source_version], dtype=torch.float64)
+    return torch.log(values)
 
 
 # --- entry point ----------------------------------------------------------------------------------------------------
@@ -437,6 +452,7 @@ def compute_importance_weights(
     target_rejected_log_collision=None,
     off_support_threshold: float = -1.0,
     equal_band: float = 0.1,
+    version_trust: dict | None = None,
 ) -> WeightResult:
     """Per-pair importance weights with mean 1 over the dataset, plus diagnostics.
 
@@ -445,6 +461,8 @@ def compute_importance_weights(
     version id, `version_logps` = {version: (chosen_logps, rejected_logps)} under every pooled version (for `mixture`;
     gen_* are read from it when not given). `alpha` tempers `tempered` and `mixture` (the other schemes ignore it);
     `clip` truncates (None: off). `off_support_threshold` and `equal_band` (nat/token) set the diagnostics map.
+    `version_trust` = {version: t in [0, 1]} multiplies each pair's weight by its source version's trust (versions
+    not named: 1) before normalisation, alone (scheme none) or on top of a scheme (see `version_trust_from_agreement`).
     Returns WeightResult(weights (N,) float32 mean 1, log_weights (N,) float32 before normalisation, diagnostics).
     """
     if scheme not in SCHEMES:
@@ -462,6 +480,8 @@ def compute_importance_weights(
     )
     p = _collect(source_version, version_logps, vectors)
     log_w = SCHEMES[scheme].log_weight(p, alpha)
+    if version_trust:
+        log_w = log_w + _trust_log_weights(p, version_trust)
     weights = _normalize(log_w, clip)
 
     have_ratios = all(k in p.columns for k in ("target_chosen_logps", "target_rejected_logps", *_GEN_COLUMNS))
@@ -474,6 +494,8 @@ def compute_importance_weights(
         off_support_threshold=off_support_threshold, equal_band=equal_band,
     )
     diagnostics.update({"scheme": scheme, "alpha": float(alpha), "clip": None if clip is None else float(clip)})
+    if version_trust:
+        diagnostics["trust"] = {str(v): float(t) for v, t in version_trust.items()}
     if scheme == "wpo":
         diagnostics["wpo_alignment"] = "sampled" if "target_chosen_log_collision" in p.columns else "none"
     return WeightResult(weights=weights.float(), log_weights=log_w.float(), diagnostics=diagnostics)

@@ -155,7 +155,7 @@ def test_file_weights_and_static_scheme(tokenizer, tmp_path):
     rows = pair_rows(tokenizer, n=4)
     rows[0]["weight"] = 0.0
     pset = load_preferences(write_pairs(tmp_path / "p.jsonl", rows))
-    result, scores = dataset_weights(pset, [], WeightingArgs(), score=None)
+    result, scores = dataset_weights(pset, [], WeightingArgs(weighting_scheme="none"), score=None)
     assert scores is None and result.weights.tolist() == [0.0, 1.0, 1.0, 1.0]
     assert result.diagnostics["scheme"] == "none (weight column)"
 

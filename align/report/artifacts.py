@@ -89,6 +89,10 @@ def weights_section(run: Path) -> Optional[dict]:
         out["log_hist"] = diag["weights/log_hist"]
     if "map/counts" in diag:
         out["support_map"] = diag["map/counts"]
+    if "auto" in diag:
+        out["auto"] = diag["auto"]
+    if "worth" in diag:
+        out["worth"] = diag["worth"]
     return out
 
 

@@ -315,6 +315,28 @@ def s_weights(r: dict) -> Optional[str]:
             out += '<p class="meta">support map: ' + escape(", ".join(f"{k} {v}" for k, v in d["support_map"].items())) + "</p>"
         if d.get("warning"):
             out += f'<p class="warn">{escape(d["warning"])}</p>'
+        out += _auto_and_worth(d)
+    return out
+
+
+def _auto_and_worth(d: dict) -> str:
+    """weighting auto's choice and candidates, and what the old labels are still worth (align/reuse.py)."""
+    out = ""
+    auto = d.get("auto")
+    if auto:
+        out += f"<p><b>auto chose {escape(str(auto['choice']))}</b>: {escape(str(auto['reason']))}</p>"
+        if auto.get("scores"):
+            out += table(["candidate", "held-out log-lik", "gain vs none", "± SE", "old ESS/N"],
+                         [[c, s["heldout_loglik"], s["gain"], s["se"], s["ess_frac_old"]]
+                          for c, s in auto["scores"].items()])
+    worth = d.get("worth")
+    if worth and worth.get("versions"):
+        out += "<h4>What the old labels are still worth</h4>" + table(
+            ["version", "pairs", "ESS/N (LN)", "ESS/N (tempered)", "KL/token", "off support", "equally likely",
+             "trust", "worth (fresh pairs)"],
+            [[v, e["pairs"], e["ess_frac_ln"], e["ess_frac_tempered"], e.get("kl_per_token"), e["off_support"],
+              e["equally_likely"], e.get("trust"), round(e["effective_pairs"])] for v, e in worth["versions"].items()])
+        out += f"<p>{escape(worth['sentence'])}</p>"
     return out
 
 

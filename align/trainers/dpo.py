@@ -32,6 +32,7 @@ from align.preference import (PreferenceCollator, PreferenceSet, completion_logp
                               tokenize_sets)
 from align.publish import check_tracker, hub_repo, push
 from align.trainers.loop import Task, open_run, train_loop
+from align.trainers.pilot import LoraPilot
 from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
 from align.weighting import SCHEMES
 
@@ -190,7 +191,11 @@ def train_dpo(
         return score_pairs(model, feats, collator, train.per_device_eval_batch_size, accelerator, with_collision)
 
     # Static target = the starting model = the reference: score it before the adapter exists.
-    weights, target = dataset_weights(train_set, full, weighting, score)
+    def make_pilot(scores: dict[str, torch.Tensor]) -> LoraPilot:  # weighting auto's evidence: short DPO fits
+        return LoraPilot(model, full, scores, collator, dpo_args.beta, lora_args, weighting.weighting_auto_steps,
+                         train.learning_rate, train.per_device_eval_batch_size, train.seed)
+
+    weights, target = dataset_weights(train_set, full, weighting, score, make_pilot)
     for feature, w in zip(features, weights.weights.tolist()):
         feature["weight"] = w
     objective = DPOObjective(dpo_args, weighting, accelerator)
@@ -216,6 +221,8 @@ def train_dpo(
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     restore_attention(accelerator.unwrap_model(prepared), attention)
     metrics.update({k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")})
+    if "auto" in weights.diagnostics:
+        metrics["weighting_auto"] = {k: weights.diagnostics["auto"][k] for k in ("choice", "reason")}
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(prepared)  # every rank: gathers FSDP2/ZeRO-3 shards
     if accelerator.is_main_process:

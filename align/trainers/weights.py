@@ -21,6 +21,7 @@ from align import runs
 from align.config import WeightingArgs
 from align.errors import DataError
 from align.preference import PreferenceSet
+from align.reuse import AutoChoice, choose_weighting, too_little_evidence, worth_report
 from align.weighting import (SCHEMES, WeightResult, compute_importance_weights, log_weight_shift,
                              weight_diagnostics)
 
@@ -68,12 +69,89 @@ def file_weights(pset: PreferenceSet) -> WeightResult:
     return WeightResult(weights, log_w.float(), diag)
 
 
+def own_version(cols: dict, versions: Sequence[str], tolerance: float = 1e-2) -> Optional[str]:
+    """The version whose pairs the target model itself sampled: its generation log-probs equal the target's (mean
+    |ℓ|/T below `tolerance` nat/token, float32 re-scoring noise aside); None when no version's do."""
+    ratio = ((cols["target_chosen_logps"] - cols["gen_chosen_logps"]).abs() / cols["chosen_lengths"]
+             + (cols["target_rejected_logps"] - cols["gen_rejected_logps"]).abs() / cols["rejected_lengths"]) / 2
+    means = {v: float(ratio[torch.tensor([s == v for s in versions])].mean()) for v in dict.fromkeys(versions)}
+    best = min(means, key=means.get)
+    return best if means[best] < tolerance else None
+
+
+def _columns(rows: Sequence[dict], scores: dict) -> dict:
+    return {"target_chosen_logps": scores["chosen_logps"].double(),
+            "target_rejected_logps": scores["rejected_logps"].double(),
+            "gen_chosen_logps": torch.tensor([r["gen_chosen_logps"] for r in rows], dtype=torch.float64),
+            "gen_rejected_logps": torch.tensor([r["gen_rejected_logps"] for r in rows], dtype=torch.float64),
+            "chosen_lengths": scores["chosen_lengths"].double(), "rejected_lengths": scores["rejected_lengths"].double()}
+
+
+def auto_weights(pset: PreferenceSet, full_features: Sequence[dict], weighting: WeightingArgs, score: Any,
+                 make_pilot: Any = None) -> tuple[WeightResult, Optional[dict[str, torch.Tensor]]]:
+    """weighting_scheme auto (align.reuse.choose_weighting), with the choice, the candidates' scores and the reason
+    in the diagnostics (`auto`), the log, and so weights.json, the run record and the report. `make_pilot(scores)`
+    returns a LoraPilot (align.trainers.pilot) or None (no pilot fits: then auto can only fall back to none)."""
+    rows, versions, scores = pset.rows, _versions(pset), None
+    cols = new_version = None
+
+    def unweighted(choice: AutoChoice) -> tuple[WeightResult, Optional[dict]]:
+        result = file_weights(pset)
+        result.diagnostics.update({"scheme": f"{result.diagnostics['scheme']}, by auto", "auto": choice.record()})
+        if cols is not None:
+            result.diagnostics["worth"] = worth_report(cols, versions, new_version, clip=weighting.weighting_clip,
+                                                       choice=choice)
+        log.info("weighting auto: none: %s", choice.reason)
+        return result, scores
+
+    if versions is None or any(r["gen_chosen_logps"] is None or r["gen_rejected_logps"] is None for r in rows):
+        return unweighted(AutoChoice("none", "some pairs carry no gen_model_version or generation log-probs, so old "
+                                             "and new pairs cannot be told apart (`align rescore` stores them)"))
+    if len(set(versions)) < 2:
+        return unweighted(AutoChoice("none", f"every pair comes from {versions[0]}: nothing to reweight"))
+    scores = score(full_features, False)
+    cols = _columns(rows, scores)
+    new_version = weighting.weighting_new_version or own_version(cols, versions)
+    if new_version is None:
+        return unweighted(AutoChoice("none", "no version's pairs were sampled by the target model (none has generation "
+                                             "log-probs equal to the target's); set weighting_new_version"))
+    if new_version not in versions:
+        return unweighted(AutoChoice("none", f"weighting_new_version {new_version} has no pairs in {pset.path}"))
+    n_new = versions.count(new_version)
+    reason = too_little_evidence(len(versions) - n_new, n_new, new_version, weighting.weighting_auto_min_new,
+                                 weighting.weighting_auto_min_ratio)
+    if reason:  # before building any pilot
+        return unweighted(AutoChoice("none", reason))
+    pilot = make_pilot(scores) if make_pilot is not None else None
+    try:
+        idx = {v: torch.tensor([i for i, s in enumerate(versions) if (s == new_version) == v]) for v in (True, False)}
+        choice = choose_weighting(
+            cols, versions, new_version, pilot=pilot, clip=weighting.weighting_clip,
+            agreement=None if pilot is None else lambda: pilot.agreement(idx[False], idx[True]),
+            min_heldout=weighting.weighting_auto_min_new, min_old_per_new=weighting.weighting_auto_min_ratio)
+    finally:
+        if pilot is not None:
+            pilot.close()
+    if choice.result is None:
+        return unweighted(choice)
+    result = choice.result
+    result.diagnostics.update({"scheme": f"auto: {choice.scheme}", "auto": choice.record(),
+                               "worth": worth_report(cols, versions, new_version, clip=weighting.weighting_clip,
+                                                     choice=choice)})
+    log.info("weighting auto: %s: %s", choice.scheme, choice.reason)
+    log.info("%s", result.diagnostics["worth"]["sentence"])
+    return result, scores
+
+
 def dataset_weights(
-    pset: PreferenceSet, full_features: Sequence[dict], weighting: WeightingArgs, score: Any,
+    pset: PreferenceSet, full_features: Sequence[dict], weighting: WeightingArgs, score: Any, make_pilot: Any = None,
 ) -> tuple[WeightResult, Optional[dict[str, torch.Tensor]]]:
     """(weights for every row, target scores or None). `score(features, with_collision)` runs the static target
-    over untruncated features (see `align.preference.score_pairs`); it is called only when the scheme needs it."""
+    over untruncated features (see `align.preference.score_pairs`); it is called only when the scheme needs it.
+    `make_pilot`: see `auto_weights`."""
     scheme = weighting.weighting_scheme
+    if scheme == "auto":
+        return auto_weights(pset, full_features, weighting, score, make_pilot)
     if scheme == "none":
         return file_weights(pset), None
     check_columns(pset, scheme)
@@ -98,6 +176,12 @@ def dataset_weights(
         target_chosen_log_collision=scores.get("chosen_log_collision"),
         target_rejected_log_collision=scores.get("rejected_log_collision"), **gen,
     )
+    versions = _versions(pset)
+    if gen and versions is not None:
+        cols = _columns(rows, scores)
+        new_version = weighting.weighting_new_version or own_version(cols, versions)
+        result.diagnostics["worth"] = worth_report(cols, versions, new_version, clip=weighting.weighting_clip,
+                                                   scheme=scheme)
     return result, scores
 
 
