@@ -247,7 +247,8 @@ def _label(demo: Demo, version: str) -> dict:
     from sqlalchemy import select
 
     from align import store as st
-    from align.simulate import GoldJudge, simulate
+    from align.judges import GoldJudge
+    from align.simulate import simulate
     from align.store import ModelVersion, Pair, Response
 
     with st.connect(demo.db) as store:

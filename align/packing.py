@@ -23,13 +23,16 @@ Values equal the padded computation's to float round-off (tests/test_packing.py)
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from align.preference import FLOAT_COLUMNS, SIDES
+from align.preference import FLOAT_COLUMNS, SIDES, PreferenceCollator
+
+log = logging.getLogger(__name__)
 
 ATTENTION = "align_packed"
 
@@ -226,3 +229,16 @@ def packed_rewards(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     rewards = captured[-1][0, batch["ends"], 0].float()
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
+
+
+def preference_collator(model: Any, pad_token_id: int, padding_free: bool,
+                        label_smoothing: float = 0.0) -> tuple[Any, Optional[str]]:
+    """(collator, the model's previous attention implementation or None). padding_free: one packed row per batch
+    where the model's attention allows it, else padded rows."""
+    if padding_free:
+        previous = use_packed_attention(model)
+        if previous is not None:
+            return PackedPreferenceCollator(pad_token_id, label_smoothing), previous
+        log.warning("padding_free: %s's attention is not SDPA through transformers' attention interface; using "
+                    "padded batches", type(model).__name__)
+    return PreferenceCollator(pad_token_id, label_smoothing), None

@@ -22,11 +22,17 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from align.config import to_dict
 from align.data import write_atomically
 from align.errors import AlignError
+from align.overfit import GapTracker, callback as overfit_callback
+from align.publish import check_tracker, hub_repo
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
+
+    from align.config import ModelArgs, PreferenceDataArgs, TrainArgs
+    from align.preference import PreferenceSet
 
 log = logging.getLogger(__name__)
 
@@ -405,3 +411,61 @@ def record_run(
     )
     write_model_card(out, version, metrics, command or command_line())
     return version
+
+
+# ---- what every training run shares -------------------------------------------------------------------------------
+
+
+def preflight(train: "TrainArgs") -> Optional[str]:
+    """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
+    check_tracker(train.report_to)
+    return hub_repo(train)
+
+
+def stage_interference(accelerator: Any, args: Any, model_spec: str, method: str, tokenizer: Any,
+                       sft_weight: Optional[float] = None) -> Optional[Any]:
+    """The stage-interference check (align/interference.py), on the main process, where the whole model is there
+    to run (not under FSDP or ZeRO-3, whose shards only the prepared model can gather)."""
+    from accelerate.utils import DistributedType  # deferred: accelerate and interference import torch
+
+    from align.interference import InterferenceCheck
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded or not accelerator.is_main_process:
+        return None
+    check = InterferenceCheck(args, model_spec, method, tokenizer, sft_weight)
+    return check if check.enabled else None
+
+
+def trainer_callbacks(train: "TrainArgs", out: Path, has_eval: bool, main_process: bool = True,
+                      gaps: Optional[GapTracker] = None) -> list:
+    """The callbacks of a transformers-Trainer run (SFT, RLHF): metrics.jsonl (+ TensorBoard); with evaluation, the
+    overfitting alarm and early stopping (align.overfit). The non-finite guard and the overfitting callback come
+    first: they add train/skipped_steps and eval_gap to the logs the metrics callback writes."""
+    from align.trainers.finite import non_finite_callback  # deferred: imports torch
+
+    found = [non_finite_callback(train.learning_rate), metrics_callback(out / "metrics.jsonl")]
+    if has_eval and train.eval_steps > 0:
+        patience = train.early_stopping_patience
+        found.insert(1, overfit_callback(gaps if gaps is not None else GapTracker(train.overfit_window), patience))
+    if train.report_to == "tensorboard" and main_process:
+        from torch.utils.tensorboard import SummaryWriter  # deferred: torch and transformers take seconds
+        from transformers.integrations import TensorBoardCallback
+
+        found.append(TensorBoardCallback(tb_writer=SummaryWriter(str(out / "tensorboard"))))
+    return found
+
+
+def data_metrics(pset: "PreferenceSet", counts: dict[str, int], prefix: str = "data") -> dict[str, int]:
+    return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r["label"] == "tie" for r in pset.rows),
+            f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()},
+            **{f"{prefix}/dropped_{k}": v for k, v in pset.dropped.items()}}
+
+
+def write_run_record(out: Path, method: str, model_args: "ModelArgs", model_dir: Path, data_args: "PreferenceDataArgs",
+                     configs: Sequence[Any], metrics: dict, tokenizer: Any, command: Optional[str],
+                     data: Optional[dict] = None) -> None:
+    """version.json and the model card for a preference run (DPO or reward); pushed when push_to_hub is on."""
+    record_run(out, method=method, name=configs[-1].name, model_spec=model_args.model, revision=model_args.revision,
+                    model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
+                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command, data=data)

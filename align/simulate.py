@@ -3,50 +3,18 @@
     align label --simulate gold --db URL [--annotators 3 --judge_temperature 0.1 --tie_threshold 0.05
                                           --both_bad_threshold 0.2 --position_bias 0.0 --seed 0]
 
-The judge is Bradley–Terry over the task's gold reward r in [0, 1]:
-    both bad   if max(r_a, r_b) < both_bad_threshold
-    tie        if |r_a - r_b| < tie_threshold
-    else       P(a) = sigmoid((r_a - r_b) / temperature + position_bias * (+1 if a is shown left else -1))
-Strength is "much" (2) when |r_a - r_b| > 0.5, else "slightly" (1). Each simulated annotator sees the
-pair in its own left/right order, so position bias acts the way it does for people. Votes are stored
+The judge (align.judges.GoldJudge) is Bradley–Terry over the task's gold reward r in [0, 1], with ties, both-bad
+votes, noise and a position bias. Each simulated annotator sees the pair in its own left/right order, so position bias acts the way it does for people. Votes are stored
 with source "sim:<judge>" and never count toward the human vote quota.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
-from dataclasses import dataclass
 from typing import Optional
 
-from align.errors import AlignError
-from align.tasks import score_response
-
-
-@dataclass(frozen=True)
-class GoldJudge:
-    name: str = "gold"
-    temperature: float = 0.1
-    tie_threshold: float = 0.05
-    both_bad_threshold: float = 0.2
-    position_bias: float = 0.0  # logit added toward the left response
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise AlignError(f"judge temperature must be > 0, got {self.temperature}")
-
-    def decide(self, reward_a: float, reward_b: float, left: str, rng: random.Random) -> tuple[str, int]:
-        """(choice in {a, b, tie, both_bad}, strength in {1, 2}) for one annotator seeing `left` on the left."""
-        if max(reward_a, reward_b) < self.both_bad_threshold:
-            return "both_bad", 1
-        gap = reward_a - reward_b
-        if abs(gap) < self.tie_threshold:
-            return "tie", 1
-        logit = gap / self.temperature + self.position_bias * (1 if left == "a" else -1)
-        p_a = 1.0 / (1.0 + math.exp(-max(min(logit, 50.0), -50.0)))
-        choice = "a" if rng.random() < p_a else "b"
-        return choice, 2 if abs(gap) > 0.5 else 1
+from align.judges import GoldJudge
 
 
 def shown_left(annotator: str, pair_id: int) -> str:
@@ -68,8 +36,7 @@ def simulate(store, judge: GoldJudge, annotators: int = 3, seed: int = 0, pair_i
             counts["skipped_no_gold"] += 1
             continue
         counts["pairs"] += 1
-        reward_a = score_response(pair["family"], pair["text_a"], pair["gold"])
-        reward_b = score_response(pair["family"], pair["text_b"], pair["gold"])
+        reward_a, reward_b = judge.score([pair, pair], [pair["text_a"], pair["text_b"]])
         for name in names:
             if (name, pair["id"]) in done:
                 continue

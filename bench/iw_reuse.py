@@ -134,7 +134,7 @@ def recipe(config: str, **overrides: Any) -> tuple:
 
 
 def judge(b: Bench):
-    from align.simulate import GoldJudge
+    from align.judges import GoldJudge
 
     # A random tiny model's answers score near 0, so most pairs would be both-bad (dropped): make them ties instead.
     return GoldJudge(both_bad_threshold=0.0) if b.tiny else GoldJudge()

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from align import store as st
-from align.prompts import read_prompts
-from align.sampling import generate_to_store, rescore
 from align.errors import DataError
 from align.generation import SamplingSettings
-from align.simulate import GoldJudge, simulate
+from align.judges import GoldJudge
+from align.prompts import read_prompts
+from align.sampling import generate_to_store, rescore
+from align.simulate import simulate
 from align.tasks import score_response
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from align import store as st
 from align.commands.parser import DEFAULT_DB, ArgumentParser
 from align.errors import AlignError
 from align.generation import SamplingSettings
-from align.simulate import GoldJudge
+from align.judges import GoldJudge
 from align.simulate import simulate as simulated_votes
 
 

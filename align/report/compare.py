@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from align.errors import AlignError
+from align.judges import GoldJudge, RewardJudge
 from align.generation import SamplingSettings
 from align.report import artifacts, clusters, stats
 from align.report.credit import eval_credit
@@ -40,57 +41,6 @@ class EvalSpec:
     prompt_source: str = ""
     seed: int = 0
     credit_pairs: int = 3  # labelled pairs whose tokens are coloured by credit (0: off)
-
-
-# ---- judges ------------------------------------------------------------------------------------------------------
-
-
-class GoldJudge:
-    name = "gold"
-
-    def check(self, prompts: Sequence[dict]) -> None:
-        """Every prompt must belong to a task family with a gold check; else name the family that has none."""
-        from align.tasks import FAMILIES
-
-        for p in prompts:
-            family = p.get("family")
-            if family not in FAMILIES:
-                shown = "no task family" if family is None else f"task family {family!r}"
-                raise AlignError(f"the gold judge cannot score {shown} (prompt {p['text'][:60]!r}): gold checks exist "
-                                 f"for {', '.join(FAMILIES)}; use --judge reward:RUN_DIR for other prompts")
-            if not isinstance(p.get("gold"), dict):
-                raise AlignError(f"the gold judge cannot score family {family!r}: prompt {p['text'][:60]!r} has no "
-                                 "gold reference (a JSON object)")
-
-    def score(self, prompts: Sequence[dict], texts: Sequence[str]) -> list[float]:
-        from align.tasks import score_response
-
-        return [score_response(p["family"], t, p["gold"]) for p, t in zip(prompts, texts)]
-
-
-class RewardJudge:
-    name = "reward"
-
-    def __init__(self, run_dir: str, batch_size: int = 8):
-        from align.trainers.reward import load_reward_model
-
-        if not run_dir:
-            raise AlignError("the reward judge needs a reward-model run directory: --judge reward:RUN_DIR")
-        self.run_dir = run_dir
-        self.model, self.tokenizer, self.stats = load_reward_model(run_dir)
-        self.batch_size = batch_size
-
-    def check(self, prompts: Sequence[dict]) -> None:  # a reward model scores any prompt
-        return None
-
-    def score(self, prompts: Sequence[dict], texts: Sequence[str]) -> list[float]:
-        return self.score_messages([p["messages"] for p in prompts], list(texts))
-
-    def score_messages(self, prompts: Sequence, responses: Sequence) -> list[float]:
-        """Normalised rewards; prompts as text or messages, responses as text or one assistant message."""
-        from align.trainers.reward import score
-
-        return score(self.model, self.tokenizer, prompts, responses, self.batch_size, self.stats)
 
 
 # ---- versions and samples --------------------------------------------------------------------------------------

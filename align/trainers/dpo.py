@@ -23,14 +23,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from align import runs
-from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs, save_config, to_dict
+from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs, save_config
 from align.data import data_record
 from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
-from align.packing import PackedPreferenceCollator, restore_attention, use_packed_attention
-from align.preference import (PreferenceCollator, PreferenceSet, completion_logps, load_pair_sets, score_pairs,
-                              tokenize_sets)
-from align.publish import check_tracker, hub_repo, push
+from align.packing import preference_collator, restore_attention
+from align.preference import completion_logps, load_pair_sets, score_pairs, tokenize_sets
+from align.publish import push
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.pilot import LoraPilot
 from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
@@ -107,34 +106,6 @@ class DPOObjective:
                 "kl/ref": v["kl"].mean()}
 
 
-def preference_collator(model: Any, pad_token_id: int, padding_free: bool,
-                        label_smoothing: float = 0.0) -> tuple[Any, Optional[str]]:
-    """(collator, the model's previous attention implementation or None). padding_free: one packed row per batch
-    where the model's attention allows it (align/packing.py), else padded rows."""
-    if padding_free:
-        previous = use_packed_attention(model)
-        if previous is not None:
-            return PackedPreferenceCollator(pad_token_id, label_smoothing), previous
-        log.warning("padding_free: %s's attention is not SDPA through transformers' attention interface; using "
-                    "padded batches", type(model).__name__)
-    return PreferenceCollator(pad_token_id, label_smoothing), None
-
-
-def stage_interference(accelerator: Any, args: Any, model_spec: str, method: str, tokenizer: Any,
-                       sft_weight: Optional[float] = None) -> Optional[Any]:
-    """The stage-interference check (align/interference.py), on the main process, where the whole model is there
-    to run (not under FSDP or ZeRO-3, whose shards only the prepared model can gather)."""
-    from accelerate.utils import DistributedType
-
-    from align.interference import InterferenceCheck
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded or not accelerator.is_main_process:
-        return None
-    check = InterferenceCheck(args, model_spec, method, tokenizer, sft_weight)
-    return check if check.enabled else None
-
-
 def attach_reference(features: list[dict], scores: dict[str, torch.Tensor]) -> None:
     """Store reference outputs as per-pair columns (ref_chosen_logps, ...), which the collator carries."""
     for name, values in scores.items():
@@ -148,27 +119,6 @@ def _same_ids(a: Sequence[dict], b: Sequence[dict]) -> bool:
     return all(x[k] == y[k] for x, y in zip(a, b) for k in keys)
 
 
-def data_metrics(pset: PreferenceSet, counts: dict[str, int], prefix: str = "data") -> dict[str, int]:
-    return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r["label"] == "tie" for r in pset.rows),
-            f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()},
-            **{f"{prefix}/dropped_{k}": v for k, v in pset.dropped.items()}}
-
-
-def write_run_record(out: Path, method: str, model_args: ModelArgs, model_dir: Path, data_args: PreferenceDataArgs,
-                     configs: Sequence[Any], metrics: dict, tokenizer: Any, command: Optional[str],
-                     data: Optional[dict] = None) -> None:
-    """version.json and the model card for a preference run (DPO or reward); pushed when push_to_hub is on."""
-    runs.record_run(out, method=method, name=configs[-1].name, model_spec=model_args.model, revision=model_args.revision,
-                    model_dir=model_dir, data_files=(data_args.train_file, data_args.eval_file),
-                    config=to_dict(*configs), metrics=metrics, tokenizer=tokenizer, command=command, data=data)
-
-
-def preflight(train: TrainArgs) -> Optional[str]:
-    """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
-    check_tracker(train.report_to)
-    return hub_repo(train)
-
-
 @runs.guard_run
 def train_dpo(
     model_args: ModelArgs, lora_args: LoraArgs, data_args: PreferenceDataArgs, dpo_args: DPOArgs,
@@ -176,14 +126,14 @@ def train_dpo(
 ) -> Path:
     """Run DPO end to end and return the run directory. `callbacks`: see align.trainers.loop.train_loop."""
     configs = (model_args, lora_args, data_args, dpo_args, weighting, train)
-    repo = preflight(train)
+    repo = runs.preflight(train)
     accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
     train_set, eval_set = load_pair_sets(data_args, dpo_args.both_bad)
     model, tokenizer = load_model(model_args, device=str(accelerator.device))
     collator, attention = preference_collator(model, tokenizer.pad_token_id, dpo_args.padding_free,
                                               dpo_args.label_smoothing)
     full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
-    interference = stage_interference(accelerator, dpo_args, model_args.model, "dpo", tokenizer, dpo_args.sft_weight)
+    interference = runs.stage_interference(accelerator, dpo_args, model_args.model, "dpo", tokenizer, dpo_args.sft_weight)
     if interference is not None:
         interference.start(model)  # the starting model, before any adapter
 
@@ -215,7 +165,7 @@ def train_dpo(
         save_config(out / "config.yaml", *configs)
     report(weights, train_set, out if accelerator.is_main_process else None)
 
-    start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
+    start = {**runs.data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
                 state=objective.dynamic)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
@@ -230,7 +180,7 @@ def train_dpo(
                                  state_dict=state_dict)
         if interference is not None:
             metrics.update(interference.finish(accelerator.unwrap_model(prepared), out))
-        write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
+        runs.write_run_record(out, "dpo", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
                          data_record(data_args, train_set, eval_set, counts))
         if repo:
             push(out, model_dir, repo)

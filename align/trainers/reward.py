@@ -29,10 +29,9 @@ from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import davidson_tie_nll, reward_pairwise_loss
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
-from align.packing import packed_rewards, restore_attention
+from align.packing import packed_rewards, preference_collator, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
 from align.publish import push
-from align.trainers.dpo import data_metrics, preference_collator, preflight, write_run_record
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.weights import dataset_weights, report, scalar_diagnostics
 
@@ -181,7 +180,7 @@ def train_reward(
         raise ConfigError("weighting_target: dynamic applies to DPO; a reward model's target is the policy of the "
                           "next RLHF round, so recompute static weights per round instead")
     configs = (model_args, lora_args, data_args, reward_args, weighting, train)
-    repo = preflight(train)
+    repo = runs.preflight(train)
     accelerator, out = open_run(train, resolve_dtype(model_args.dtype))
     train_set, eval_set = load_pair_sets(data_args, reward_args.both_bad)
     tokenizer = load_tokenizer(model_args.model, model_args.chat_template)
@@ -201,7 +200,7 @@ def train_reward(
     report(weights, train_set, out if accelerator.is_main_process else None)
 
     objective = RewardObjective(reward_args)
-    start = {**data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
+    start = {**runs.data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, batches, objective, eval_features, objective.eval_step, objective.eval_summary)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     stats = reward_stats(model, features, batches, train.per_device_eval_batch_size, accelerator)
@@ -214,7 +213,7 @@ def train_reward(
         runs.write_json(out / "reward_stats.json", stats)
         model_dir = save_trained(accelerator.unwrap_model(prepared), tokenizer, out, model_args.model, train.merge,
                                  state_dict=state_dict)
-        write_run_record(out, "reward", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
+        runs.write_run_record(out, "reward", model_args, model_dir, data_args, configs, metrics, tokenizer, command,
                          data_record(data_args, train_set, eval_set, counts))
         if repo:
             push(out, model_dir, repo)

@@ -272,20 +272,16 @@ def train_rlhf(
     from align.models import apply_lora
     from align.monitor import RewardHackingMonitor
     from align.tasks import load_tasks
-    from align.trainers.dpo import stage_interference
-    from align.trainers.sft import callbacks as run_callbacks
-
-    from align.trainers.dpo import preflight
 
     samples_per_step = check_setup(rl, monitor_args, train)
-    repo = preflight(train)
+    repo = runs.preflight(train)
     configs = (model_args, lora_args, data_args, rl, monitor_args, train)
     out = runs.prepare_output_dir(train.output_dir, train.resume)
     device = PartialState().device
 
     dataset = prompt_dataset(data_args.prompts_file, data_args.max_prompts)
     model, tokenizer = load_model(model_args)
-    interference = stage_interference(PartialState(), rl, model_args.model, "rlhf", tokenizer)
+    interference = runs.stage_interference(PartialState(), rl, model_args.model, "rlhf", tokenizer)
     if interference is not None:
         interference.start(model)  # the starting model, before any adapter
     monitor = RewardHackingMonitor(monitor_args, out) if monitor_args.monitor else None
@@ -318,7 +314,7 @@ def train_rlhf(
     trainer = trainer_cls(
         model=model, reward_funcs=reward, args=trainer_config(rl, train, model_args, out), train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=own_callbacks + run_callbacks(train, out, has_eval=False) + list(extra_callbacks),
+        callbacks=own_callbacks + runs.trainer_callbacks(train, out, has_eval=False) + list(extra_callbacks),
     )
     for callback in (controller, evaluation):
         if callback is not None:

@@ -12,13 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from align import overfit, runs
+from align import runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
 from align.data import SFTSet, data_record, load_sft, open_split, template_markers, tokenize_sft_row
 from align.errors import DataError
 from align.models import apply_lora, load_model, save_trained
-from align.publish import check_tracker, finish_tracker, hub_repo, push
-from align.trainers.finite import non_finite_callback
+from align.publish import finish_tracker, push
 from align.overfit import GapTracker
 
 log = logging.getLogger(__name__)
@@ -100,23 +99,6 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
     )
 
 
-def callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True,
-              gaps: Optional[GapTracker] = None) -> list:
-    """metrics.jsonl (+ TensorBoard); with evaluation, the overfitting alarm and early stopping (align.overfit).
-    The non-finite guard and the overfitting callback come first: they add train/skipped_steps and eval_gap to the
-    logs the metrics callback writes."""
-    found = [non_finite_callback(train.learning_rate), runs.metrics_callback(out / "metrics.jsonl")]
-    if has_eval and train.eval_steps > 0:
-        patience = train.early_stopping_patience
-        found.insert(1, overfit.callback(gaps if gaps is not None else GapTracker(train.overfit_window), patience))
-    if train.report_to == "tensorboard" and main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        found.append(TensorBoardCallback(tb_writer=SummaryWriter(str(out / "tensorboard"))))
-    return found
-
-
 @runs.guard_run
 def train_sft(
     model_args: ModelArgs,
@@ -132,8 +114,7 @@ def train_sft(
     from trl import SFTTrainer
 
     state = PartialState()
-    check_tracker(train.report_to)
-    repo = hub_repo(train)  # push_to_hub: token and network checked before any training
+    repo = runs.preflight(train)  # push_to_hub: token and network checked before any training
     with state.main_process_first():  # one rank probes and creates the run directory
         out = runs.prepare_output_dir(train.output_dir, train.resume)
     train_set = load_sft(open_split(data_args, "train"), data_args.max_train_samples, data_args.max_length)
@@ -155,7 +136,7 @@ def train_sft(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks(train, out, eval_ds is not None, state.is_main_process, gaps) + list(extra_callbacks),
+        callbacks=runs.trainer_callbacks(train, out, eval_ds is not None, state.is_main_process, gaps) + list(extra_callbacks),
     )
     checkpoint = runs.last_checkpoint(out) if train.resume else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
