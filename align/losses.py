@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from align.errors import ConfigError, DataError
 
 
-def _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """(h_c, h_r), each (B,): β-scaled log-ratios of policy to reference."""
     return beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps)
 
 
 def _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """h = β[(log π_c - log π_ref,c) - (log π_r - log π_ref,r)], (B,)."""
-    h_c, h_r = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    h_c, h_r = implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return h_c - h_r
 
 
@@ -73,7 +73,7 @@ def tie_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     (loss log((2 + ν)/ν), log 3 for ν = 1). Non-tie rows keep their Bradley–Terry loss; Davidson is used only for the
     tie likelihood, which pulls the two implicit rewards together. ν > 0 sets how likely ties are a priori.
     """
-    h_c, h_r = _implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    h_c, h_r = implicit_rewards(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return davidson_tie_nll(h_c, h_r, tie_nu)
 
 
@@ -101,7 +101,7 @@ DPO_LOSSES = {
 }
 
 
-def _weighted_mean(losses: torch.Tensor, weights) -> torch.Tensor:
+def weighted_mean(losses: torch.Tensor, weights) -> torch.Tensor:
     """Σ w·l / B for (B,) losses and mean-1 weights (None = ones); weight-0 rows are exactly 0 with no gradient.
 
     We divide by B, not by Σw: the weights are self-normalised to mean 1 over the whole dataset, so this is an
@@ -131,6 +131,38 @@ def _strict_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Te
     return wins.mean() if wins.numel() else torch.tensor(float("nan"), device=chosen.device)
 
 
+def dpo_example_losses(
+    loss_type: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    *,
+    is_tie: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    soft_label: torch.Tensor | None = None,
+    tie_nu: float = 1.0,
+) -> torch.Tensor:
+    """Per-example DPO-family losses with ties, (B,) inputs -> (B,): what training weights and evaluation averages.
+
+    Non-tie rows use `DPO_LOSSES[loss_type]`, tie rows (`is_tie` bool (B,)) use `tie_loss`. `label_smoothing` and
+    `soft_label` apply to `robust` only.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ConfigError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
+    if loss_type != "robust" and (label_smoothing or soft_label is not None):
+        raise ConfigError(f"label_smoothing and soft_label apply to loss_type 'robust' only, not {loss_type!r}")
+    if soft_label is not None and not bool(((soft_label >= 0) & (soft_label <= 1)).all()):
+        raise DataError("soft_label must lie in [0, 1] (probability that the chosen response is preferred)")
+    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    losses = DPO_LOSSES[loss_type](*args, label_smoothing=label_smoothing, soft_label=soft_label)
+    tie = _tie_mask(is_tie, losses)
+    if bool(tie.any()):
+        losses = torch.where(tie, tie_loss(*args, tie_nu=tie_nu), losses)
+    return losses
+
+
 def preference_loss(
     loss_type: str,
     policy_chosen_logps: torch.Tensor,
@@ -147,34 +179,51 @@ def preference_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted DPO-family loss with ties: (B,) inputs -> (scalar loss, metrics of detached 0-d tensors).
 
-    Non-tie rows use `DPO_LOSSES[loss_type]`, tie rows (`is_tie` bool (B,)) use `tie_loss`. The per-example losses are
-    multiplied by `weights` (B,) and reduced as Σ w·l / B (see `_weighted_mean`). `label_smoothing` and `soft_label`
-    apply to `robust` only. Metrics are unweighted means; `rewards/accuracies` counts non-tie rows only.
+    The per-example losses of `dpo_example_losses` are multiplied by `weights` (B,) and reduced as Σ w·l / B (see
+    `weighted_mean`). Metrics are unweighted means; `rewards/accuracies` counts non-tie rows only.
     """
-    if loss_type not in DPO_LOSSES:
-        raise ConfigError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
-    if loss_type != "robust" and (label_smoothing or soft_label is not None):
-        raise ConfigError(f"label_smoothing and soft_label apply to loss_type 'robust' only, not {loss_type!r}")
-    if soft_label is not None and not bool(((soft_label >= 0) & (soft_label <= 1)).all()):
-        raise DataError("soft_label must lie in [0, 1] (probability that the chosen response is preferred)")
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = DPO_LOSSES[loss_type](*args, label_smoothing=label_smoothing, soft_label=soft_label)
-    tie = _tie_mask(is_tie, losses)
-    if bool(tie.any()):
-        losses = torch.where(tie, tie_loss(*args, tie_nu=tie_nu), losses)
-    loss = _weighted_mean(losses, weights)
+    losses = dpo_example_losses(loss_type, *args, is_tie=is_tie, label_smoothing=label_smoothing,
+                                soft_label=soft_label, tie_nu=tie_nu)
+    loss = weighted_mean(losses, weights)
 
     with torch.no_grad():
-        h_c, h_r = _implicit_rewards(*args)
+        h_c, h_r = implicit_rewards(*args)
         metrics = {
             "rewards/chosen": h_c.mean(),
             "rewards/rejected": h_r.mean(),
             "rewards/margins": (h_c - h_r).mean(),
-            "rewards/accuracies": _strict_accuracy(h_c, h_r, tie),
+            "rewards/accuracies": _strict_accuracy(h_c, h_r, _tie_mask(is_tie, losses)),
             "logps/chosen": policy_chosen_logps.detach().mean(),
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
     return loss, metrics
+
+
+def reward_example_losses(
+    rewards_chosen: torch.Tensor,
+    rewards_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    is_tie: torch.Tensor | None = None,
+    tie_nu: float = 1.0,
+) -> torch.Tensor:
+    """Per-example Bradley–Terry reward-model losses with ties, (B,) rewards -> (B,).
+
+    Non-tie rows: -log σ(r_c - r_r - m) (Ouyang et al. 2022; margin m as in Llama 2). Tie rows: Davidson's -log P(tie)
+    on (r_c, r_r); the margin does not apply to them. Rewards of shape (B, 1) (a scalar head) are accepted.
+    """
+    r_c, r_r = _squeeze_head(rewards_chosen), _squeeze_head(rewards_rejected)
+    diff = r_c - r_r
+    losses = -F.logsigmoid(diff if margin is None else diff - margin.to(diff.dtype))  # -log σ(r_c - r_r - m)
+    tie = _tie_mask(is_tie, losses)
+    if bool(tie.any()):
+        losses = torch.where(tie, davidson_tie_nll(r_c, r_r, tie_nu), losses)
+    return losses
+
+
+def _squeeze_head(rewards: torch.Tensor) -> torch.Tensor:
+    return rewards.squeeze(-1) if rewards.dim() == 2 else rewards
 
 
 def reward_pairwise_loss(
@@ -189,29 +238,24 @@ def reward_pairwise_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted Bradley–Terry reward-model loss with ties: (B,) rewards -> (scalar loss, metrics).
 
-    Non-tie rows: -log σ(r_c - r_r - m) (Ouyang et al. 2022; margin m as in Llama 2). Tie rows: Davidson's -log P(tie)
-    on (r_c, r_r); the margin does not apply to them. Centering (Eisenstein et al. 2023) adds
-    center_coef · Σ w·(r_c + r_r)² / B, weighted like the main term so a weight-0 row contributes nothing at all; with
-    weights = None it is the usual mean. Rewards of shape (B, 1) (a scalar head) are accepted.
+    The per-example losses of `reward_example_losses`, weighted and reduced as Σ w·l / B. Centering (Eisenstein et
+    al. 2023) adds center_coef · Σ w·(r_c + r_r)² / B, weighted like the main term so a weight-0 row contributes
+    nothing at all; with weights = None it is the usual mean.
     Metrics: `accuracy` (strict r_c > r_r over non-tie rows, NaN if none), `margin` (mean r_c - r_r over non-tie rows),
     `rewards/chosen`, `rewards/rejected`.
     """
-    r_c = rewards_chosen.squeeze(-1) if rewards_chosen.dim() == 2 else rewards_chosen
-    r_r = rewards_rejected.squeeze(-1) if rewards_rejected.dim() == 2 else rewards_rejected
-    diff = r_c - r_r
-    losses = -F.logsigmoid(diff if margin is None else diff - margin.to(diff.dtype))  # -log σ(r_c - r_r - m)
-    tie = _tie_mask(is_tie, losses)
-    if bool(tie.any()):
-        losses = torch.where(tie, davidson_tie_nll(r_c, r_r, tie_nu), losses)
-    loss = _weighted_mean(losses, weights)
+    r_c, r_r = _squeeze_head(rewards_chosen), _squeeze_head(rewards_rejected)
+    losses = reward_example_losses(r_c, r_r, margin=margin, is_tie=is_tie, tie_nu=tie_nu)
+    loss = weighted_mean(losses, weights)
     if center_coef:
-        loss = loss + center_coef * _weighted_mean((r_c + r_r) ** 2, weights)  # η (r_c + r_r)²
+        loss = loss + center_coef * weighted_mean((r_c + r_r) ** 2, weights)  # η (r_c + r_r)²
 
     with torch.no_grad():
-        non_tie = diff[~tie]
+        tie = _tie_mask(is_tie, losses)
+        non_tie = (r_c - r_r)[~tie]
         metrics = {
             "accuracy": _strict_accuracy(r_c, r_r, tie),
-            "margin": non_tie.mean() if non_tie.numel() else torch.tensor(float("nan"), device=diff.device),
+            "margin": non_tie.mean() if non_tie.numel() else torch.tensor(float("nan"), device=r_c.device),
             "rewards/chosen": r_c.mean(),
             "rewards/rejected": r_r.mean(),
         }

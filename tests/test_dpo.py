@@ -182,3 +182,20 @@ def test_missing_generation_logps_fail_with_advice(tiny_model_dir, data_files, t
     with pytest.raises(DataError) as info:
         train_dpo(model, lora, data, dpo, WeightingArgs(weighting_scheme="sequence"), train)
     assert f"{path}:4" in str(info.value) and "wpo" in str(info.value) and "align rescore" in str(info.value)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "robust", "hinge"])
+def test_evaluation_scores_pairs_with_the_training_loss(policy_and_batch, loss_type):
+    """eval_step's per-example losses average to the training loss at unit weights, ties included: both call
+    align.losses.dpo_example_losses."""
+    model, features, collate = policy_and_batch
+    smoothing = 0.2 if loss_type == "robust" else 0.0
+    objective = DPOObjective(DPOArgs(beta=0.1, loss_type=loss_type, label_smoothing=smoothing), WeightingArgs())
+    batch = collate([dict(features[0], is_tie=True)] + [dict(f) for f in features[1:4]])
+    with moved_lora(model), torch.no_grad():
+        loss, metrics = objective(model, batch)
+        values = objective.eval_step(model, batch)
+    assert values["loss"].mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    margins = (values["h_chosen"] - values["h_rejected"]).mean()
+    assert margins.item() == pytest.approx(metrics["rewards/margins"].item(), rel=1e-6)
+    assert bool(values["loss"][0] != values["loss"][1])  # the tie row has its own term

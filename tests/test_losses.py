@@ -6,9 +6,11 @@ import torch
 from align.errors import ConfigError
 from align.losses import (
     DPO_LOSSES,
+    dpo_example_losses,
     hinge_loss,
     ipo_loss,
     preference_loss,
+    reward_example_losses,
     reward_pairwise_loss,
     robust_loss,
     sft_loss,
@@ -176,3 +178,19 @@ def test_reward_loss_weight_zero_row_gets_no_gradient_even_with_centering():
     loss, _ = reward_pairwise_loss(r_c, r_r, weights=torch.tensor([1.0, 0.0]), center_coef=0.1)
     loss.backward()
     assert r_c.grad[1] == 0 and r_r.grad[1] == 0 and r_c.grad[0] != 0
+
+
+def test_per_example_losses_are_what_the_training_losses_average():
+    """Evaluation averages dpo_example_losses / reward_example_losses; training weights the same values."""
+    pc, pr, rc, rr = _pairs()
+    tie = torch.tensor([True, False])
+    per_example = dpo_example_losses("sigmoid", pc, pr, rc, rr, BETA, is_tie=tie)
+    assert per_example.tolist() == pytest.approx([TIE_AT_1, LOG1P_EXP_1], abs=1e-6)  # pair 0 a tie, pair 1 h = -1
+    weights = torch.tensor([0.5, 1.5])
+    loss, _ = preference_loss("sigmoid", pc, pr, rc, rr, BETA, is_tie=tie, weights=weights)
+    assert loss.item() == pytest.approx((0.5 * TIE_AT_1 + 1.5 * LOG1P_EXP_1) / 2, abs=1e-6)
+    r_c, r_r, margin = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5])
+    per_pair = reward_example_losses(r_c, r_r, margin=margin, is_tie=tie)
+    assert per_pair.tolist() == pytest.approx([TIE_AT_1, math.log1p(math.exp(1.5))], abs=1e-6)
+    assert reward_pairwise_loss(r_c, r_r, margin=margin, is_tie=tie)[0].item() == pytest.approx(
+        per_pair.mean().item(), abs=1e-7)

@@ -25,7 +25,7 @@ import torch
 from align import runs
 from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs, save_config
 from align.data import data_record
-from align.losses import DPO_LOSSES, preference_loss, sft_loss, tie_loss
+from align.losses import dpo_example_losses, implicit_rewards, preference_loss, sft_loss, weighted_mean
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
 from align.packing import preference_collator, restore_attention
 from align.preference import completion_logps, load_pair_sets, score_pairs, tokenize_sets
@@ -75,8 +75,8 @@ class DPOObjective:
         if a.sft_weight:
             # SFT on chosen responses of decided pairs only: a tie's (or both-bad's) "chosen" is not a target.
             nll = sft_loss(policy["chosen_logps"], policy["chosen_lengths"])
-            w = weights.detach() * (~batch["is_tie"]).to(weights.dtype)
-            loss = loss + a.sft_weight * torch.where(w == 0, torch.zeros_like(nll), w * nll).sum() / nll.numel()
+            decided = weights.detach() * (~batch["is_tie"]).to(weights.dtype)
+            loss = loss + a.sft_weight * weighted_mean(nll, decided)
         metrics["kl/ref"] = (policy["chosen_logps"] - ref["chosen_logps"]).detach().mean()
         if self.dynamic is not None:
             metrics["weights/mean"] = weights.mean()
@@ -89,11 +89,12 @@ class DPOObjective:
         policy = completion_logps(model, batch)
         ref = self.reference(model, batch)
         args = (policy["chosen_logps"], policy["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"], a.beta)
-        losses = DPO_LOSSES[a.loss_type](*args, **self._loss_args(batch))
-        losses = torch.where(batch["is_tie"], tie_loss(*args, tie_nu=a.tie_nu), losses)
-        return {"loss": losses, "h_chosen": a.beta * (args[0] - args[2]), "h_rejected": a.beta * (args[1] - args[3]),
-                "is_tie": batch["is_tie"].float(), "logps_chosen": args[0], "logps_rejected": args[1],
-                "kl": args[0] - args[2]}
+        losses = dpo_example_losses(a.loss_type, *args, is_tie=batch["is_tie"], tie_nu=a.tie_nu,
+                                    **self._loss_args(batch))
+        h_chosen, h_rejected = implicit_rewards(*args)
+        return {"loss": losses, "h_chosen": h_chosen, "h_rejected": h_rejected, "is_tie": batch["is_tie"].float(),
+                "logps_chosen": policy["chosen_logps"], "logps_rejected": policy["rejected_logps"],
+                "kl": policy["chosen_logps"] - ref["chosen_logps"]}
 
     @staticmethod
     def eval_summary(v: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from align import runs
 from align.config import LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, TrainArgs, WeightingArgs, save_config
 from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
-from align.losses import davidson_tie_nll, reward_pairwise_loss
+from align.losses import reward_example_losses, reward_pairwise_loss
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
 from align.packing import packed_rewards, preference_collator, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
@@ -106,10 +105,8 @@ class RewardObjective:
 
     def eval_step(self, model: Any, batch: dict) -> dict[str, torch.Tensor]:
         r_c, r_r = pair_rewards(model, batch)
-        margin = self.margin(batch)
-        diff = r_c - r_r
-        losses = -F.logsigmoid(diff if margin is None else diff - margin)
-        losses = torch.where(batch["is_tie"], davidson_tie_nll(r_c, r_r, self.args.tie_nu), losses)
+        losses = reward_example_losses(r_c, r_r, margin=self.margin(batch), is_tie=batch["is_tie"],
+                                       tie_nu=self.args.tie_nu)
         return {"loss": losses, "r_chosen": r_c, "r_rejected": r_r, "is_tie": batch["is_tie"].float(),
                 "agreement": batch["label_agreement"]}
 
