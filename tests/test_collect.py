@@ -1,8 +1,6 @@
 """The data half end to end on a tiny model: generate into the store, simulate votes, export, rescore."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from align.prompts import read_prompts
 from align.sampling import generate_to_store, rescore
 from align.simulate import simulate
 from align.tasks import score_response
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=0)
@@ -109,9 +108,8 @@ def test_bad_prompt_file_names_the_line(tmp_path):
     with pytest.raises(DataError, match="row 2 needs a non-empty 'prompt'"):
         read_prompts(path)
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    result = subprocess.run([sys.executable, "-m", "align", "generate", "--model", "x", "--prompts", str(path),
-                             "--db", f"sqlite:///{tmp_path / 's.db'}"], capture_output=True, text=True)
-    assert result.returncode == 2 and "p.jsonl:2: malformed JSON" in result.stderr
+    code, _, err = run_cli("generate", "--model", "x", "--prompts", str(path), "--db", f"sqlite:///{tmp_path / 's.db'}")
+    assert code == 2 and "p.jsonl:2: malformed JSON" in err
 
 
 def test_export_cli_writes_a_loadable_dataset(store_url, tiny_model_dir, task_rows, tmp_path):
@@ -121,10 +119,9 @@ def test_export_cli_writes_a_loadable_dataset(store_url, tiny_model_dir, task_ro
         generate_to_store(store, str(tiny_model_dir), task_rows, 2, SETTINGS, batch_size=8)
         simulate(store, GoldJudge(), annotators=1)
     out = tmp_path / "prefs.jsonl"
-    result = subprocess.run([sys.executable, "-m", "align", "export", "--db", store_url, "--out", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "wrote 4 preferences rows" in result.stdout
+    code, stdout, err = run_cli("export", "--db", store_url, "--out", str(out))
+    assert code == 0, err
+    assert "wrote 4 preferences rows" in stdout
     loaded = datasets.load_dataset("json", data_files=str(out), split="train")
     assert len(loaded) == 4 and {"prompt", "chosen", "rejected", "label", "gen_chosen_logps"} <= set(loaded.column_names)
 

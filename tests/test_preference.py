@@ -3,9 +3,6 @@
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from align.errors import DataError
 from align.logprobs import IGNORE_INDEX
 from align.preference import PreferenceCollator, load_preferences, tokenize_pairs
 from align.trainers.weights import DynamicWeights, check_columns, dataset_weights, log_weight_shift
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,15 +194,11 @@ def test_dynamic_weights_start_at_static_and_shift_by_the_scheme():
 
 def test_align_weights_cli_prints_ess_per_version(tiny_model_dir, tokenizer, tmp_path):
     path = write_pairs(tmp_path / "p.jsonl", pair_rows(tokenizer, n=8))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "align", "weights", "--data", str(path), "--model", str(tiny_model_dir),
-         "--scheme", "length_normalized", "--out", str(tmp_path / "w")],
-        capture_output=True, text=True, cwd=ROOT, env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "ESS/N overall" in result.stdout
-    assert "ESS/N v1" in result.stdout and "ESS/N v2" in result.stdout
+    code, stdout, err = run_cli("weights", "--data", str(path), "--model", str(tiny_model_dir),
+                                "--scheme", "length_normalized", "--out", str(tmp_path / "w"))
+    assert code == 0, err
+    assert "ESS/N overall" in stdout
+    assert "ESS/N v1" in stdout and "ESS/N v2" in stdout
     saved = json.loads((tmp_path / "w" / "weights.json").read_text())
     assert len(saved["weights"]) == 8 and math.isclose(sum(saved["weights"]) / 8, 1.0, abs_tol=1e-4)
     assert (tmp_path / "w" / "weights.png").stat().st_size > 1000

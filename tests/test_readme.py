@@ -2,14 +2,11 @@
 
 import re
 import shlex
-import subprocess
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_cli
 
 
 def readme_commands() -> list[str]:
@@ -26,9 +23,9 @@ def readme_commands() -> list[str]:
 
 @lru_cache(maxsize=None)
 def help_text(prefix: tuple[str, ...]) -> str:
-    result = subprocess.run([sys.executable, "-m", "align", *prefix, "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"`align {' '.join(prefix)} --help` failed: {result.stderr[-500:]}"
-    return result.stdout
+    code, out, err = run_cli(*prefix, "--help")  # in-process: a subprocess per command adds only start-up time
+    assert code == 0, f"`align {' '.join(prefix)} --help` failed: {err[-500:]}"
+    return out
 
 
 def help_prefix(words: list[str]) -> tuple[str, ...]:
