@@ -40,6 +40,7 @@ from align.store.users import (
 )
 
 COOKIE = "align_session"
+MAX_WAITING_LOGINS = 32  # password checks queued per process (about 3 s of scrypt); more are refused at once
 # Images only from the app itself or data: URLs, so markdown or HTML that slips past the sanitiser cannot make the
 # browser fetch a URL (which would tell its owner the page was viewed). Gradio needs inline scripts and styles.
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -113,6 +114,7 @@ class Logins:
         self.store, self.settings = store, settings
         self.cache: dict[str, tuple[float, str | None]] = {}
         self.check_gate = asyncio.Semaphore(1)  # one scrypt check at a time per process: a flood gets one core
+        self.waiting = 0  # logins waiting for the gate; past MAX_WAITING_LOGINS new ones are turned away
 
     def client_address(self, request: Request) -> str:
         peer = request.client.host if request.client else ""
@@ -164,8 +166,14 @@ class Logins:
         wait = await run_in_threadpool(login_wait, self.store, keys)
         if wait > 0:
             return None, f"Too many failed logins; try again in {wait:.0f} s."
-        async with self.check_gate:
-            role = await run_in_threadpool(verify_user, self.store, name, password)
+        if self.waiting >= MAX_WAITING_LOGINS:
+            return None, "The server is busy with logins; try again in a few seconds."
+        self.waiting += 1
+        try:
+            async with self.check_gate:
+                role = await run_in_threadpool(verify_user, self.store, name, password)
+        finally:
+            self.waiting -= 1
         if role is None:
             await run_in_threadpool(record_failure, self.store, keys, policy)
             return None, "Wrong name or password."
@@ -228,7 +236,7 @@ def create_server(demo, settings: ServerSettings | None = None, *, head: str = "
         name, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
         token, message = await logins.check(name, password, logins.client_address(request))
         if token is None:
-            code = 429 if message.startswith("Too many") else 401
+            code = 429 if message.startswith("Too many") else 503 if message.startswith("The server is busy") else 401
             if wants_html(request):
                 return HTMLResponse(login_page(message, auth_message), status_code=code)
             return JSONResponse({"success": False, "error": message}, status_code=code)
