@@ -479,6 +479,10 @@ class WeightingArgs(Validated):
         None, "auto: the version whose pairs the target model sampled (held out to validate on); none: the version "
         "whose generation log-probs equal the target's."
     )
+    weighting_min_batch: int = option(
+        32, "When pairs carry unequal weights, raise gradient_accumulation_steps so each optimizer step sees at least "
+        "this many pairs (AdamW washes out the weights of tiny steps); 0: off."
+    )
     weighting_auto_steps: int = option(40, "auto: optimizer steps of each pilot fit (candidates × 2 folds, plus 2 "
                                            "fits for per-version trust): the budget auto spends before training.")
     weighting_auto_min_new: int = option(50, "auto: fewest pairs of the target's own version to validate on; fewer: "
@@ -489,6 +493,7 @@ class WeightingArgs(Validated):
     def validate(self) -> None:
         _positive("weighting_alpha", self.weighting_alpha, allow_zero=True)
         _positive("weighting_auto_steps", self.weighting_auto_steps)
+        _positive("weighting_min_batch", self.weighting_min_batch, allow_zero=True)
         _positive("weighting_auto_min_new", self.weighting_auto_min_new)
         _positive("weighting_auto_min_ratio", self.weighting_auto_min_ratio, allow_zero=True)
         if self.weighting_target == "dynamic" and self.weighting_scheme == "auto":

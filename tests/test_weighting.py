@@ -364,3 +364,23 @@ def test_dynamic_weights_report_a_collapse(caplog):
     restored = DynamicWeights("length_normalized", 1.0, 5.0)
     restored.load_state_dict(dyn.state_dict())
     assert restored.collapsed_steps == dyn.collapsed_steps and restored.log_scale == dyn.log_scale
+
+
+def test_unequal_weights_get_an_effective_batch_of_32_pairs():
+    """2 pairs per micro-batch on 1 process: 16 micro-batches per step; 2 processes: 8; a 10-pair dataset: 5 (all of
+    it); equal weights, or weighting_min_batch 0, leave the config alone."""
+    from align.config import TrainArgs
+    from align.trainers.weights import weighted_batch
+    from align.weighting import WeightResult
+
+    train = TrainArgs(per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    unequal = WeightResult(torch.tensor([0.5, 1.5] * 50), torch.zeros(100), {})
+    on = WeightingArgs()
+    assert weighted_batch(train, unequal, on, 1, 100).gradient_accumulation_steps == 16
+    assert weighted_batch(train, unequal, on, 2, 100).gradient_accumulation_steps == 8
+    assert weighted_batch(train, unequal, on, 1, 10).gradient_accumulation_steps == 5
+    equal = WeightResult(torch.ones(100), torch.zeros(100), {})
+    assert weighted_batch(train, equal, on, 1, 100) is train
+    assert weighted_batch(train, unequal, WeightingArgs(weighting_min_batch=0), 1, 100) is train
+    big = TrainArgs(per_device_train_batch_size=8, gradient_accumulation_steps=6)
+    assert weighted_batch(big, unequal, on, 1, 100).gradient_accumulation_steps == 6  # 48 pairs already

@@ -32,7 +32,7 @@ from align.preference import completion_logps, load_pair_sets, score_pairs, toke
 from align.publish import push
 from align.trainers.loop import Task, open_run, train_loop
 from align.trainers.pilot import LoraPilot
-from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics
+from align.trainers.weights import DynamicWeights, dataset_weights, report, scalar_diagnostics, weighted_batch
 from align.weighting import SCHEMES
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,9 @@ def train_dpo(
     start = {**runs.data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
                 state=objective.dynamic)
+    train = weighted_batch(train, weights, weighting, accelerator.num_processes, len(features))
+    start["weights/pairs_per_step"] = (train.per_device_train_batch_size * accelerator.num_processes
+                                       * train.gradient_accumulation_steps)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     restore_attention(accelerator.unwrap_model(prepared), attention)
     metrics.update({k: start[k] for k in ("weights/ess_frac", "data/both_bad_dropped")})

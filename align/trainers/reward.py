@@ -32,7 +32,7 @@ from align.packing import packed_rewards, preference_collator, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
 from align.publish import push
 from align.trainers.loop import Task, open_run, train_loop
-from align.trainers.weights import dataset_weights, report, scalar_diagnostics
+from align.trainers.weights import dataset_weights, report, scalar_diagnostics, weighted_batch
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,9 @@ def train_reward(
     objective = RewardObjective(reward_args)
     start = {**runs.data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, batches, objective, eval_features, objective.eval_step, objective.eval_summary)
+    train = weighted_batch(train, weights, weighting, accelerator.num_processes, len(features))
+    start["weights/pairs_per_step"] = (train.per_device_train_batch_size * accelerator.num_processes
+                                       * train.gradient_accumulation_steps)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
     stats = reward_stats(model, features, batches, train.per_device_eval_batch_size, accelerator)
     restore_attention(accelerator.unwrap_model(prepared), attention)
