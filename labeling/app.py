@@ -217,6 +217,7 @@ def dashboard_tab_body() -> dict[str, Any]:
     c["review_md"] = gr.Markdown(elem_id="review-md")
     with gr.Row():
         c["export"] = gr.Button("Export preferences (JSONL)", size="sm", scale=0)
+        c["incomplete"] = gr.Checkbox(label="Also pairs without all their votes", value=False, scale=0)
         c["export_file"] = gr.File(label="Export", interactive=False)
     return c
 
@@ -378,8 +379,8 @@ def wire_dashboard(labeling: Labeling, board, dashboard_tab, fast) -> None:
     board["page"].submit(guarded(on_dashboard), [board["page"]], outputs, api_visibility="private", **fast)
     dashboard_tab.select(guarded(on_dashboard), [board["page"]], outputs, api_visibility="private", **fast)
 
-    def on_export(request: gr.Request):
-        return str(labeling.export(request.username, tempfile.mkdtemp(prefix="align-export-")))
+    def on_export(incomplete, request: gr.Request):
+        return str(labeling.export(request.username, tempfile.mkdtemp(prefix="align-export-"), bool(incomplete)))
 
     def on_review(pair_id, request: gr.Request):
         return labeling.review_pair(request.username, pair_id)
@@ -388,7 +389,7 @@ def wire_dashboard(labeling: Labeling, board, dashboard_tab, fast) -> None:
         message = labeling.set_gold(request.username, pair_id, choice)
         return f"{message}\n\n{labeling.review_pair(request.username, pair_id)}"
 
-    board["export"].click(guarded(on_export), None, board["export_file"], api_name="export", **fast)
+    board["export"].click(guarded(on_export), [board["incomplete"]], board["export_file"], api_name="export", **fast)
     board["review"].click(guarded(on_review), [board["review_id"]], board["review_md"], api_name="review_pair",
                           **fast)
     board["set_gold"].click(guarded(on_gold), [board["review_id"], board["gold_choice"]], board["review_md"],

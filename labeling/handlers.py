@@ -428,11 +428,13 @@ class Labeling:
 
     # ---- reviewers ------------------------------------------------------------------------------------------
 
-    def export(self, user: str | None, directory: str | Path) -> Path:
-        """What `align export` writes: the preference rows as JSONL, for download."""
+    def export(self, user: str | None, directory: str | Path, incomplete: bool = False) -> Path:
+        """What `align export` writes: the preference rows as JSONL, for download; complete pairs only unless
+        `incomplete`."""
         self.require(user, REVIEW_ROLES)
         stamp = utcnow().strftime("%Y%m%d-%H%M%S")
-        return write_jsonl(export_preferences(self.store), Path(directory) / f"preferences-{stamp}.jsonl")
+        rows = export_preferences(self.store, complete_only=not incomplete)
+        return write_jsonl(rows, Path(directory) / f"preferences-{stamp}.jsonl")
 
     def review_pair(self, user: str | None, pair_id: Any) -> str:
         """Everything about one pair for adjudication: both responses with their versions, every event."""

@@ -158,6 +158,24 @@ def test_jsonl_loads_with_datasets(store, labeled, tmp_path):
     assert len(path.read_text().splitlines()) == 1
 
 
+def test_export_takes_complete_pairs_unless_asked_for_all(store, store_url, labeled, tmp_path, capsys):
+    """Pair 1 has 2 of its 3 votes: `align export` leaves it out by default; --incomplete keeps it."""
+    import json
+
+    from align.commands.export import main as export_main
+
+    assert len(export_preferences(store)) == 4
+    complete = export_preferences(store, complete_only=True)
+    assert sorted(r["n_votes"] for r in complete) == [3, 3, 3] and labeled["pairs"][1] not in {r["pair_id"] for r in complete}
+    out = tmp_path / "prefs.jsonl"
+    export_main(["--db", store_url, "--out", str(out)])
+    assert [json.loads(line)["pair_id"] for line in out.read_text().splitlines()] == [r["pair_id"] for r in complete]
+    export_main(["--db", store_url, "--out", str(out), "--incomplete"])
+    assert len(out.read_text().splitlines()) == 4
+    with pytest.raises(AlignError, match="all the votes it requires \\(--incomplete: every pair\\)"):
+        export_main(["--db", store_url, "--out", str(out), "--annotators", "ann"])
+
+
 def test_trl_format_keeps_decided_pairs_only_and_trains_in_plain_trl(store, store_url, labeled, tmp_path, capsys,
                                                                     tiny_model_dir):
     """`align export --format trl`: ties and both-bad pairs are left out and counted, so TRL's own DPOTrainer (which
@@ -167,7 +185,7 @@ def test_trl_format_keeps_decided_pairs_only_and_trains_in_plain_trl(store, stor
     from align.commands.export import main as export_main
 
     out = tmp_path / "trl.jsonl"
-    export_main(["--db", store_url, "--out", str(out), "--format", "trl"])
+    export_main(["--db", store_url, "--out", str(out), "--format", "trl", "--incomplete"])
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     native = by_pair(export_preferences(store))

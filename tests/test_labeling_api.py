@@ -191,8 +191,9 @@ def test_reviewer_endpoints_refuse_annotators(app, tmp_path):
         reviewer = client(app, name)
         summary = reviewer.predict(api_name="/dashboard")[0]
         assert "1 votes" in summary and "Position bias" in summary
-        exported = Path(reviewer.predict(api_name="/export"))
+        exported = Path(reviewer.predict(True, api_name="/export"))  # with pairs that lack votes
         assert len(exported.read_text().splitlines()) == 1
+        assert Path(reviewer.predict(False, api_name="/export")).read_text() == ""  # complete pairs: none yet
         review = reviewer.predict(item[0], api_name="/review_pair")
         assert "model version v0" in review and "| alice | vote |" in review
     assert "gold item" in client(app, "ada").predict(item[0], "a", api_name="/set_gold")

@@ -30,14 +30,18 @@ def main(argv: list[str]) -> None:
                         help="preferences only. native: every pair with its label and provenance (align dpo/reward); "
                         "trl: decided pairs only as plain prompt/chosen/rejected, for TRL's own trainers (ties and "
                         "both-bad pairs left out and counted).")
+    parser.add_argument("--incomplete", action="store_true",
+                        help="also pairs that have fewer votes than they require (default: complete pairs only)")
     args = parser.parse_args(argv)
     if args.format == "trl" and args.kind != "preferences":
         raise AlignError("--format trl applies to --kind preferences (sft and unpaired rows are TRL's formats already)")
     with st.connect(args.db) as store:
         rows = KINDS[args.kind](store, model_versions=args.model_versions, since=args.since, until=args.until,
-                                annotators=args.annotators, source=args.source, min_agreement=args.min_agreement)
+                                annotators=args.annotators, source=args.source, min_agreement=args.min_agreement,
+                                complete_only=not args.incomplete)
     if not rows:
-        raise AlignError("nothing to export: no pair has votes matching these filters")
+        raise AlignError("nothing to export: no pair has votes matching these filters"
+                         + ("" if args.incomplete else " and all the votes it requires (--incomplete: every pair)"))
     if args.format == "trl":
         rows, left_out = st.to_trl(rows)
         if not rows:

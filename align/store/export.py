@@ -58,11 +58,14 @@ def export_preferences(
     annotators: Sequence[str] | None = None,
     source: str | None = None,
     min_agreement: float = 0.0,
+    complete_only: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per pair with effective votes, in TRL's conversational preference format plus provenance.
 
     Filters: `model_versions` (names or ids; both responses must come from them), `since`/`until` (vote
-    answered_at), `annotators`, `source` ("human", "simulated", or an exact "sim:<judge>"), `min_agreement`.
+    answered_at), `annotators`, `source` ("human", "simulated", or an exact "sim:<judge>"), `min_agreement`,
+    `complete_only` (pairs with at least their `votes_required` matching votes; `align export` and the app's
+    export button set it unless asked for every pair).
     label is "chosen" for a decided pair, else "tie"/"both_bad" with chosen/rejected = responses a/b as stored.
     """
     if not 0 <= min_agreement <= 1:  # also refuses nan, which every comparison would let through
@@ -83,6 +86,8 @@ def export_preferences(
         pair = pairs[pair_id]
         a, b = responses[pair.response_a_id], responses[pair.response_b_id]
         if allowed is not None and not {a.model_version_id, b.model_version_id} <= allowed:
+            continue
+        if complete_only and len(votes_by_pair[pair_id]) < pair.votes_required:
             continue
         verdict = aggregate(votes_by_pair[pair_id])
         if verdict.agreement < min_agreement:
