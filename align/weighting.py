@@ -10,7 +10,7 @@ logsumexp are. Inputs are float32 columns (tensors, arrays or lists); internally
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -295,6 +295,29 @@ def _histogram(values: torch.Tensor, bins: int) -> dict:
     return {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
 
 
+OFF_SUPPORT = -1.0  # nat/token: a response the target finds this much less likely per token than its sampler did
+EQUAL_BAND = 0.1
+
+
+def support_shares(chosen_per_token, rejected_per_token, versions: Sequence[str],
+                   off_support: float = OFF_SUPPORT, equal_band: float = EQUAL_BAND) -> dict[str, dict]:
+    """Per source version, how many of its pairs fall outside the target's support (`_support_map`'s classes):
+    {version: {pairs, off_support, equally_likely, share}}; share = off_support / pairs. Used by `align weights` and
+    by the report's drift section (old pairs "a picture versus two sentences" away from what the new model says)."""
+    c = torch.as_tensor(chosen_per_token, dtype=torch.float64)
+    r = torch.as_tensor(rejected_per_token, dtype=torch.float64)
+    classes = _support_map(c, r, off_support, equal_band)["map/class"]
+    out: dict[str, dict] = {}
+    for version, name in zip(versions, classes):
+        row = out.setdefault(str(version), {"pairs": 0, "off_support": 0, "equally_likely": 0})
+        row["pairs"] += 1
+        if name in row:  # "other" is neither
+            row[name] += 1
+    for row in out.values():
+        row["share"] = row["off_support"] / row["pairs"]
+    return out
+
+
 def _support_map(ratio_c: torch.Tensor, ratio_r: torch.Tensor, off_support: float, equal_band: float) -> dict:
     """Classify pairs by their per-token log-ratios (ℓ_c/T_c, ℓ_r/T_r).
 
@@ -325,8 +348,8 @@ def weight_diagnostics(
     rejected_log_ratios=None,
     chosen_lengths=None,
     rejected_lengths=None,
-    off_support_threshold: float = -1.0,
-    equal_band: float = 0.1,
+    off_support_threshold: float = OFF_SUPPORT,
+    equal_band: float = EQUAL_BAND,
     bins: int = 20,
 ) -> dict:
     """JSON-serialisable summary of final weights (N,) and scheme log-weights (N,).
@@ -450,8 +473,8 @@ def compute_importance_weights(
     version_logps: dict | None = None,
     target_chosen_log_collision=None,
     target_rejected_log_collision=None,
-    off_support_threshold: float = -1.0,
-    equal_band: float = 0.1,
+    off_support_threshold: float = OFF_SUPPORT,
+    equal_band: float = EQUAL_BAND,
     version_trust: dict | None = None,
 ) -> WeightResult:
     """Per-pair importance weights with mean 1 over the dataset, plus diagnostics.

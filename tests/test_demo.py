@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, summary
@@ -92,6 +93,46 @@ def test_report_colours_tokens_by_credit(finished):
     drops = credit["reward_model"]["pairs"][0]["chosen"]
     assert len(drops["reward_drop"]) == len(drops["tokens"])  # 8-token answers: every token dropped once
     assert "Token-level credit" in demo.path("report/report.html").read_text()
+
+
+def test_report_shows_drift_of_each_version_against_its_parent(finished):
+    """Lengths agree with the report's length section; the support share is recomputed from the v1 model's
+    log-probs of v0's labelled pairs against their stored v0 log-probs."""
+    from align import store as st
+    from align.config import ModelArgs
+    from align.data import as_messages, prompt_ids
+    from align.generation import score_completions
+    from align.models import load_model
+
+    demo, _ = finished
+    report = json.loads(demo.path("report/report.json").read_text())
+    drift = report["drift"]["per_version"]
+    assert {name: row["parent"] for name, row in drift.items()} == {
+        "v1-sft": str(demo.model), "v2-dpo": "v1-sft", "v3-rlhf": "v2-dpo"}
+    for name, row in drift.items():
+        lengths = report["lengths"]
+        assert row["length"]["version"] == pytest.approx(np.mean(lengths[name]["values"]))
+        assert row["length"]["parent"] == pytest.approx(np.mean(lengths[row["parent"]]["values"]))
+        assert set(row["format"]) == {"code_block", "list", "json", "refusal"}
+        assert 0 <= row["embedding"]["shift"] <= 2 and row["embedding"]["prompts"] == 7
+    support = drift["v1-sft"]["support"]
+    assert support["pairs"] == 7  # v0's 7 labelled pairs
+    model, tokenizer = load_model(ModelArgs(model=str(demo.path("v1-sft"))))
+    with st.connect(demo.db) as store:
+        rows = st.export_preferences(store, model_versions=[str(demo.model)])
+    by_hand = []
+    for row in rows:
+        prompt = prompt_ids(tokenizer, as_messages(row["prompt"]))
+        per_token = []
+        for side in ("chosen", "rejected"):
+            logps, _ = score_completions(model.eval(), [prompt], [row[f"{side}_token_ids"]], None,
+                                         tokenizer.pad_token_id)
+            per_token.append((sum(logps[0]) - row[f"gen_{side}_logps"]) / len(row[f"{side}_token_ids"]))
+        by_hand.append(per_token)
+    assert sorted(support["chosen_per_token"]) == pytest.approx(sorted(c for c, _ in by_hand), abs=1e-4)
+    assert support["off_support"] == sum(c < -1 and r < -1 for c, r in by_hand)
+    assert isinstance(drift["v3-rlhf"]["support"], str)  # v2 sampled no pairs of its own
+    assert "Drift between versions" in demo.path("report/report.html").read_text()
 
 
 def test_summary_table_comes_from_the_report_and_the_runs(finished):

@@ -202,3 +202,10 @@ def test_align_weights_cli_prints_ess_per_version(tiny_model_dir, tokenizer, tmp
     saved = json.loads((tmp_path / "w" / "weights.json").read_text())
     assert len(saved["weights"]) == 8 and math.isclose(sum(saved["weights"]) / 8, 1.0, abs_tol=1e-4)
     assert (tmp_path / "w" / "weights.png").stat().st_size > 1000
+    # Drift: the share of each source version's pairs outside the target's support, counted by hand from the map
+    diag = saved["diagnostics"]
+    for version in ("v1", "v2"):
+        rows = [i for i in range(8) if pair_rows(tokenizer, n=8)[i]["gen_model_version"] == version]
+        off = sum(diag["map/chosen_per_token"][i] < -1 and diag["map/rejected_per_token"][i] < -1 for i in rows)
+        assert (f"outside the target's support, {version}: {off} of {len(rows)} pairs ({off / len(rows):.0%}; "
+                in result.stdout)

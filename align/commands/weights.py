@@ -16,7 +16,7 @@ from align.preference import PreferenceCollator, PreferenceSet, load_preferences
 from align.reuse import worth_lines
 from align.trainers.pilot import LoraPilot
 from align.trainers.weights import check_columns, dataset_weights, report
-from align.weighting import SCHEME_NAMES
+from align.weighting import SCHEME_NAMES, support_shares
 
 
 def main(argv: list[str]) -> None:
@@ -68,6 +68,15 @@ def main(argv: list[str]) -> None:
     print_summary(result.diagnostics, pset, out)
 
 
+def support_by_version(diag: dict, pset: PreferenceSet) -> dict[str, dict]:
+    """The support map's off-support share per source version (align.weighting.support_shares); {} without a map."""
+    if "map/chosen_per_token" not in diag:
+        return {}
+    versions = [r.get("gen_model_version") or "unknown" for r in pset.rows]
+    return support_shares(diag["map/chosen_per_token"], diag["map/rejected_per_token"], versions,
+                          diag["map/off_support_threshold"], diag["map/equal_band"])
+
+
 def print_summary(diag: dict, pset: PreferenceSet, out: Optional[Path]) -> None:
     print(f"weights for {diag['weights/n']} pairs of {pset.path} (scheme {diag.get('scheme')}, "
           f"alpha {diag.get('alpha', 1.0):g}, clip {diag.get('clip')})")
@@ -80,6 +89,10 @@ def print_summary(diag: dict, pset: PreferenceSet, out: Optional[Path]) -> None:
               f"weight {diag[f'weights/share/{version}']:.0%})")
     if "kl/per_token" in diag:
         print(f"  KL(sampler ‖ target) per token: {diag['kl/per_token']:.4f} nat")
+    for version, row in support_by_version(diag, pset).items():
+        print(f"  outside the target's support, {version}: {row['off_support']} of {row['pairs']} pairs "
+              f"({row['share']:.0%}; both responses < {diag['map/off_support_threshold']:g} nat/token under the "
+              "target): drift a reweighting cannot fix; collect new pairs")
     if "warning" in diag:
         print(f"  warning: {diag['warning']}")
     if "auto" in diag:

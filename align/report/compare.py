@@ -20,6 +20,7 @@ from align.judges import GoldJudge, RewardJudge
 from align.generation import SamplingSettings
 from align.report import artifacts, clusters, stats
 from align.report.credit import eval_credit
+from align.report.drift import drift
 from align.report.sections import (failures, heldout_accuracy, human_votes, kl_to_reference, ranking,
                                    score_summary, side_by_side, win_rates)
 
@@ -161,6 +162,7 @@ def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT
     _section(report, "failures", lambda: failures(names, prompt_ids, prompts, samples, scores, embed, spec.seed))
     report["side_by_side"] = side_by_side(names, reference.name, prompt_ids, prompts, samples, scores,
                                           spec.side_by_side)
+    _section(report, "drift", lambda: drift(store, versions, samples, prompt_ids, embed))
     _section(report, "credit", lambda: eval_credit(store, versions, spec.heldout_pairs, judges, spec.credit_pairs,
                                                    spec.seed))
     artifacts.add_run_sections(report, store, versions)

@@ -38,6 +38,7 @@ overflow:auto;border:1px solid #d0d7de;border-radius:6px;padding:6px 8px;backgro
 SECTIONS = (  # id, title
     ("win_rates", "Win rates"), ("ranking", "Ranking (Bradley–Terry)"), ("gold", "Gold reward per task family"),
     ("reward", "Reward-model scores"), ("kl", "KL to the reference"), ("lengths", "Lengths"),
+    ("drift", "Drift between versions"),
     ("human_votes", "Human side-by-side votes"), ("failures", "Failures"), ("side_by_side", "Samples side by side"),
     ("credit", "Token-level credit"),
     ("training", "Training curves"), ("weights", "Importance-weighting diagnostics"),
@@ -145,6 +146,37 @@ def s_lengths(r: dict) -> Optional[str]:
     rows = [[n, v.get("mean"), v.get("median"), v.get("p90"), v.get("max"), v.get("stopped")] for n, v in ls.items()]
     return img(plots.lengths(ls), "lengths") + table(
         ["version", "mean", "median", "p90", "max", "share ended by EOS"], rows)
+
+
+def s_drift(r: dict) -> Optional[str]:
+    d = r.get("drift")
+    if not d:
+        return None
+    out = ('<p class="meta">Each version against its parent, on the same prompts: answer length, formats, how far '
+           "its answers moved in sentence-embedding space (1 − cosine of the per-prompt mean embeddings; the parent's "
+           "own spread between two of its answers says what is far), and the share of the parent's labelled pairs "
+           "outside the new version's support (both responses below the threshold in log π_new − log π_parent per "
+           "token): old pairs the new model would never produce, which reweighting cannot make relevant again.</p>")
+    labels = {"code_block": "share with a code block", "list": "share with a list", "json": "share that is JSON",
+              "refusal": "share of refusals"}
+    for name, v in d["per_version"].items():
+        rows = [["mean length (tokens)", v["length"]["parent"], v["length"]["version"],
+                 v["length"]["version"] - v["length"]["parent"]]]
+        rows += [[labels[k], x["parent"], x["version"], x["version"] - x["parent"]] for k, x in v["format"].items()]
+        emb = v.get("embedding")
+        if emb:
+            spread = "" if emb.get("parent_spread") is None else f" (parent's own spread {emb['parent_spread']:.3f})"
+            rows.append([f"embedding shift over {emb['prompts']} prompts{spread}", None, emb["shift"], None])
+        sup = v.get("support")
+        if isinstance(sup, dict):
+            rows.append([f"parent's pairs outside the support ({sup['off_support']} of {sup['pairs']})", None,
+                         sup["share"], None])
+        out += (f"<h3>{escape(plots.short(name, 60))} against {escape(v['parent'])}</h3>"
+                + table(["measure", "parent", "version", "change"], rows))
+        if isinstance(sup, str):
+            out += note(f"support: {sup}")
+    out += "".join(note(f"{k}: {why}") for k, why in (d.get("notes") or {}).items())
+    return out
 
 
 def s_human(r: dict) -> Optional[str]:
@@ -398,7 +430,7 @@ def s_lineage(r: dict) -> Optional[str]:
 RENDERERS: dict[str, Callable[[dict], Optional[str]]] = {
     "win_rates": s_win_rates, "ranking": s_ranking, "gold": s_gold, "reward": s_reward, "kl": s_kl,
     "lengths": s_lengths, "human_votes": s_human, "failures": s_failures, "side_by_side": s_side_by_side,
-    "credit": s_credit,
+    "credit": s_credit, "drift": s_drift,
     "training": s_training, "weights": s_weights, "monitor": s_monitor, "interference": s_interference,
     "lineage": s_lineage,
 }
