@@ -208,4 +208,4 @@ def test_align_weights_cli_prints_ess_per_version(tiny_model_dir, tokenizer, tmp
         rows = [i for i in range(8) if pair_rows(tokenizer, n=8)[i]["gen_model_version"] == version]
         off = sum(diag["map/chosen_per_token"][i] < -1 and diag["map/rejected_per_token"][i] < -1 for i in rows)
         assert (f"outside the target's support, {version}: {off} of {len(rows)} pairs ({off / len(rows):.0%}; "
-                in result.stdout)
+                in stdout)
