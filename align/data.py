@@ -34,21 +34,41 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for each non-blank line; a malformed line raises DataError naming it."""
+    """(line number, row) for each non-blank line; a malformed line raises DataError naming the file, the 1-based
+    line and, where there is one, the column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            row = parse_json_line(raw, f"{path}:{lineno}")
+            if row is not None:
+                yield lineno, row
+
+
+def parse_json_line(raw: bytes, where: str) -> Optional[dict[str, Any]]:
+    """One JSON Lines line as an object (None when blank), or DataError naming `where` and the column."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})") from None
+    text = line.rstrip("\r\n")
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        end = len(text.rstrip())
+        cut = f"; the line ends at column {end} before the JSON does: truncated?" if exc.pos >= end or \
+            exc.msg.startswith("Unterminated") else ""
+        raise DataError(f"{where}: malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}{cut})") \
+            from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read (thousands of levels)") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -272,6 +292,8 @@ def _load_files(spec: str, builder: str, files: list[Path]) -> Source:
     names = tuple(str(f) for f in files)
     try:
         loaded = datasets.load_dataset(builder, data_files=list(names), split="train")
+        if builder == "json":
+            loaded.data.table.validate(full=True)  # Arrow loads invalid UTF-8 and fails only when a row is read
     except Exception as exc:  # noqa: BLE001 - Arrow's errors name neither file nor line: find them ourselves
         if builder != "json":
             raise DataError(f"{spec}: cannot read as {builder} ({_first_line(exc)})") from None

@@ -5,23 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from align.data import read_jsonl
+from align.data import check_messages, iter_jsonl
 from align.errors import AlignError, DataError
 from align.evaluate import stratified
 from align.tasks import load_tasks
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt rows: task rows ({"prompt", "family", "gold", ...}), chat rows ({"messages"}) or {"prompt": text}."""
-    rows = read_jsonl(path)
-    for lineno, row in enumerate(rows, start=1):
+    """Prompt rows: task rows ({"prompt", "family", "gold", ...}), chat rows ({"messages"}) or {"prompt": text},
+    validated here, where a problem can be named by file and line."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}:{lineno}"
         prompt = row.get("prompt", row.get("messages"))
         if not prompt or not isinstance(prompt, (str, list)):
-            raise DataError(f"{path}: row {lineno} needs a non-empty 'prompt' (text or messages) or 'messages'")
-        if isinstance(prompt, list) and prompt[-1].get("role") == "assistant":
-            row = dict(row, messages=prompt[:-1], prompt=None)  # an SFT row: prompt with its answer dropped
-            rows[lineno - 1] = {k: v for k, v in row.items() if v is not None}
+            raise DataError(f"{where}: needs a non-empty 'prompt' (text or messages) or 'messages'")
+        if isinstance(prompt, list):
+            column = "prompt" if "prompt" in row else "messages"
+            check_messages(prompt, where, column)
+            if prompt[-1]["role"] == "assistant":  # an SFT row: the prompt with its answer dropped
+                if len(prompt) == 1:
+                    raise DataError(f"{where}: '{column}' holds only an assistant turn; there is no prompt")
+                row = {k: v for k, v in dict(row, messages=prompt[:-1], prompt=None).items() if v is not None}
+        if _holds_nul(row):
+            raise DataError(f"{where}: holds a NUL character (\\x00), which the store cannot keep; remove it")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
     return rows
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def resolve_prompts(source: str, per_family: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:

@@ -105,7 +105,7 @@ def test_training_run_registers_with_its_lineage(store, tiny_model_dir, tmp_path
 def test_bad_prompt_file_names_the_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
-    with pytest.raises(DataError, match="row 2 needs a non-empty 'prompt'"):
+    with pytest.raises(DataError, match=r"p\.jsonl:2: needs a non-empty .prompt."):
         read_prompts(path)
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
     code, _, err = run_cli("generate", "--model", "x", "--prompts", str(path), "--db", f"sqlite:///{tmp_path / 's.db'}")

@@ -75,3 +75,78 @@ def test_dev_full_stays_a_device_and_the_error_is_one_line(tmp_path):
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
     with pytest.raises(AlignError, match="it is a directory"):
         write_jsonl([{"a": 1}], tmp_path)
+
+
+# ---- reader errors name the file, the 1-based line and the column ----------------------------------------------------
+
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+
+
+@pytest.mark.parametrize("second_line, message", [
+    (b'{"prompt": "\xff\xfe"}\n', r":2: not valid UTF-8 \(byte 0xff at column 13\)$"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", r":2: JSON nested too deeply to read"),
+    (b'{"prompt": "abc\n', r":2: malformed JSON \(Unterminated string starting at column 12; the line ends at "
+                           r"column 15 before the JSON does: truncated\?\)$"),
+    (b'{"prompt": 1,, "x": 2}\n', r":2: malformed JSON \(Expecting property name enclosed in double quotes at "
+                                  r"column 14\)$"),
+    (b'["a list"]\n', r":2: expected a JSON object, got list$"),
+])
+def test_every_reader_names_file_line_and_column(tmp_path, second_line, message):
+    from align.data import iter_jsonl, open_source
+    from align.errors import DataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(GOOD.encode() + second_line)
+    with pytest.raises(DataError, match="^" + str(path).replace(".", r"\.") + message):
+        list(iter_jsonl(path))
+    with pytest.raises(DataError, match="^" + str(path).replace(".", r"\.") + message):
+        open_source(str(path))  # the training entry point: Arrow's error is replaced by the line's
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": ["a", "b"]}, r":2: prompt message 0 must be an object with 'role' and 'content'"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, r":2: 'messages' holds only an assistant turn"),
+    ({"prompt": "a\u0000b"}, r":2: holds a NUL character"),
+    ({"prompt": ""}, r":2: needs a non-empty 'prompt'"),
+])
+def test_prompt_files_name_the_line(tmp_path, row, message):
+    import json
+
+    from align.errors import DataError
+    from align.prompts import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="^" + str(path).replace(".", r"\.") + message):
+        read_prompts(path)
+
+
+def test_config_files_name_line_and_column(tmp_path):
+    from align.config import SFT_CONFIG, parse_config
+    from align.errors import ConfigError
+
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(b"seed: 1\nname: \xff\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: not valid UTF-8 \(byte 0xff at column 7\)$"):
+        parse_config(SFT_CONFIG, ["--config", str(bad)])
+    bad.write_text("seed: 1\nname: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: not valid YAML at column 1"):
+        parse_config(SFT_CONFIG, ["--config", str(bad)])
+
+
+def test_nul_is_refused_alike_on_every_backend(store):
+    from align.errors import DataError
+
+    with pytest.raises(DataError, match=r"^prompt\.text: a NUL character \(\\x00\) cannot be stored"):
+        st.add_prompts(store, [{"prompt": "a\u0000b"}])
+    with pytest.raises(DataError, match=r"^prompt\.gold: a NUL character"):
+        st.add_prompts(store, [{"prompt": "fine", "gold": {"answer": "\u0000"}}])
+    with store.read() as session:
+        assert session.scalar(select(func.count()).select_from(st.Prompt)) == 0
+
+
+def test_store_prompt_rows_are_counted_from_1(store):
+    from align.errors import DataError
+
+    with pytest.raises(DataError, match="^prompt row 2 needs 'prompt'"):
+        st.add_prompts(store, [{"prompt": "fine"}, {"prompt": ""}])

@@ -16,7 +16,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from align.errors import AlignError
+from align.errors import AlignError, DataError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -115,9 +115,35 @@ def parse_url(url: str | os.PathLike[str]) -> URL:
 
 def build_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
-        return sqlite_engine(url)
-    # pre_ping: a long-lived labeling app must survive the server closing idle connections.
-    return create_engine(url, pool_pre_ping=True)
+        engine = sqlite_engine(url)
+    else:
+        # pre_ping: a long-lived labeling app must survive the server closing idle connections.
+        engine = create_engine(url, pool_pre_ping=True)
+    event.listen(engine, "before_execute", _refuse_nul)
+    return engine
+
+
+def _refuse_nul(_conn, clause, multiparams, params, _options) -> None:
+    """PostgreSQL cannot store a NUL character in text (psycopg raises a driver error) and SQLite stores it
+    silently; both refuse it here, before the statement runs, naming the table and the column."""
+    rows = [params] if params else []
+    for item in multiparams or ():
+        rows += item if isinstance(item, (list, tuple)) else [item]
+    for row in rows:
+        for column, value in (row.items() if isinstance(row, dict) else ()):
+            if _holds_nul(value):
+                table = getattr(getattr(clause, "table", None), "name", "the store")
+                raise DataError(f"{table}.{column}: a NUL character (\\x00) cannot be stored; remove it from the input")
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def sqlite_engine(url: URL) -> Engine:

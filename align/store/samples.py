@@ -47,7 +47,7 @@ def prompt_record(row: dict[str, Any], index: int) -> dict[str, Any]:
     elif isinstance(prompt, str) and prompt:
         text, canonical = prompt, [{"role": "user", "content": prompt}]
     else:
-        raise DataError(f"prompt row {index} needs 'prompt' (a non-empty string) or 'messages' (a list of messages)")
+        raise DataError(f"prompt row {index + 1} needs 'prompt' (a non-empty string) or 'messages' (a list of messages)")
     # Hash the conversation, not the raw field, so "hi" and [{"role": "user", "content": "hi"}] are one prompt.
     encoded = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return {
@@ -70,7 +70,7 @@ def check_messages(messages: Any, index: int) -> None:
         for m in messages
     )
     if not ok:
-        raise DataError(f"prompt row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} strings")
+        raise DataError(f"prompt row {index + 1}: 'messages' must be a non-empty list of {{'role', 'content'}} strings")
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
