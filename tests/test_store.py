@@ -204,7 +204,7 @@ def test_add_prompts_is_idempotent(store):
     again = add_prompts(store, [{"messages": [{"role": "user", "content": "2+2?"}]}, rows[1], rows[1]])
     assert again == [ids[0], ids[1], ids[1]]
     assert count(store, Prompt) == 2
-    with pytest.raises(DataError, match="prompt row 0 needs"):
+    with pytest.raises(DataError, match="prompt row 1 needs"):
         add_prompts(store, [{"text": "wrong key"}])
 
 
