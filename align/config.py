@@ -177,6 +177,10 @@ class TrainArgs(Validated):
         3, "Overfitting alarm: warn when the eval − train loss gap has widened this many evaluations in a row; 0: off."
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).")
+    auto_batch: bool = option(
+        False, "DPO, reward: the largest per-device micro-batch that fits the GPU (align memory's estimate, then a "
+        "probe step), with gradient accumulation keeping per_device_train_batch_size x gradient_accumulation_steps."
+    )
     mixed_precision: Literal["auto", "bf16", "no"] = option(
         "auto", "Training-step precision (DPO, reward). auto: bf16 autocast when the weights are bf16 (the GPU "
         "default). bf16: bf16 autocast over float32 weights too (GPUs; CPUs with AVX512-BF16 or AMX), the reference "

@@ -172,6 +172,7 @@ def sample_responses(
 ) -> Iterator[list[Sample]]:
     """Sample `n` responses per prompt, yielding one list of Samples per batch of prompts.
 
+    `batch_size` sequences per generate() call; 0: from memory (`generation_batch_size`).
     Prompts are cut into fixed chunks, each seeded from (seed, chunk start): the samples do not depend
     on what was skipped, so a resumed run draws exactly what an uninterrupted one would. `skip` holds
     (prompt_index, sample_index) pairs already stored; chunks with nothing left to do are not run.
@@ -191,6 +192,10 @@ def sample_responses(
     model.eval()
     skip = skip or set()
     eos_ids = _eos_ids(model, tokenizer)
+    if batch_size <= 0:  # from memory, sized for the longest prompt
+        longest = max((len(prompt_ids(tokenizer, p)) for p in prompts), default=1)
+        batch_size = generation_batch_size(model, longest, settings.max_new_tokens, n)
+        log.info("generation batch from memory: %d sequences per generate call", batch_size)
     per_batch = max(1, batch_size // n)
     for start in range(0, len(prompts), per_batch):
         chunk = list(range(start, min(start + per_batch, len(prompts))))
@@ -218,6 +223,45 @@ def sample_responses(
         if with_logps and not from_sampler:
             _attach_logps(model, tokenizer, samples, {i: e for i, e in zip(chunk, encoded)}, settings)
         yield samples
+
+
+def generation_batch_size(model: "PreTrainedModel", prompt_tokens: int, max_new_tokens: int, n: int,
+                          budget_bytes: Optional[int] = None) -> int:
+    """Sequences per generate() call from memory: the KV cache of prompt + new tokens, one step's float32 logits
+    (and the copies sampling makes) and the prefill's widest activation, per sequence, into a budget (CUDA: 80% of
+    the free memory; CPU: a quarter of the available memory, at most 4 GiB). A multiple of n, at least n; at most
+    512 sequences on a GPU and 128 on a CPU, where wider batches stop paying (bench/README.md)."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width = next(model.parameters()).element_size()
+    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * (prompt_tokens + max_new_tokens) * width
+    logits = 4 * 4 * config.vocab_size  # the step's float32 logits, the warped copy, softmax, the recorded copy
+    prefill = prompt_tokens * width * (4 * config.hidden_size + 2 * getattr(config, "intermediate_size", 0))
+    cuda = next(model.parameters()).device.type == "cuda"
+    if budget_bytes is None:
+        if cuda:
+            budget_bytes = int(0.8 * torch.cuda.mem_get_info(next(model.parameters()).device)[0])
+        else:
+            budget_bytes = min(_available_memory() // 4, 4 * 1024**3)
+    fits = budget_bytes // (cache + logits + prefill)
+    cap = 512 if cuda else 128
+    return max(n, min(cap, fits) // n * n)
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (Linux); 8 GiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
 
 
 def _eos_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> set[int]:

@@ -22,13 +22,15 @@ length, r = LoRA rank). Bytes: w for weights (bf16 2, fp32 4), a for activations
                  N·(L·A + f), with: N·(L·a·d + A + f): the layer inputs plus one layer recomputed at a time; f is the
                  final norm, (4 + 2a)·d (full) or 4d (LoRA). Checked against the tensors torch saves for a small
                  bf16 Llama (tests/test_memory.py).
-  logits         DPO, RLHF: N·V·(4 + a), the model-dtype logits (then their gradient) and the fp32 copy that
-                 log-softmax keeps for backward (align.logprobs). SFT: TRL's fused LM head never builds the logits;
+  logits         RLHF: N·V·(4 + a), the model-dtype logits (then their gradient) and the fp32 copy that
+                 log-softmax keeps for backward. DPO: align.logprobs' chunked head keeps the final hidden states of
+                 the scored tokens and an fp32 log-normaliser, N·(a·d + 8) (N counts every token: an upper bound),
+                 plus 3 fp32 tiles of min(2^25, N·V) values (logits, exp, gradient) in flight. SFT: TRL's fused LM head never builds the logits;
                  it keeps the final hidden states and a few fp32 per-token statistics, N·(a·d + 12), plus one
                  4096 x min(V, 32768) fp32 tile. Reward model: none (scalar head).
   reference      DPO/RLHF with LoRA or QLoRA: the base with the adapter disabled, no copy. DPO precomputes the
-                 reference by default (and always for full fine-tuning); computed each step it adds N·V·a of
-                 transient logits. RLHF full fine-tuning: a frozen copy, P·w. RLHF also holds a frozen reward model.
+                 reference by default (and always for full fine-tuning); computed each step, its chunked head
+                 adds no more than the tiles. RLHF full fine-tuning: a frozen copy, P·w. RLHF also holds a frozen reward model.
   overhead       1 GiB (CUDA context, cuBLAS workspace) + 10% of the peak (allocator fragmentation).
 
 The sum is an upper bound of torch.cuda.max_memory_allocated (gradients and activations do not all coexist).
@@ -51,6 +53,8 @@ OVERHEAD_BYTES = 1 * GiB
 FRAGMENTATION = 0.10
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit weight + one fp32 absmax per block of 64
 SFT_TILE_TOKENS, SFT_TILE_VOCAB = 4096, 32768  # TRL's chunked log-prob tile
+CHUNK_ELEMENTS = 2**25  # align.logprobs.CHUNK_ELEMENTS: float32 logits per tile of the chunked head
+DPO_TILE_COPIES = 3  # the tile's logits, their exp and its gradient in the backward
 SHARD_COUNTS = (2, 4, 8, 16)  # GPUs tried when one is not enough; 16 = two nodes of 8
 METHODS = ("sft", "reward", "dpo", "rlhf")
 MODES = ("lora", "qlora", "full")
@@ -234,11 +238,11 @@ def estimate(
         logits = 0.0
     elif method == "sft":  # TRL's fused, tiled LM head (trl.trainer.utils.add_fused_lm_head)
         logits = tokens * (w * shape.hidden + 12) + SFT_TILE_TOKENS * min(shape.vocab, SFT_TILE_VOCAB) * 4
+    elif method == "dpo":  # align.logprobs' chunked head: the final hidden states kept, one tile of logits at a time
+        logits = tokens * (w * shape.hidden + 8) + DPO_TILE_COPIES * 4 * min(CHUNK_ELEMENTS, tokens * shape.vocab)
     else:
         logits = tokens * shape.vocab * (4 + w)
     reference = reward_model = 0.0
-    if method == "dpo" and lora and not precompute_ref:
-        logits += tokens * shape.vocab * w  # the reference forward's logits, under no_grad
     if method == "rlhf":
         reference = 0.0 if lora else total * w
         reward_model = (total - counts["lm_head"]) * w  # a frozen reward model of the same shape, no lm_head
@@ -315,3 +319,72 @@ def render(est: Estimate, gpu: Optional[str], advice: list[str]) -> str:
     if gpu:
         lines += [f"{gpu}: {line}" for line in advice]
     return "\n".join(lines)
+
+
+# --- --auto_batch: the largest micro-batch that fits ------------------------------------------------------------------
+
+
+def micro_batch_candidates(global_batch: int) -> list[int]:
+    """Divisors of the global batch, largest first: micro-batch b with global/b accumulation steps keeps it exact."""
+    return [b for b in range(global_batch, 0, -1) if global_batch % b == 0]
+
+
+def largest_fitting(candidates: Sequence[int], estimated_fits, probe_fits) -> Optional[int]:
+    """The first candidate (largest first) that the estimate admits and a probe step confirms; None if none does.
+    Candidates the estimate refuses are not probed; a probe failure moves on to the next smaller one."""
+    for b in candidates:
+        if estimated_fits(b) and probe_fits(b):
+            return b
+    return None
+
+
+def auto_batch(accelerator, model, task, train, method: str, max_length: int):
+    """`train` with the largest per-device micro-batch that fits this GPU and gradient accumulation keeping the
+    global batch (per_device_train_batch_size × gradient_accumulation_steps) fixed.
+
+    Each divisor of the global batch, largest first, is checked against `estimate` for this model's shape (its
+    needs ≤ the GPU's free memory), then by a probe: one forward + backward of the task's loss on the longest
+    examples, which must not run out of memory. CUDA only: elsewhere `train` is returned unchanged, with a warning.
+    """
+    import dataclasses
+    import logging
+
+    import torch
+
+    log = logging.getLogger(__name__)
+    if not torch.cuda.is_available() or accelerator.device.type != "cuda":
+        log.warning("auto_batch needs a CUDA GPU (it probes GPU memory); keeping per_device_train_batch_size=%d",
+                    train.per_device_train_batch_size)
+        return train
+    global_batch = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", model.config)
+    shape = shape_from_config(config.to_dict())
+    lora = any("lora_" in name for name, _ in model.named_parameters())
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(next(model.parameters()).dtype, "float32")
+    free = torch.cuda.mem_get_info(accelerator.device)[0]
+    longest = sorted(task.train_data, key=lambda f: -sum(len(v) for v in f.values() if isinstance(v, list)))
+
+    def estimated_fits(b: int) -> bool:
+        est = estimate(shape, method, "lora" if lora else "full", b, max_length, train.gradient_checkpointing, dtype,
+                       lora_dropout=0.0)
+        return Estimate.needs(est.per_gpu()) - est.terms["weights"] <= free  # the weights are already loaded
+
+    def probe_fits(b: int) -> bool:
+        batch = {k: v.to(accelerator.device) if hasattr(v, "to") else v
+                 for k, v in task.collate(longest[:b]).items()}
+        try:
+            with accelerator.autocast():
+                loss, _ = task.loss(model, batch)
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    chosen = largest_fitting(micro_batch_candidates(global_batch), estimated_fits, probe_fits) or 1
+    log.info("auto_batch: micro-batch %d x %d accumulation steps (global batch %d)", chosen, global_batch // chosen,
+             global_batch)
+    return dataclasses.replace(train, per_device_train_batch_size=chosen,
+                               gradient_accumulation_steps=global_batch // chosen)

@@ -118,7 +118,7 @@ def sampler_gap(model: Any, tokenizer: Any, prompts: list, n: int, settings: Any
 
 
 def measure(runs: dict[str, Callable[[list], list]], prompts: list, warm: list, rounds: int,
-            cuda: bool) -> tuple[dict[str, list[float]], dict[str, list]]:
+            cuda: bool) -> tuple[dict[str, list[float]], dict[str, list], dict[str, list[float]]]:
     """A warm-up call of every side on `warm`, then `rounds` rounds in which each side samples the whole prompt set
     once, the order rotating each round so that drift of the machine hits all sides alike."""
     import torch
@@ -128,17 +128,19 @@ def measure(runs: dict[str, Callable[[list], list]], prompts: list, warm: list, 
         run(warm)
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}  # process CPU time: robust on a shared machine
     samples: dict[str, list] = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             samples[name] = runs[name](prompts)  # the same samples every round: every call is seeded
             sync()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
         print(f"[generation] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
-    return times, samples
+    return times, samples, cpu
 
 
 def same_share(samples: list, reference: list) -> float:
@@ -147,10 +149,11 @@ def same_share(samples: list, reference: list) -> float:
     return sum(theirs.get((s.prompt_index, s.sample_index)) == s.token_ids for s in samples) / len(samples)
 
 
-def side_result(times: list[float], samples: list, naive: Optional[list]) -> dict:
+def side_result(times: list[float], samples: list, naive: Optional[list], cpu: list[float]) -> dict:
     seconds = statistics.median(times)
     tokens = sum(len(s.token_ids) for s in samples)
-    out = {"seconds": seconds, "seconds_all": times, "responses": len(samples), "new_tokens": tokens,
+    out = {"seconds": seconds, "seconds_all": times, "cpu_seconds": statistics.median(cpu), "cpu_seconds_all": cpu,
+           "tokens_per_cpu_s": tokens / statistics.median(cpu), "responses": len(samples), "new_tokens": tokens,
            "responses_per_s": len(samples) / seconds, "tokens_per_s": tokens / seconds,
            "mean_length": tokens / len(samples),
            "stopped_share": sum(s.finish_reason == "stop" for s in samples) / len(samples)}
@@ -175,6 +178,7 @@ def markdown(r: dict) -> str:
             ("**ratio to naive** (responses/s)", lambda k: f"**{ratio(k, 'responses_per_s')}**"),
             ("new tokens/s", lambda k: fmt(sides[k]["tokens_per_s"])),
             ("ratio to naive (new tokens/s)", lambda k: ratio(k, "tokens_per_s")),
+            ("**ratio to naive (new tokens per CPU-second)**", lambda k: f"**{ratio(k, 'tokens_per_cpu_s')}**"),
             ("responses; new tokens", lambda k: f"{sides[k]['responses']}; {sides[k]['new_tokens']:,}"),
             ("mean response length (tokens)", lambda k: fmt(sides[k]["mean_length"])),
             ("ended at end of turn (%)", lambda k: fmt(100 * sides[k]["stopped_share"])),
@@ -223,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--n", type=int, default=4, help="Samples per prompt.")
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=16, help="Ours: sequences per generate call "
-                        "(align generate's default).")
+                        "(align generate's default); 0: from memory (align.generation.generation_batch_size).")
     parser.add_argument("--rounds", type=int, default=3, help="Timed passes over the prompt set per side.")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -235,8 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - set(SIDES):
         parser.error(f"--sides: choose from {', '.join(SIDES)}")
-    if min(args.prompts, args.n, args.max_new_tokens, args.batch_size, args.rounds) < 1:
-        parser.error("--prompts, --n, --max_new_tokens, --batch_size and --rounds must be >= 1")
+    if min(args.prompts, args.n, args.max_new_tokens, args.rounds) < 1 or args.batch_size < 0:
+        parser.error("--prompts, --n, --max_new_tokens and --rounds must be >= 1, --batch_size >= 0")
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("TQDM_DISABLE", "1")):
         os.environ.setdefault(name, value)
     import torch
@@ -268,13 +272,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
         model, tokenizer = load_model(ModelArgs(model=spec, dtype=args.dtype), device="cuda" if cuda else None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     n, b = args.n, args.batch_size
+    if b == 0:
+        from align.data import prompt_ids
+        from align.generation import generation_batch_size
+
+        longest = max(len(prompt_ids(tokenizer, p)) for p in prompts)
+        b = generation_batch_size(model, longest, args.max_new_tokens, n)
+        print(f"[generation] batch from memory: {b} sequences per generate call", flush=True)
     runs = {"naive": lambda p: naive_side(model, tokenizer, p, n, settings),
             "ours": lambda p: our_side(model, tokenizer, p, n, settings, b),
             "ours+static": lambda p: our_side(model, tokenizer, p, n, settings, b, cache="static")}
     runs = {name: runs[name] for name in sides}
     print(f"[generation] {len(prompts)} prompts × {n} samples, {', '.join(runs)} in turns, {args.rounds} rounds ...",
           flush=True)
-    times, samples = measure(runs, prompts, prompts[:max(1, b // n)], args.rounds, cuda)
+    times, samples, cpu = measure(runs, prompts, prompts[:max(1, b // n)], args.rounds, cuda)
     tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     exactness = {}
     for name in (k for k in runs if k != "naive"):
@@ -291,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
          "settings": {"prompts": len(prompts), "per_family": per_family, "n": n, "max_new_tokens": args.max_new_tokens,
                       "batch_size": b, "per_batch": max(1, b // n), "rounds": args.rounds, "threads": args.threads,
                       "dtype": dtype, **settings.as_dict()},
-         "sides": {name: side_result(times[name], samples[name], None if name == "naive" else naive) for name in runs},
+         "sides": {name: side_result(times[name], samples[name], None if name == "naive" else naive, cpu[name])
+                   for name in runs},
          "exactness": exactness,
          "caveat": "PLUMBING CHECK ONLY: a tiny random model's speeds say nothing about a real one."
          if args.model == "tiny" else None}

@@ -158,3 +158,19 @@ def test_truncating_or_greedy_settings_rescore(tiny, monkeypatch):
     assert len(calls) == 2
     with pytest.raises(ConfigError, match="logps_from must be one of"):
         next(sample_responses(model, tok, prompts, 1, SamplingSettings(), logps_from="vllm"))
+
+
+def test_generation_batch_from_memory(tiny):
+    """The tiny model (2 layers, 2 KV heads of 8, V = 259, fp32): per sequence of 20 + 10 tokens the KV cache is
+    2·2·2·8·30·4 = 7680 bytes, one step's logits 16·259 = 4144, the prefill 20·4·(4·32 + 2·64) = 20480: 32304 in
+    all, so 1 MB fits 30 sequences -> 28 (a multiple of n = 4); a tiny budget still gives n; the CPU cap is 128.
+    batch_size 0 in sample_responses samples with it."""
+    from align.generation import generation_batch_size
+
+    model, tok = tiny
+    assert generation_batch_size(model, 20, 10, 4, budget_bytes=10**6) == 28
+    assert generation_batch_size(model, 20, 10, 4, budget_bytes=10) == 4
+    assert generation_batch_size(model, 20, 10, 4, budget_bytes=10**12) == 128
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    batches = list(sample_responses(model, tok, prompts, 2, SamplingSettings(max_new_tokens=3), batch_size=0))
+    assert len(batches) == 1 and len(batches[0]) == 6

@@ -60,12 +60,13 @@ def test_toy_sft_lora():
 
 
 def test_toy_dpo_doubles_sequences_and_reference_options():
-    """3 pairs = 6 sequences x 5 = 30 tokens: activations 30·1120 = 33600, full logits 30·V·(4 + a) = 30·32·6 = 5760.
-    LoRA reference = adapter disabled: no copy; computed every step (no precompute): + 30·32·2 = 1920 logits."""
+    """3 pairs = 6 sequences x 5 = 30 tokens: activations 30·1120 = 33600; the chunked head keeps 30·(a·d + 8) = 30·24
+    = 720 bytes plus 3 fp32 tiles of min(2^25, 30·V = 960) values = 11520 -> 12240. LoRA reference = adapter
+    disabled: no copy; computed every step (no precompute) through the same chunked head: nothing more."""
     est = toy(method="dpo", mode="lora", batch=3, max_length=5)
-    assert est.terms["activations"] == 33600 and est.terms["logits"] == 5760 and est.terms["reference"] == 0
+    assert est.terms["activations"] == 33600 and est.terms["logits"] == 12240 and est.terms["reference"] == 0
     online = toy(method="dpo", mode="lora", batch=3, max_length=5, precompute_ref=False)
-    assert online.terms["logits"] == 5760 + 1920
+    assert online.terms["logits"] == 12240
 
 
 def test_toy_full_fine_tuning():
@@ -237,3 +238,34 @@ def test_qlora_loading_fails_clearly_without_a_gpu(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelError, match=r"QLoRA \(load_in_4bit\) needs a CUDA GPU and the bitsandbytes package"):
         load_model(ModelArgs(model=str(tiny_model_dir), load_in_4bit=True))
+
+
+def test_auto_batch_keeps_the_global_batch_and_takes_the_largest_that_fits():
+    """Divisors of 12, largest first; a micro-batch is taken only if the estimate admits it AND the probe step
+    passes: 12 and 6 fail the estimate (never probed), 4 fails its probe, 3 is chosen (3 x 4 accumulation = 12)."""
+    from align.memory import largest_fitting, micro_batch_candidates
+
+    assert micro_batch_candidates(12) == [12, 6, 4, 3, 2, 1] and micro_batch_candidates(1) == [1]
+    probed = []
+    chosen = largest_fitting(micro_batch_candidates(12), lambda b: b <= 4, lambda b: probed.append(b) or b < 4)
+    assert chosen == 3 and probed == [4, 3]
+    assert largest_fitting([2, 1], lambda b: False, lambda b: True) is None
+
+
+def test_auto_batch_without_a_gpu_keeps_the_batch_and_says_why(caplog):
+    """On a CPU there is no GPU memory to probe: the training arguments come back unchanged, with a warning."""
+    import logging
+
+    import torch
+
+    from align.config import TrainArgs
+    from align.memory import auto_batch
+    from align.models import tiny_model
+    from align.trainers.loop import make_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path")
+    train = TrainArgs(per_device_train_batch_size=8, gradient_accumulation_steps=2, auto_batch=True)
+    with caplog.at_level(logging.WARNING):
+        same = auto_batch(make_accelerator(train, torch.float32), tiny_model(), None, train, "dpo", 128)
+    assert same is train and "auto_batch needs a CUDA GPU" in caplog.text

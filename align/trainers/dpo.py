@@ -26,6 +26,7 @@ from align import runs
 from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs, save_config
 from align.data import data_record
 from align.losses import dpo_example_losses, implicit_rewards, preference_loss, sft_loss, weighted_mean
+from align.memory import auto_batch
 from align.models import (apply_lora, load_model, resolve_dtype, save_trained)
 from align.packing import preference_collator, restore_attention
 from align.preference import completion_logps, load_pair_sets, score_pairs, tokenize_sets
@@ -170,6 +171,8 @@ def train_dpo(
     task = Task(features, collator, objective, eval_features, objective.eval_step, objective.eval_summary,
                 state=objective.dynamic)
     train = weighted_batch(train, weights, weighting, accelerator.num_processes, len(features))
+    if train.auto_batch:  # after weighted_batch: the global batch it sets is kept
+        train = auto_batch(accelerator, model, task, train, "dpo", data_args.max_length or 1024)
     start["weights/pairs_per_step"] = (train.per_device_train_batch_size * accelerator.num_processes
                                        * train.gradient_accumulation_steps)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)

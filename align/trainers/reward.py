@@ -27,6 +27,7 @@ from align.config import LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, Tr
 from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import reward_example_losses, reward_pairwise_loss
+from align.memory import auto_batch
 from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
 from align.packing import packed_rewards, preference_collator, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
@@ -200,6 +201,8 @@ def train_reward(
     start = {**runs.data_metrics(train_set, counts), **scalar_diagnostics(weights.diagnostics)}
     task = Task(features, batches, objective, eval_features, objective.eval_step, objective.eval_summary)
     train = weighted_batch(train, weights, weighting, accelerator.num_processes, len(features))
+    if train.auto_batch:  # after weighted_batch: the global batch it sets is kept
+        train = auto_batch(accelerator, model, task, train, "reward", data_args.max_length or 1024)
     start["weights/pairs_per_step"] = (train.per_device_train_batch_size * accelerator.num_processes
                                        * train.gradient_accumulation_steps)
     metrics, prepared = train_loop(accelerator, model, task, train, out, start_metrics=start, callbacks=callbacks)
