@@ -43,22 +43,28 @@ class DemoSize:
 
     v0_per_family: int  # training prompts per task family sampled by v0
     v1_per_family: int  # new training prompts per family sampled by v1
-    n: int  # samples per prompt (n/2 independent pairs)
+    n: int  # v0's samples per prompt (n/2 disjoint pairs: what importance weights assume)
     max_new_tokens: int
     sft_steps: int
     dpo_steps: int
     reward_steps: int
     rlhf_steps: int
     eval_per_family: int  # held-out prompts per family in the final evaluation
-    eval_n: int  # samples per held-out prompt and version
+    eval_n: int  # samples per held-out prompt and version (1 when greedy)
     sft_eval_samples: int = 32  # held-out SFT conversations: the overfitting alarm and the stage-interference check
+    v1_n: int = 4  # v1's samples per prompt, every pair labelled: n(n-1)/2 pairs per prompt
+    eval_temperature: float = 0.0  # the final evaluation: 0 is greedy (one answer per prompt, no sampling noise)
+    rlhf_evaluations: int = 5  # greedy gold evaluations in the RLHF run, the start included (the monitor needs 5)
+    rlhf_eval_per_family: int = 2  # held-out prompts per family in each of them
 
 
 SIZES = {
-    "small": DemoSize(v0_per_family=4, v1_per_family=2, n=4, max_new_tokens=48, sft_steps=20, dpo_steps=10,
-                      reward_steps=10, rlhf_steps=6, eval_per_family=3, eval_n=2, sft_eval_samples=32),
-    "full": DemoSize(v0_per_family=40, v1_per_family=20, n=4, max_new_tokens=128, sft_steps=300, dpo_steps=200,
-                     reward_steps=200, rlhf_steps=150, eval_per_family=20, eval_n=4, sft_eval_samples=140),
+    "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=40, dpo_steps=12,
+                      reward_steps=40, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=2, eval_per_family=10,
+                      eval_n=1, sft_eval_samples=32),
+    "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
+                     dpo_steps=200, reward_steps=300, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
+                     eval_per_family=20, eval_n=1, sft_eval_samples=140),
 }
 
 
@@ -80,11 +86,12 @@ class Demo:
     def db(self) -> str:
         return f"sqlite:///{self.path('store.db')}"
 
-    def settings(self, seed_offset: int = 0):
+    def settings(self, seed_offset: int = 0, temperature: float = 1.0):
         """Sampling at temperature 1 with no truncation: what importance weights and KL estimates assume."""
         from align.generation import SamplingSettings
 
-        return SamplingSettings(temperature=1.0, max_new_tokens=self.size.max_new_tokens, seed=self.seed + seed_offset)
+        return SamplingSettings(temperature=temperature, max_new_tokens=self.size.max_new_tokens,
+                                seed=self.seed + seed_offset)
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------------
@@ -92,7 +99,7 @@ class Demo:
 
 def stage_generate_v0(demo: Demo) -> dict:
     v0_rows, _ = prompt_sets(demo)
-    return _generate(demo, demo.model, v0_rows)
+    return _generate(demo, demo.model, v0_rows, demo.size.n)
 
 
 def stage_label_v0(demo: Demo) -> dict:
@@ -112,7 +119,7 @@ def stage_generate_v1(demo: Demo) -> dict:
     # Every pair of v1's samples is labelled (n(n-1)/2 per prompt): the current version's pairs need no weights, so
     # more comparisons of the same samples are cheap signal. v0's pairs stay disjoint, as importance weights assume.
     _, v1_rows = prompt_sets(demo)
-    return _generate(demo, str(demo.path("v1-sft")), v1_rows, pair_rule="all_pairs")
+    return _generate(demo, str(demo.path("v1-sft")), v1_rows, demo.size.v1_n, pair_rule="all_pairs")
 
 
 def stage_label_v1(demo: Demo) -> dict:
@@ -167,9 +174,15 @@ def stage_rlhf(demo: Demo) -> dict:
     return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
         "--prompts_file", str(prompts), "--eval_prompts_file", str(repo_file("data/tasks/eval.jsonl")),
-        "--eval_per_family", "1", "--eval_steps", "0", "--save_steps", "3",
-        "--max_new_tokens", str(demo.size.max_new_tokens), "--interference_samples", str(demo.size.sft_eval_samples),
+        "--eval_per_family", str(demo.size.rlhf_eval_per_family), "--eval_steps", str(rlhf_eval_steps(demo.size)),
+        "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
+        "--interference_samples", str(demo.size.sft_eval_samples),
     ])
+
+
+def rlhf_eval_steps(size: DemoSize) -> int:
+    """Steps between the RLHF run's gold evaluations: `rlhf_evaluations` of them, the one before step 1 included."""
+    return max(1, -(-size.rlhf_steps // max(1, size.rlhf_evaluations - 1)))
 
 
 def stage_eval(demo: Demo) -> dict:
@@ -181,9 +194,11 @@ def stage_eval(demo: Demo) -> dict:
     from align.report.compare import EvalSpec, run_eval
 
     models = [demo.model] + [str(demo.path(run)) for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
+    # Every version answers the same held-out prompts: the win rates are paired comparisons, prompt by prompt.
     spec = EvalSpec(
         models=models, prompt_rows=resolve_prompts("tasks:eval", demo.size.eval_per_family), judges=["gold", "reward"],
-        reward_model=str(demo.path("reward")), settings=demo.settings(seed_offset=1000), n=demo.size.eval_n,
+        reward_model=str(demo.path("reward")), n=demo.size.eval_n,
+        settings=demo.settings(seed_offset=1000, temperature=demo.size.eval_temperature),
         heldout_pairs=read_jsonl(demo.path("prefs_heldout.jsonl")) or None, prompt_source="tasks:eval",
         seed=demo.seed,
     )
@@ -234,13 +249,12 @@ def version_of(demo: Demo, spec: str) -> str:
         return ensure_registered(store, spec)[1]
 
 
-def _generate(demo: Demo, spec: str, rows: list[dict], pair_rule: str = "random_iid") -> dict:
+def _generate(demo: Demo, spec: str, rows: list[dict], n: int, pair_rule: str = "random_iid") -> dict:
     from align import store as st
     from align.sampling import generate_to_store
 
     with st.connect(demo.db) as store:
-        return generate_to_store(store, spec, rows, demo.size.n, demo.settings(), batch_size=4 * demo.size.n,
-                                 pair_rule=pair_rule)
+        return generate_to_store(store, spec, rows, n, demo.settings(), batch_size=4 * n, pair_rule=pair_rule)
 
 
 def _label(demo: Demo, version: str) -> dict:
@@ -330,7 +344,7 @@ def run_stages(demo: Demo, stages=STAGES) -> dict[str, dict]:
             print(f"[demo] {name}: done already ({records[name]['seconds']:.0f}s), skipped", flush=True)
             continue
         print(f"[demo] {name}: running ...", flush=True)
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         try:
             result = func(demo)
         except AlignError as exc:
@@ -341,14 +355,23 @@ def run_stages(demo: Demo, stages=STAGES) -> dict[str, dict]:
                 f"demo stage '{name}' failed ({type(exc).__name__}: {exc}); run `make demo` again to resume from "
                 "this stage, or `align demo --debug` for the traceback"
             ) from exc
-        records[name] = {"seconds": time.time() - started, "result": result}
+        # CPU seconds (all threads) next to wall seconds: on a shared machine they say what the stage itself cost
+        records[name] = {"seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu, "result": result}
         write_json(marker, records[name])
         print(f"[demo] {name}: done in {records[name]['seconds']:.0f}s", flush=True)
     return records
 
 
+LABELS = ("v0 base", "v1 SFT", "v2 DPO", "v3 RLHF")
+# (version, the one it is compared with): each training stage against its parent, and the last one against v0
+COMPARISONS = ((1, 0), (2, 1), (3, 2), (3, 0))
+
+
 def summary(demo: Demo, records: dict[str, dict]) -> dict:
-    """The headline numbers, from the evaluation report and the runs: one row per version, plus the reuse figures."""
+    """The headline numbers, from the evaluation report and the runs: one row per version, the paired comparisons
+    (each stage against its parent, the last against v0), the reward model, the RLHF run and the reuse figures."""
+    from align.runs import read_metrics
+
     report = json.loads(demo.path("report/report.json").read_text())
     names = [v["name"] for v in report["versions"]]
     v0 = names[0]
@@ -357,45 +380,86 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
     wins = {(p["a"], p["b"]): p for p in report.get("win_rates", {}).get("gold", {}).get("pairs", [])}
     kl = report.get("kl", {}).get("per_version", {})
     rows = []
-    for label, name in zip(("v0 base", "v1 SFT", "v2 DPO", "v3 RLHF"), names):
+    for label, name in zip(LABELS, names):
         win = wins.get((name, v0))
         rows.append({"version": label, "name": name, "gold": gold.get(name, {}).get("mean"),
                      "gold_low": gold.get(name, {}).get("low"), "gold_high": gold.get(name, {}).get("high"),
                      "win_vs_v0": None if name == v0 or win is None else win["win_rate"],
                      "reward_model": reward.get(name, {}).get("mean"),
                      "kl_per_token": kl.get(name, {}).get("kl_per_token")})
+    comparisons = []
+    for i, j in COMPARISONS:
+        win = wins.get((names[i], names[j])) if max(i, j) < len(names) else None
+        if win is None:
+            continue
+        comparisons.append({"a": LABELS[i], "b": LABELS[j], "gold_a": rows[i]["gold"], "gold_b": rows[j]["gold"],
+                            **{k: win[k] for k in ("win_rate", "low", "high", "n", "wins", "ties", "losses")},
+                            "verdict": verdict(win["low"], win["high"])})
     weights = json.loads(demo.path("v2-dpo/weights.json").read_text())["diagnostics"]
     accuracy = report.get("reward_model_accuracy") or {}
     rlhf = records.get("rlhf-v3", {}).get("result", {})
+    metrics = demo.path("v3-rlhf/metrics.jsonl")
+    gold_curve = [(r["step"], r["eval/gold_reward"]) for r in (read_metrics(metrics) if metrics.exists() else [])
+                  if "eval/gold_reward" in r]
     return {
+        "evaluation": {"prompts": report.get("prompts", {}).get("n"), "n": report.get("settings", {}).get("n"),
+                       "temperature": report.get("settings", {}).get("temperature")},
         "versions": rows,
+        "comparisons": comparisons,
         "reuse": {"scheme": weights.get("scheme"), "ess_frac": weights.get("weights/ess_frac"),
                   "ess_frac_v0": weights.get(f"weights/ess_frac/{v0}"), "share_v0": weights.get(f"data/share/{v0}"),
                   "weight_share_v0": weights.get(f"weights/share/{v0}")},
-        "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n")},
-        "rlhf": {k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
+        "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n"),
+                         "low": accuracy.get("low"), "high": accuracy.get("high")},
+        "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
+                 "gold_curve": gold_curve},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
+        "cpu_seconds": {name: round(r["cpu_seconds"], 1) for name, r in records.items() if "cpu_seconds" in r},
     }
+
+
+def verdict(low: float, high: float) -> str:
+    """What a paired win rate's 95% interval says: better or worse beyond noise, or not distinguishable."""
+    if low > 0.5:
+        return "significantly better"
+    if high < 0.5:
+        return "significantly worse"
+    return "not significant"
 
 
 def print_summary(demo: Demo, table: dict) -> None:
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    print("\nThe flywheel, one round per version (held-out task prompts, sampled at temperature 1):")
+    ev = table.get("evaluation", {})
+    how = "greedy" if ev.get("temperature") == 0 else f"{ev.get('n')} samples each at temperature {ev.get('temperature')}"
+    print(f"\nThe flywheel, one round per version ({ev.get('prompts')} held-out task prompts, {how}):")
     print(f"  {'version':<10}{'gold reward':>24}{'win vs v0':>11}{'RM score':>10}{'KL/token to v0':>16}")
     for r in table["versions"]:
         interval = f"{fmt(r['gold'])} [{fmt(r['gold_low'], 2)}, {fmt(r['gold_high'], 2)}]"
         print(f"  {r['version']:<10}{interval:>24}{fmt(r['win_vs_v0']):>11}{fmt(r['reward_model']):>10}"
               f"{fmt(r['kl_per_token'], 4):>16}")
+    print("\nPaired on the same prompts (gold win rate of the first over the second, 95% bootstrap interval over "
+          "prompts;\nsignificant when the interval excludes 0.5):")
+    for c in table["comparisons"]:
+        change = "up" if c["gold_a"] > c["gold_b"] else "down" if c["gold_a"] < c["gold_b"] else "unchanged"
+        print(f"  {c['a']} vs {c['b']}: gold {fmt(c['gold_b'])} -> {fmt(c['gold_a'])} ({change}); "
+              f"{c['wins']} wins, {c['ties']} ties, {c['losses']} losses on {c['n']} prompts; win rate "
+              f"{fmt(c['win_rate'])} [{fmt(c['low'], 2)}, {fmt(c['high'], 2)}]: {c['verdict'].upper()}")
     reuse, rm, rl = table["reuse"], table["reward_model"], table["rlhf"]
     print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): "
           f"ESS/N {fmt(reuse['ess_frac_v0'])} for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, "
           f"{fmt(reuse['weight_share_v0'], 2)} of the weight); overall {fmt(reuse['ess_frac'])}.")
-    print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy on {rm['heldout_pairs'] or 0} held-out decided pairs.")
+    chance = ("" if rm.get("low") is None else
+              ", better than chance beyond noise" if rm["low"] > 0.5 else ", not distinguishable from chance")
+    print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy [{fmt(rm.get('low'), 2)}, {fmt(rm.get('high'), 2)}] "
+          f"on {rm['heldout_pairs'] or 0} held-out decided pairs{chance}.")
+    curve = rl.get("gold_curve") or []
     flagged = rl.get("monitor/flagged")
-    print(f"RLHF: KL {fmt(rl.get('kl'), 4)} nats/token at the last step; reward-hacking monitor "
-          f"{'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}.")
-    total = sum(table["seconds"].values())
-    print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s).")
+    print(f"RLHF: greedy gold on its {len(curve)} evaluations (steps {', '.join(str(s) for s, _ in curve)}): "
+          f"{' -> '.join(fmt(g) for _, g in curve)}; KL {fmt(rl.get('kl'), 4)} nats/token at the last step; "
+          f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}.")
+    total, cpu = sum(table["seconds"].values()), table.get("cpu_seconds", {})
+    print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s"
+          + (f"; {sum(cpu.values()):.0f} CPU seconds)." if cpu else ")."))
     report = demo.path("report/report.html")
     print(f"\nThe report: {report}  (open it in a browser; report.json and summary.md beside it)")
     print("\nNext round, with people in the loop:")

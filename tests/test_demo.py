@@ -9,8 +9,9 @@ import pytest
 from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, summary
 from align.errors import AlignError
 
-TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2, reward_steps=2,
-                rlhf_steps=1, eval_per_family=1, eval_n=1, sft_eval_samples=4)
+TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, v1_n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2,
+                reward_steps=2, rlhf_steps=2, rlhf_evaluations=3, rlhf_eval_per_family=1, eval_per_family=1, eval_n=1,
+                sft_eval_samples=4)
 # A random model answers nothing right: with a both-bad threshold of 0 every pair is a tie, which every stage trains on.
 OVERRIDES = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
 
@@ -147,7 +148,44 @@ def test_summary_table_comes_from_the_report_and_the_runs(finished):
     weights = json.loads(demo.path("v2-dpo/weights.json").read_text())["diagnostics"]
     assert table["reuse"]["ess_frac_v0"] == weights[f"weights/ess_frac/{demo.model}"]
     assert table["reuse"]["share_v0"] == pytest.approx(0.25)  # 7 of 28 pairs come from v0
-    assert set(table["seconds"]) == {name for name, _ in STAGES}
+    assert set(table["seconds"]) == set(table["cpu_seconds"]) == {name for name, _ in STAGES}
+    assert table["evaluation"] == {"prompts": 7, "n": 1, "temperature": 0.0}  # greedy, one answer per prompt
+
+
+def test_summary_compares_each_stage_with_its_parent_and_says_what_is_significant(finished, capsys):
+    from align.demo import print_summary
+
+    demo, records = finished
+    table = summary(demo, records)
+    report = json.loads(demo.path("report/report.json").read_text())
+    pairs = {(p["a"], p["b"]): p for p in report["win_rates"]["gold"]["pairs"]}
+    names = [v["name"] for v in report["versions"]]
+    compared = [(c["a"], c["b"]) for c in table["comparisons"]]
+    assert compared == [("v1 SFT", "v0 base"), ("v2 DPO", "v1 SFT"), ("v3 RLHF", "v2 DPO"), ("v3 RLHF", "v0 base")]
+    for c, (i, j) in zip(table["comparisons"], [(1, 0), (2, 1), (3, 2), (3, 0)]):
+        paired = pairs[(names[i], names[j])]
+        assert (c["win_rate"], c["low"], c["high"], c["n"]) == (paired["win_rate"], paired["low"], paired["high"], 7)
+        assert c["wins"] + c["ties"] + c["losses"] == 7  # greedy: every prompt is a win, a tie or a loss
+        assert c["verdict"] == ("significantly better" if c["low"] > 0.5 else
+                                "significantly worse" if c["high"] < 0.5 else "not significant")
+    # the RLHF run evaluated before its first step and every step after (2 steps, 3 evaluations asked for)
+    assert [step for step, _ in table["rlhf"]["gold_curve"]] == [0, 1, 2]
+    print_summary(demo, table)
+    out = capsys.readouterr().out
+    assert "(7 held-out task prompts, greedy)" in out
+    for c in table["comparisons"]:
+        assert f"{c['a']} vs {c['b']}: " in out
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"{c['a']} vs {c['b']}: "))
+        assert line.endswith(c["verdict"].upper()) and f"on 7 prompts" in line
+    assert "held-out decided pairs" in out and "3 evaluations (steps 0, 1, 2)" in out
+
+
+@pytest.mark.parametrize("low, high, words", [(0.52, 0.7, "significantly better"), (0.3, 0.48, "significantly worse"),
+                                              (0.45, 0.62, "not significant"), (0.5, 0.8, "not significant")])
+def test_a_difference_is_significant_only_when_its_interval_excludes_one_half(low, high, words):
+    from align.demo import verdict
+
+    assert verdict(low, high) == words
 
 
 def test_rerun_skips_every_stage_and_other_settings_are_refused(finished, tiny_model_dir, capsys):
@@ -201,6 +239,12 @@ def test_every_size_fits_the_task_suite(size, tmp_path):
     assert not {r["id"] for r in v0} & {r["id"] for r in v1}  # v1 labels new prompts
     assert len(resolve_prompts("tasks:eval", SIZES[size].eval_per_family)) == 7 * SIZES[size].eval_per_family
     assert SIZES[size].n >= 2 and SIZES[size].rlhf_steps >= 1
+    # what the demo must show: >= 70 held-out prompts (greedy, or >= 2 samples), >= 5 RLHF evaluations
+    assert 7 * SIZES[size].eval_per_family >= 70
+    assert SIZES[size].eval_temperature == 0 or SIZES[size].eval_n >= 2
+    from align.demo import rlhf_eval_steps
+
+    assert SIZES[size].rlhf_steps // rlhf_eval_steps(SIZES[size]) + 1 >= 5
 
 
 def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path):
