@@ -75,7 +75,7 @@ class Demo:
     size_name: str = "small"
     model: str = BASE_MODEL
     seed: int = 0
-    weighting: str = "length_normalized"  # how v0's pairs are weighted toward v1 in the DPO stage
+    weighting: str = "auto"  # how v0's pairs are weighted toward v1 in the DPO stage (auto: where evidence says it pays)
     both_bad_threshold: float = 0.2  # simulated annotators: both responses below this gold reward are "both bad"
     overrides: tuple[str, ...] = ()  # extra `--key value` for every training stage (tests: tiny batches)
 
@@ -401,6 +401,7 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
     metrics = demo.path("v3-rlhf/metrics.jsonl")
     gold_curve = [(r["step"], r["eval/gold_reward"]) for r in (read_metrics(metrics) if metrics.exists() else [])
                   if "eval/gold_reward" in r]
+    auto = weights.get("auto") or {}
     return {
         "evaluation": {"prompts": report.get("prompts", {}).get("n"), "n": report.get("settings", {}).get("n"),
                        "temperature": report.get("settings", {}).get("temperature")},
@@ -408,7 +409,8 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
         "comparisons": comparisons,
         "reuse": {"scheme": weights.get("scheme"), "ess_frac": weights.get("weights/ess_frac"),
                   "ess_frac_v0": weights.get(f"weights/ess_frac/{v0}"), "share_v0": weights.get(f"data/share/{v0}"),
-                  "weight_share_v0": weights.get(f"weights/share/{v0}")},
+                  "weight_share_v0": weights.get(f"weights/share/{v0}"), "auto_choice": auto.get("choice"),
+                  "auto_reason": auto.get("reason"), "worth": (weights.get("worth") or {}).get("sentence")},
         "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n"),
                          "low": accuracy.get("low"), "high": accuracy.get("high")},
         "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
@@ -445,9 +447,13 @@ def print_summary(demo: Demo, table: dict) -> None:
               f"{c['wins']} wins, {c['ties']} ties, {c['losses']} losses on {c['n']} prompts; win rate "
               f"{fmt(c['win_rate'])} [{fmt(c['low'], 2)}, {fmt(c['high'], 2)}]: {c['verdict'].upper()}")
     reuse, rm, rl = table["reuse"], table["reward_model"], table["rlhf"]
-    print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): "
-          f"ESS/N {fmt(reuse['ess_frac_v0'])} for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, "
-          f"{fmt(reuse['weight_share_v0'], 2)} of the weight); overall {fmt(reuse['ess_frac'])}.")
+    if reuse.get("auto_choice"):
+        print(f"\nReused v0 pairs in the DPO stage ({fmt(reuse['share_v0'], 2)} of the data): weighting auto chose "
+              f"{reuse['auto_choice']}: {reuse['auto_reason']}." + (f" {reuse['worth']}" if reuse.get("worth") else ""))
+    else:
+        print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): "
+              f"ESS/N {fmt(reuse['ess_frac_v0'])} for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, "
+              f"{fmt(reuse['weight_share_v0'], 2)} of the weight); overall {fmt(reuse['ess_frac'])}.")
     chance = ("" if rm.get("low") is None else
               ", better than chance beyond noise" if rm["low"] > 0.5 else ", not distinguishable from chance")
     print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy [{fmt(rm.get('low'), 2)}, {fmt(rm.get('high'), 2)}] "

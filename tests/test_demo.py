@@ -16,8 +16,8 @@ TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, v1_n=3, max_new_tokens=8,
 OVERRIDES = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
 
 
-def tiny_demo(out: Path, model: Path, seed: int = 0) -> Demo:
-    return Demo(out, TINY, "tiny", str(model), seed, "length_normalized", both_bad_threshold=0.0, overrides=OVERRIDES)
+def tiny_demo(out: Path, model: Path, seed: int = 0, weighting: str = "length_normalized") -> Demo:
+    return Demo(out, TINY, "tiny", str(model), seed, weighting, both_bad_threshold=0.0, overrides=OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +219,18 @@ def test_a_failed_stage_is_named_and_the_next_run_resumes_from_it(tmp_path, tiny
     assert records["label-v0"]["result"]["pairs"] == 7
 
 
-def test_same_seed_same_demo(finished, tmp_path, tiny_model_dir):
+def test_same_seed_same_demo_and_auto_weighting_says_why_it_reuses_old_pairs_unweighted(finished, tmp_path,
+                                                                                        tiny_model_dir):
     demo, _ = finished
-    twin = tiny_demo(tmp_path / "twin", tiny_model_dir)
-    run_stages(twin, STAGES[:6])  # generation, labels and export: everything the training stages read
+    # the twin differs in its weighting only, which nothing before the DPO stage reads
+    twin = tiny_demo(tmp_path / "twin", tiny_model_dir, weighting="auto")
+    assert Demo(tmp_path, TINY).weighting == "auto"  # the demo's default
+    run_stages(twin, STAGES[:7])  # generation, labels and export: everything the training stages read; then DPO
     assert twin.path("prefs.jsonl").read_text() == demo.path("prefs.jsonl").read_text().replace(
         str(demo.out), str(twin.out))
+    # 7 of v0's pairs for 21 of v1's: too few new pairs to validate a scheme on, so auto falls back to none
+    auto = json.loads(twin.path("v2-dpo/weights.json").read_text())["diagnostics"]["auto"]
+    assert auto["choice"] == "none" and auto["reason"].startswith("only 21 pairs from v1-sft to validate a scheme on")
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))

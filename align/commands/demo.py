@@ -16,11 +16,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default=None, help="Demo directory (re-running resumes it); default: demo, or "
                         "demo-full for --size full.")
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="small: about 12 minutes on 2 CPU cores; full: a bigger run for a GPU.")
+                        help="small: under 15 minutes on 2 CPU cores, the install included; full: a bigger run for a GPU.")
     parser.add_argument("--model", default=BASE_MODEL, help="Base model (v0): the embedded alias, a path or a hub id.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weighting", default="length_normalized", choices=WEIGHTING_SCHEMES,
-                        help="Importance-weighting scheme for v0's pairs in the DPO stage.")
+    parser.add_argument("--weighting", default="auto", choices=WEIGHTING_SCHEMES,
+                        help="Importance-weighting scheme for v0's pairs in the DPO stage (auto: chosen by evidence).")
     for field in STEP_OVERRIDES:
         parser.add_argument(f"--{field}", type=int, default=None, help=f"Override the size's {field}.")
     args = parser.parse_args(argv)
