@@ -1,15 +1,22 @@
 """Load test of the labeling app through its real HTTP API: N simulated annotators vote for D seconds.
 
     python bench/labeling_load.py                      # 100 annotators, 60 s, SQLite, server in a subprocess
-    python bench/labeling_load.py --think 2            # a stress test: every annotator votes every ~2 s
-    python bench/labeling_load.py -n 20 -d 10 --db postgresql://...   # an empty PostgreSQL database
+    python bench/labeling_load.py --think 1            # a stress test: every annotator votes every ~1 s
+    python bench/labeling_load.py -n 1000 --think 20 --workers 2 --db postgresql://...   # 2 processes + nginx
+    python bench/labeling_load.py --lease_pairs 30000 -n 0                              # lease latency only
 
-Each annotator logs in (POST /login) and opens a session, then loops: think, vote, get the next pair, until the
-time is up or nothing is left. Calls use the protocol of the page itself (and of gradio_client): POST the
-inputs to /gradio_api/queue/join with the session's hash, then read the result from /gradio_api/queue/data. It prints votes/s, the vote round trip (p50/p95, request sent to next pair received),
-and checks the store against what the clients saw acknowledged: lost votes (acknowledged, not stored),
-duplicated votes (stored twice for one annotator and pair, or stored without an acknowledgement) and pairs
-with more votes than they require. Targets on SQLite: zero lost, zero duplicated, p95 < 200 ms.
+Each annotator holds a login session (made in the store beforehand: logins are not what is measured, and each
+costs a deliberate ~90 ms scrypt check) and loops: think, vote, get the next pair, until the time is up or
+nothing is left. `--client page` (default) speaks the page's own protocol (and gradio_client's): POST the inputs
+to /gradio_api/queue/join with the session's hash, then read the result from /gradio_api/queue/data; `--client
+json` uses the JSON API (/api/v1/vote answers with the next item), a lighter client. With `--workers N` the
+server is `align label --workers N --nginx`: N app processes behind nginx.
+
+It prints votes/s, the vote round trip (p50/p95, request sent to next pair received), the server's CPU per vote
+(all its processes, nginx included; needs psutil), and checks the store against what the clients saw
+acknowledged: lost votes (acknowledged, not stored), duplicated votes (stored twice for one annotator and pair,
+or stored without an acknowledgement) and pairs with more votes than they require. `--lease_pairs N` also times
+`lease_next_pair` itself in this process on a fresh store of N pairs (the indexed queue should not care about N).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +47,6 @@ from align.store import (
     Vote,
     add_prompts,
     add_responses,
-    add_user,
     connect,
     make_pairs,
     register_model_version,
@@ -68,21 +75,27 @@ def free_port() -> int:
 
 
 def prepare_store(url: str, n_annotators: int, n_pairs: int, votes_required: int = 3) -> list[tuple[str, str]]:
-    """Fill an empty store with `n_pairs` pairs and `n_annotators` logins; returns (name, password)s."""
+    """Fill an empty store with `n_pairs` pairs and `n_annotators` logins; returns (name, session token)s."""
+    from align.store import User
+    from align.store.users import hash_password, start_session
+
     with connect(url) as store:
         version = register_model_version(store, {"name": "bench-v0", "base_model": "bench", "adapter_hash": "0"})
-        prompt_ids = add_prompts(store, [{"prompt": f"Question {i}: explain **item** {i}."} for i in range(n_pairs)])
-        rows = [
-            {"prompt_id": p, "model_version_id": version, "seed": 0, "sample_index": k, "max_new_tokens": 64,
-             "text": f"Answer {k} to {p}:\n\n```python\nprint({p} < {k})\n```\nwith *markdown* and <b>html</b>."}
-            for p in prompt_ids for k in (0, 1)
-        ]
-        add_responses(store, rows)
-        make_pairs(store, version, votes_required=votes_required)
-        users = [(f"annotator{i:03d}", f"pw-{i}-{random.random():.6f}") for i in range(n_annotators)]
-        for name, password in users:
-            add_user(store, name, password)
-    return users
+        for start in range(0, n_pairs, 5000):
+            chunk = range(start, min(n_pairs, start + 5000))
+            prompt_ids = add_prompts(store, [{"prompt": f"Question {i}: explain **item** {i}."} for i in chunk])
+            rows = [
+                {"prompt_id": p, "model_version_id": version, "seed": 0, "sample_index": k, "max_new_tokens": 64,
+                 "text": f"Answer {k} to {p}:\n\n```python\nprint({p} < {k})\n```\nwith *markdown* and <b>html</b>."}
+                for p in prompt_ids for k in (0, 1)
+            ]
+            add_responses(store, rows)
+            make_pairs(store, version, votes_required=votes_required, prompt_ids=prompt_ids)
+        names = [f"annotator{i:04d}" for i in range(n_annotators)]
+        shared_hash = hash_password(f"pw-{random.random():.9f}")  # one scrypt hash for all: setup stays fast
+        with store.write() as session:
+            session.add_all([User(name=name, password_hash=shared_hash, role="annotator") for name in names])
+        return [(name, start_session(store, name, hours=2)) for name in names]
 
 
 class Session:
@@ -91,6 +104,14 @@ class Session:
     def __init__(self, client: httpx.AsyncClient, fn_ids: dict[str, int]):
         self.client, self.fn_ids = client, fn_ids
         self.session_hash = uuid.uuid4().hex[:11]
+
+    async def vote(self, pair_id: int, choice: str) -> int | None:
+        item = await self.call(f"vote_{choice}", [pair_id, "slightly", [], [], ""])
+        return None if item[0] is None else int(item[0])
+
+    async def next(self) -> int | None:
+        item = await self.call("next", [])
+        return None if item[0] is None else int(item[0])
 
     async def call(self, endpoint: str, data: list) -> list:
         """What the page does on a click: join the queue with the inputs, then read the session's event stream
@@ -114,54 +135,102 @@ class Session:
         raise CallError(f"{endpoint}: the event stream ended without a result")
 
 
-async def log_in(base_url: str, name: str, password: str, gate: asyncio.Semaphore) -> tuple[Session, list]:
-    """A logged-in session and its first item. Logins are not timed: the scrypt check is slow on purpose."""
-    client = httpx.AsyncClient(base_url=base_url, timeout=60)
+class JsonSession:
+    """A program's session on the JSON API: one request per vote, the next item in the answer."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+
+    async def vote(self, pair_id: int, choice: str) -> int | None:
+        reply = await self.client.post("/api/v1/vote", json={"pair_id": pair_id, "choice": choice})
+        if reply.status_code in (403, 409):
+            raise CallError(reply.json().get("error"))
+        reply.raise_for_status()
+        return reply.json()["next"]["pair_id"]
+
+    async def next(self) -> int | None:
+        reply = await self.client.get("/api/v1/item")
+        reply.raise_for_status()
+        return reply.json()["pair_id"]
+
+
+async def open_session(base_url: str, token: str, client_kind: str, gate: asyncio.Semaphore, config: dict):
+    """A session on a login made beforehand, and its first pair."""
+    client = httpx.AsyncClient(base_url=base_url, timeout=120, cookies={"align_session": token})
     async with gate:
-        login = await client.post("/login", data={"username": name, "password": password})
-        login.raise_for_status()
-        config = (await client.get("/config")).json()
-        fn_ids = {d["api_name"]: d["id"] for d in config["dependencies"] if d.get("api_name")}
-        session = Session(client, fn_ids)
-        return session, await session.call("next", [])
+        if client_kind == "json":
+            session = JsonSession(client)
+        else:
+            if "fn_ids" not in config:  # one page load is enough: every process serves the same app
+                page = (await client.get("/config")).json()
+                config["fn_ids"] = {d["api_name"]: d["id"] for d in page["dependencies"] if d.get("api_name")}
+            session = Session(client, config["fn_ids"])
+        return session, await session.next()
 
 
-async def annotator(session: Session, name: str, item: list, deadline: float, think: float, stats: Stats,
+async def annotator(session, name: str, pair_id: int | None, deadline: float, think: float, stats: Stats,
                     seed: int) -> None:
     rng = random.Random(seed)
-    while time.monotonic() < deadline and item[0] is not None:
+    while time.monotonic() < deadline and pair_id is not None:
         pause = rng.uniform(0.5 * think, 1.5 * think)
         if time.monotonic() + pause >= deadline:
             break
         await asyncio.sleep(pause)
-        pair_id, choice = int(item[0]), rng.choice(CHOICES)
+        voted, choice = pair_id, rng.choice(CHOICES)
         started = time.perf_counter()
         try:
-            item = await session.call(f"vote_{choice}", [pair_id, "slightly", [], [], ""])
+            pair_id = await session.vote(voted, choice)
         except CallError:
             stats.refused += 1
-            item = await session.call("next", [])
+            pair_id = await session.next()
             continue
         except httpx.HTTPError:
             stats.failed += 1  # unknown outcome: not acknowledged, so a stored row counts as unacknowledged
-            item = await session.call("next", [])
+            pair_id = await session.next()
             continue
         stats.latencies.append(time.perf_counter() - started)
-        stats.acked.append((name, pair_id))
+        stats.acked.append((name, voted))
 
 
-async def drive(base_url: str, users: list[tuple[str, str]], duration: float, think: float) -> tuple[Stats, float]:
-    """Log everyone in first, then let them all vote for `duration` seconds."""
-    gate = asyncio.Semaphore(8)
-    sessions = await asyncio.gather(*(log_in(base_url, name, password, gate) for name, password in users))
+async def drive(base_url: str, users: list[tuple[str, str]], duration: float, think: float, client_kind: str,
+                cpu: "ServerCpu") -> tuple[Stats, float, float]:
+    """Open every session first, then let them all vote for `duration` seconds; (stats, seconds, server CPU s)."""
+    gate, config = asyncio.Semaphore(16), {}
+    sessions = await asyncio.gather(*(open_session(base_url, token, client_kind, gate, config)
+                                      for _, token in users))
     stats = Stats()
+    cpu_before = cpu.seconds()
     started = time.monotonic()
     try:
         await asyncio.gather(*(annotator(session, name, item, started + duration, think, stats, seed=i)
                                for i, ((name, _), (session, item)) in enumerate(zip(users, sessions))))
+        elapsed, cpu_used = time.monotonic() - started, cpu.seconds() - cpu_before
     finally:
         await asyncio.gather(*(session.client.aclose() for session, _ in sessions))
-    return stats, time.monotonic() - started
+    return stats, elapsed, cpu_used
+
+
+class ServerCpu:
+    """CPU seconds (user + system) used so far by the server's processes: a root process and its children."""
+
+    def __init__(self, pid: int | None):
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        self.root = psutil.Process(pid) if psutil is not None and pid is not None else None
+
+    def seconds(self) -> float:
+        if self.root is None:
+            return float("nan")
+        total = 0.0
+        for process in [self.root, *self.root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except Exception:  # a process that just ended
+                continue
+        return total
 
 
 def check_store(url: str, stats: Stats) -> dict[str, int]:
@@ -181,40 +250,43 @@ def check_store(url: str, stats: Stats) -> dict[str, int]:
     return {"stored": sum(stored.values()), "lost": lost, "duplicated": duplicated, "over_k": over_k}
 
 
-def start_server(url: str, port: int, in_process: bool):
-    """Launch the app; returns a function that stops it."""
+def start_server(url: str, port: int, in_process: bool, workers: int = 1):
+    """Launch the app (with nginx in front when workers > 1); returns (a function that stops it, its pid)."""
     if in_process:
         from labeling.app import build_app, close_app, launch_app
 
         demo = build_app(url)
         launch_app(demo, port=port, block=False, quiet=True)
-        return lambda: close_app(demo)
+        return (lambda: close_app(demo)), os.getpid()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "labeling", "--db", url, "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    command = [sys.executable, "-m", "align", "label", "--db", url, "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers), "--nginx"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the app exited: {process.stderr.read()[-2000:]}")
         try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=1).raise_for_status()
             break
         except httpx.HTTPError:
-            time.sleep(0.2)
+            time.sleep(0.3)
 
     def stop() -> None:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
-    return stop
+    return stop, process.pid
 
 
 def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.0, db: str | None = None,
-             in_process: bool = False, votes_required: int = 3) -> dict:
+             in_process: bool = False, votes_required: int = 3, workers: int = 1, client: str = "page") -> dict:
     """Run the load test; returns the figures `main` prints. `db`: an empty store (default: a temp SQLite)."""
     workdir = None
     if db is None:
@@ -223,10 +295,12 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
     # Enough pairs that nobody runs dry: every annotator could vote at 1/think per second.
     n_pairs = max(20, int(n_annotators * duration / max(think, 0.05) * 1.5 / votes_required) + 10)
     users = prepare_store(db, n_annotators, n_pairs, votes_required)
-    port = free_port()
-    stop = start_server(db, port, in_process)
+    port = free_port() if workers == 1 else free_ports(workers + 1)
+    stop, pid = start_server(db, port, in_process, workers)
     try:
-        stats, elapsed = asyncio.run(drive(f"http://127.0.0.1:{port}", users, duration, think))
+        stats, elapsed, cpu_used = asyncio.run(
+            drive(f"http://127.0.0.1:{port}", users, duration, think, client, ServerCpu(None if in_process else pid))
+        )
     finally:
         stop()
     result = check_store(db, stats)
@@ -235,11 +309,57 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
     result.update(
         annotators=n_annotators, seconds=elapsed, acked=len(stats.acked), refused=stats.refused,
         failed=stats.failed, votes_per_s=len(stats.acked) / elapsed if elapsed else 0.0,
-        p50_ms=1000 * q[49], p95_ms=1000 * q[94], backend=db.split(":", 1)[0],
+        p50_ms=1000 * q[49], p95_ms=1000 * q[94], backend=db.split(":", 1)[0].split("+")[0], workers=workers,
+        client=client, cpu_ms_per_vote=1000 * cpu_used / len(stats.acked) if stats.acked else math_nan(),
     )
     if workdir is not None:
         workdir.cleanup()
     return result
+
+
+def free_ports(n: int) -> int:
+    """A base port with the n ports after it free too (nginx on the base, the workers after it)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65000 and all(port_is_free(base + i) for i in range(n + 1)):
+            return base
+    raise RuntimeError("no free range of ports")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def lease_latency(db: str | None, n_pairs: int, n_leases: int = 300) -> dict:
+    """Time `lease_next_pair` (and, apart, the vote that frees the annotator) in this process on a fresh store of
+    `n_pairs` pairs; 100 annotators take turns. `db`: an empty store (default: a temporary SQLite file)."""
+    from align.store import add_vote, lease_next_pair
+
+    workdir = None
+    if db is None:
+        workdir = tempfile.TemporaryDirectory(prefix="align-lease-")
+        db = f"sqlite:///{workdir.name}/store.db"
+    prepare_store(db, 0, n_pairs)
+    leases, votes = [], []
+    with connect(db) as store:
+        for i in range(n_leases):
+            name = f"annotator{i % 100:04d}"
+            started = time.perf_counter()
+            pair_id = lease_next_pair(store, name)
+            leases.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            add_vote(store, pair_id, name, "a")
+            votes.append(time.perf_counter() - started)
+    if workdir is not None:
+        workdir.cleanup()
+    lq, vq = statistics.quantiles(leases, n=100), statistics.quantiles(votes, n=100)
+    return {"pairs": n_pairs, "backend": db.split(":", 1)[0].split("+")[0], "lease_p50_ms": 1000 * lq[49],
+            "lease_p95_ms": 1000 * lq[94], "vote_p50_ms": 1000 * vq[49]}
 
 
 def math_nan() -> float:
@@ -247,25 +367,43 @@ def math_nan() -> float:
 
 
 def summary_line(r: dict) -> str:
-    return (f"labeling load: {r['annotators']} annotators, {r['seconds']:.0f} s, {r['backend']}: "
-            f"{r['votes_per_s']:.1f} votes/s, vote round trip p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms; "
+    return (f"labeling load: {r['annotators']} annotators, {r['seconds']:.0f} s, {r['backend']}, "
+            f"{r['workers']} process(es), {r['client']} client: "
+            f"{r['votes_per_s']:.1f} votes/s, vote round trip p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
+            f"server CPU {r['cpu_ms_per_vote']:.1f} ms/vote; "
             f"acknowledged {r['acked']}, stored {r['stored']}, lost {r['lost']}, duplicated {r['duplicated']}, "
             f"pairs over k {r['over_k']}, refused {r['refused']}, failed {r['failed']}")
 
 
+def lease_line(r: dict) -> str:
+    return (f"lease latency at {r['pairs']} pairs, {r['backend']}: p50 {r['lease_p50_ms']:.2f} ms, "
+            f"p95 {r['lease_p95_ms']:.2f} ms (the vote after it: p50 {r['vote_p50_ms']:.2f} ms)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", "--annotators", type=int, default=100)
+    parser.add_argument("-n", "--annotators", type=int, default=100, help="0: only the lease latency")
     parser.add_argument("-d", "--duration", type=float, default=60.0, help="seconds of voting")
     parser.add_argument("--think", type=float, default=10.0,
                         help="mean seconds an annotator reads before each vote (uniform in 0.5x..1.5x); 10 s is a "
                         "brisk human pace (careful pairwise judgments take 15-60 s); lower it for a stress test")
     parser.add_argument("--db", default=None, help="an EMPTY store URL (default: a temporary SQLite file)")
-    parser.add_argument("--in-process", action="store_true", help="run the server in this process")
+    parser.add_argument("--workers", type=int, default=1, help="app processes (more than 1: behind nginx)")
+    parser.add_argument("--client", choices=("page", "json"), default="page",
+                        help="page: the page's own protocol (Gradio queue); json: the JSON API (lighter)")
+    parser.add_argument("--in_process", "--in-process", action="store_true", help="run the server in this process")
+    parser.add_argument("--lease_pairs", type=int, default=0,
+                        help="also time lease_next_pair on a fresh store of this many pairs (e.g. 30000)")
+    parser.add_argument("--lease_db", default=None, help="an EMPTY store for the lease timing (default: temp SQLite)")
     args = parser.parse_args(argv)
-    result = run_load(args.annotators, args.duration, args.think, args.db, args.in_process)
-    print(summary_line(result))
-    ok = result["lost"] == 0 and result["duplicated"] == 0 and result["over_k"] == 0
+    ok = True
+    if args.annotators > 0:
+        result = run_load(args.annotators, args.duration, args.think, args.db, args.in_process,
+                          workers=args.workers, client=args.client)
+        print(summary_line(result), flush=True)
+        ok = result["lost"] == 0 and result["duplicated"] == 0 and result["over_k"] == 0
+    if args.lease_pairs:
+        print(lease_line(lease_latency(args.lease_db, args.lease_pairs)), flush=True)
     return 0 if ok else 1
 
 

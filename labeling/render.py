@@ -71,23 +71,36 @@ def highlight(code: str, language: str) -> str:
     """Escaped code, coloured with inline styles when Pygments knows the language; markdown characters in the
     text are entity-encoded, so the block stays literal even if a markdown parser reads it as a paragraph."""
     html_code = None
-    if language:
-        try:
-            from pygments import highlight as pygmentize
-            from pygments.formatters import HtmlFormatter
-            from pygments.lexers import get_lexer_by_name
-            from pygments.util import ClassNotFound
+    tools = pygments_tools(language.lower()) if language else None
+    if tools is not None:
+        from pygments import highlight as pygmentize
 
-            try:
-                html_code = pygmentize(code, get_lexer_by_name(language), HtmlFormatter(nowrap=True, noclasses=True))
-            except ClassNotFound:
-                html_code = None
-        except ImportError:
-            html_code = None
+        html_code = pygmentize(code, *tools)
     if html_code is None:
         return "".join(encode_char(c) for c in code)
     # Pygments output is tags plus escaped text: encode markdown characters in the text parts only.
     return re.sub(r"(?<=>)([^<]+)|^([^<]+)", lambda m: encode_text(m.group(0)), html_code.rstrip("\n"))
+
+
+@functools.lru_cache(maxsize=64)
+def pygments_tools(language: str):
+    """(lexer, formatter) for a language Pygments knows, else None; built once each (a formatter builds its
+    whole style table, a few ms)."""
+    try:
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import get_lexer_by_name
+        from pygments.util import ClassNotFound
+    except ImportError:
+        return None
+    try:
+        return get_lexer_by_name(language), html_formatter(HtmlFormatter)
+    except ClassNotFound:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def html_formatter(formatter_class):
+    return formatter_class(nowrap=True, noclasses=True)
 
 
 def encode_text(escaped: str) -> str:
