@@ -18,9 +18,11 @@ from align.data import prompt_ids as render_prompt
 from align.errors import AlignError
 from align.generation import SamplingSettings, sample_responses, score_completions, warn_if_truncating
 from align.models import load_model
+from align.store.undo import discard_unused_on_failure
 from align.store.versions import ensure_registered, find_version, loadable_spec
 
 
+@discard_unused_on_failure
 def generate_to_store(
     store,
     model_spec: str,

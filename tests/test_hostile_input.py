@@ -150,3 +150,34 @@ def test_store_prompt_rows_are_counted_from_1(store):
 
     with pytest.raises(DataError, match="^prompt row 2 needs 'prompt'"):
         st.add_prompts(store, [{"prompt": "fine"}, {"prompt": ""}])
+
+
+# ---- a failed command leaves nothing that looks like a result --------------------------------------------------------
+
+def counts(store):
+    from align.store import Prompt
+
+    return count(store, Prompt), count(store, ModelVersion), count(store, Response)
+
+
+def test_generate_that_fails_after_registering_leaves_no_rows(store, tiny_model_dir, task_rows, tmp_path):  # noqa: F811
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()  # registers (the tokenizer is there), then cannot load
+    st.add_prompts(store, task_rows[:1])  # a prompt stored before stays
+    with pytest.raises(Exception):
+        generate_to_store(store, str(broken), task_rows, 2, SETTINGS)
+    assert counts(store) == (1, 0, 0)
+
+
+def test_eval_with_a_failing_gold_check_leaves_no_rows(store, tiny_model_dir):
+    from align.report.compare import EvalSpec, run_eval
+
+    rows = [{"prompt": f"free text {i}"} for i in range(7)]  # no task family: the gold judge cannot score them
+    spec = EvalSpec(models=[str(tiny_model_dir)], prompt_rows=rows, judges=["gold"], settings=SETTINGS)
+    with pytest.raises(AlignError, match="the gold judge cannot score no task family"):
+        run_eval(store, spec, embed=None)
+    assert counts(store) == (0, 0, 0)

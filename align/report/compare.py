@@ -23,6 +23,7 @@ from align.report.credit import eval_credit
 from align.report.drift import drift
 from align.report.sections import (failures, heldout_accuracy, human_votes, kl_to_reference, ranking,
                                    score_summary, side_by_side, win_rates)
+from align.store.undo import discard_unused_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
 # ---- the evaluation ----------------------------------------------------------------------------------------------
 
 
+@discard_unused_on_failure
 def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT) -> dict:
     """Sample, judge and summarise; returns the report as a JSON-ready dict (see align.report.html for rendering)."""
     from align import store as st

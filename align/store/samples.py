@@ -14,6 +14,7 @@ from align.errors import DataError
 from align.store.clock import utcnow
 from align.store.db import Store, chunks, insert_ignoring_conflicts
 from align.store.schema import RESPONSE_KEY, Prompt, Response
+from align.store.undo import note_added
 
 # ---- prompts -------------------------------------------------------------------------------------------------
 
@@ -32,6 +33,7 @@ def add_prompts(store: Store, rows: list[dict[str, Any]]) -> list[int]:
         for chunk in chunks(sorted(set(hashes))):
             found = session.execute(select(Prompt.content_hash, Prompt.id).where(Prompt.content_hash.in_(chunk)))
             ids.update(dict(found.tuples().all()))
+    note_added("prompt", ids.values())
     return [ids[content_hash] for content_hash in hashes]
 
 

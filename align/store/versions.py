@@ -14,6 +14,7 @@ from align.errors import AlignError, DataError
 from align.store.clock import utcnow
 from align.store.db import Store, insert_ignoring_conflicts
 from align.store.schema import ModelVersion
+from align.store.undo import note_added
 
 VERSION_FIELDS = (
     "base_model", "base_revision", "adapter_path", "adapter_hash", "tokenizer_hash", "chat_template_hash",
@@ -42,6 +43,7 @@ def register_model_version(store: Store, version_json: dict[str, Any] | str | os
                 f"model version {name!r} is already registered with adapter_hash {stored.adapter_hash!r}, "
                 f"not {row['adapter_hash']!r}; give the new run its own name"
             )
+        note_added("model_version", [stored.id])
         return stored.id
 
 
