@@ -30,15 +30,24 @@ def main(argv: list[str]) -> None:
                         help="preferences only. native: every pair with its label and provenance (align dpo/reward); "
                         "trl: decided pairs only as plain prompt/chosen/rejected, for TRL's own trainers (ties and "
                         "both-bad pairs left out and counted).")
+    parser.add_argument("--rankings", action="store_true",
+                        help="preferences, native: also the K-way rankings, each expanded into its K(K-1)/2 pairs with "
+                        "weight 2/K (align/ranking.py); pairwise rows then carry weight 1")
     parser.add_argument("--incomplete", action="store_true",
                         help="also pairs that have fewer votes than they require (default: complete pairs only)")
     args = parser.parse_args(argv)
     if args.format == "trl" and args.kind != "preferences":
         raise AlignError("--format trl applies to --kind preferences (sft and unpaired rows are TRL's formats already)")
+    if args.rankings and (args.kind != "preferences" or args.format != "native"):
+        raise AlignError("--rankings applies to --kind preferences in the native format (rows carry their weight)")
     with st.connect(args.db) as store:
         rows = KINDS[args.kind](store, model_versions=args.model_versions, since=args.since, until=args.until,
                                 annotators=args.annotators, source=args.source, min_agreement=args.min_agreement,
                                 complete_only=not args.incomplete)
+        if args.rankings:
+            from align.store.rankings import export_rankings
+
+            rows = [{**row, "weight": 1.0} for row in rows] + export_rankings(store, source=args.source)
     if not rows:
         raise AlignError("nothing to export: no pair has votes matching these filters"
                          + ("" if args.incomplete else " and all the votes it requires (--incomplete: every pair)"))

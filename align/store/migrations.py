@@ -22,7 +22,7 @@ from align.store.clock import utcnow
 from align.store.schema import Assignment, Base, LeaseSlot, Meta, Pair, Vote
 from align.store.votes import in_effect
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def upgrade_to_v2(connection: Connection) -> None:
@@ -60,8 +60,13 @@ def upgrade_to_v3(connection: Connection) -> None:
         connection.execute(text('ALTER TABLE "user" ADD COLUMN target INTEGER'))
 
 
+def upgrade_to_v4(connection: Connection) -> None:
+    """K-way ranking events (schema.Ranking, align.ranking)."""
+    Base.metadata.tables["ranking"].create(connection, checkfirst=True)
+
+
 # MIGRATIONS[v] upgrades a database from version v-1 to v, inside the caller's transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3, 4: upgrade_to_v4}
 
 
 def ensure_schema(store: Store) -> int:

@@ -231,3 +231,21 @@ class LoginThrottle(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_failure_at: Mapped[datetime] = mapped_column(DateTime)
     locked_until: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Ranking(Base):
+    """One K-way ranking event (align.ranking): an annotator ordered K responses to one prompt, ties allowed.
+    `response_ids` are in the order shown on screen, `ranks` one per response in that order (1 = best, equal ranks
+    = tie). Append-only like votes; export expands it into pairwise rows weighted 2/K."""
+
+    __tablename__ = "ranking"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompt.id"), index=True)
+    response_ids: Mapped[list[Any]] = mapped_column(JSON)
+    ranks: Mapped[list[Any]] = mapped_column(JSON)
+    annotator: Mapped[str] = mapped_column(String(200), index=True)
+    source: Mapped[str] = mapped_column(String(200), default="human")
+    guidelines_version: Mapped[str | None] = mapped_column(String(64))
+    shown_at: Mapped[datetime | None] = mapped_column(DateTime)
+    answered_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
