@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CACHES = ("dynamic", "static")  # generate()'s KV cache: see generate_kwargs
 LOGPS_SOURCES = ("sampler", "rescore")  # where sample_responses takes log-probs from
+ENGINES = ("hf", "vllm")  # who samples: transformers' generate(), or vLLM (an optional extra, CUDA only)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ def sample_responses(
     with_logps: bool = True,
     cache: str = "dynamic",
     logps_from: str = "sampler",
+    engine: str = "hf",
 ) -> Iterator[list[Sample]]:
     """Sample `n` responses per prompt, yielding one list of Samples per batch of prompts.
 
@@ -181,6 +183,8 @@ def sample_responses(
     `logps_from`: "sampler" (default) takes the log-probs from the scores the tokens were drawn from
     (`SamplerLogps`) wherever `sampler_logps_usable`; "rescore" always runs the teacher-forced pass
     (`score_completions`, what `align rescore` runs). Both agree to float round-off.
+    `engine`: "hf" (transformers' generate) or "vllm" (`VllmEngine`: vLLM samples, the log-probs are re-scored
+    teacher-forced by `model`, so they stay exact whatever vLLM's kernels round).
     """
     import torch
 
@@ -189,6 +193,10 @@ def sample_responses(
     if logps_from not in LOGPS_SOURCES:
         raise ConfigError(f"logps_from must be one of {', '.join(LOGPS_SOURCES)}, got {logps_from!r}")
     from_sampler = with_logps and logps_from == "sampler" and sampler_logps_usable(settings)
+    vllm = VllmEngine(model, settings) if engine == "vllm" else None
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from_sampler = from_sampler and vllm is None
     model.eval()
     skip = skip or set()
     eos_ids = _eos_ids(model, tokenizer)
@@ -204,7 +212,10 @@ def sample_responses(
         encoded = [prompt_ids(tokenizer, prompts[i]) for i in chunk]
         torch.manual_seed(settings.seed * 1_000_003 + chunk[0])
         recorder = SamplerLogps(settings.temperature) if from_sampler else None
-        generated = _generate(model, tokenizer, encoded, n, settings, eos_ids, cache, recorder)
+        if vllm is not None:
+            generated = vllm.generate(encoded, n, settings, eos_ids, settings.seed * 1_000_003 + chunk[0])
+        else:
+            generated = _generate(model, tokenizer, encoded, n, settings, eos_ids, cache, recorder)
         if recorder is not None:
             import torch
 
@@ -360,6 +371,47 @@ def _generate(model, tokenizer, encoded: list[list[int]], n: int, settings: Samp
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                              **generate_kwargs(settings, n, pad, eos_ids, cache), **extra)
     return out[:, width:].tolist()
+
+
+class VllmEngine:
+    """Sampling with vLLM (`pip install 'align[vllm]'`, a CUDA GPU): the model's weights are loaded by vLLM from the
+    model's directory; prompts go in as token ids, `n` samples per prompt come back as token ids, cut at end of turn
+    as `generate` does. Log-probs are never vLLM's: `sample_responses` re-scores every completion teacher-forced
+    with the transformers model, so importance weights stay exact."""
+
+    def __init__(self, model: "PreTrainedModel", settings: SamplingSettings):
+        missing = vllm_missing()
+        if missing:
+            raise ConfigError(missing)
+        from vllm import LLM
+
+        path = getattr(model.config, "_name_or_path", "")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.llm = LLM(model=path, dtype=dtype, seed=settings.seed, enable_prefix_caching=True)
+
+    def generate(self, encoded: list[list[int]], n: int, settings: SamplingSettings, eos_ids: set[int],
+                 seed: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=settings.temperature, top_p=settings.top_p,
+                                top_k=settings.top_k or -1, max_tokens=settings.max_new_tokens, seed=seed,
+                                stop_token_ids=sorted(eos_ids), detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        return [list(c.token_ids) for out in outputs for c in out.outputs]
+
+
+def vllm_missing() -> Optional[str]:
+    """Why the vLLM engine cannot run here (one line), or None."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("engine vllm: vLLM is not installed (pip install 'align[vllm]' on a machine with a CUDA GPU); "
+                "use engine hf, transformers' batched generate")
+    if not torch.cuda.is_available():
+        return "engine vllm: vLLM needs a CUDA GPU and none is visible; use engine hf"
+    return None
 
 
 def sampler_logps_usable(settings: SamplingSettings) -> bool:

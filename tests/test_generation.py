@@ -174,3 +174,21 @@ def test_generation_batch_from_memory(tiny):
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
     batches = list(sample_responses(model, tok, prompts, 2, SamplingSettings(max_new_tokens=3), batch_size=0))
     assert len(batches) == 1 and len(batches[0]) == 6
+
+
+def test_vllm_engine_absent_says_so_in_one_line(tiny):
+    """vLLM is an optional extra (CUDA only): where it is missing or there is no GPU, asking for it is a config error
+    that says what to install or use instead, before anything is sampled."""
+    import importlib.util
+
+    from align.generation import vllm_missing
+
+    model, tok = tiny
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM is usable here")
+    reason = vllm_missing()
+    assert reason is not None and "\n" not in reason and "engine hf" in reason
+    with pytest.raises(ConfigError, match="engine vllm: vLLM"):
+        next(sample_responses(model, tok, [[{"role": "user", "content": "x"}]], 1, SamplingSettings(), engine="vllm"))
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        next(sample_responses(model, tok, [[{"role": "user", "content": "x"}]], 1, SamplingSettings(), engine="tgi"))
