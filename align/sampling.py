@@ -32,8 +32,10 @@ def generate_to_store(
     batch_size: int = 16,
     pair_rule: Optional[str] = "random_iid",
     votes_required: int = 3,
+    engine: str = "hf",
 ) -> dict[str, Any]:
-    """Sample n responses per prompt into the store, resuming past stored samples; then make pairs."""
+    """Sample n responses per prompt into the store, resuming past stored samples; then make pairs. `engine`: see
+    `align.generation.sample_responses`."""
     from tqdm.auto import tqdm
 
     if pair_rule is not None and pair_rule not in st.PAIR_RULES:  # refused before anything is sampled or stored
@@ -49,7 +51,7 @@ def generate_to_store(
         model, tokenizer = load_model(ModelArgs(model=loadable_spec(version)))
         prompts = [as_messages(row.get("messages") or row["prompt"]) for row in prompt_rows]
         with tqdm(total=todo, desc=f"sampling {name}", unit="response") as bar:
-            for batch in sample_responses(model, tokenizer, prompts, n, settings, batch_size, skip):
+            for batch in sample_responses(model, tokenizer, prompts, n, settings, batch_size, skip, engine=engine):
                 st.add_responses(store, [_response_row(s, prompt_ids, version_id, settings) for s in batch])
                 bar.update(len(batch))
     pairs = st.make_pairs(store, version_id, rule=pair_rule, seed=settings.seed, votes_required=votes_required,

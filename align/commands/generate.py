@@ -25,7 +25,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--top_k", type=int, default=0, help="> 0 truncates sampling (bad for importance weights).")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16, help="Sequences sampled at once.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Sequences sampled at once; 0: from memory.")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers' batched generate; "
+                        "vllm: vLLM (the 'vllm' extra, CUDA only), log-probs re-scored teacher-forced.")
     parser.add_argument("--per_family", type=int, default=None,
                         help="Use only the first N prompts of each task family (a balanced subset of a task file).")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N prompts (after --per_family).")
@@ -38,6 +40,7 @@ def main(argv: list[str]) -> None:
     rows = resolve_prompts(args.prompts, args.per_family, args.limit)
     with st.connect(args.db) as store:
         summary = generate_to_store(store, args.model, rows, args.n, settings, args.batch_size,
-                                    None if args.pairs == "none" else args.pairs, args.votes_required)
+                                    None if args.pairs == "none" else args.pairs, args.votes_required,
+                                    engine=args.engine)
     print(f"{summary['version']}: {summary['generated']} responses generated, {summary['skipped']} already stored, "
           f"{summary['prompts']} prompts, {summary['pairs']} pairs")
