@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("naive", "ours", "ours+static")
+SIDES = ("naive", "ours", "ours+static", "ours+vllm")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}  # per token, nats: a re-score in another batch shape differs by this
 
 
@@ -65,11 +65,11 @@ def naive_side(model: Any, tokenizer: Any, prompts: list, n: int, settings: Any)
 
 
 def our_side(model: Any, tokenizer: Any, prompts: list, n: int, settings: Any, batch_size: int,
-             cache: str = "dynamic") -> list:
+             cache: str = "dynamic", engine: str = "hf") -> list:
     from align.generation import sample_responses
 
-    return [s for batch in sample_responses(model, tokenizer, prompts, n, settings, batch_size, cache=cache)
-            for s in batch]
+    return [s for batch in sample_responses(model, tokenizer, prompts, n, settings, batch_size, cache=cache,
+                                            engine=engine) for s in batch]
 
 
 # ---- checks -------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="Timed passes over the prompt set per side.")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"Comma-separated, from {', '.join(SIDES)}.")
+    parser.add_argument("--sides", default="naive,ours,ours+static", help=f"Comma-separated, from {', '.join(SIDES)}.")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU that has it, else float32.")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine).")
     parser.add_argument("--results_dir", default=str(ROOT / "bench" / "results"))
@@ -281,7 +281,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         print(f"[generation] batch from memory: {b} sequences per generate call", flush=True)
     runs = {"naive": lambda p: naive_side(model, tokenizer, p, n, settings),
             "ours": lambda p: our_side(model, tokenizer, p, n, settings, b),
-            "ours+static": lambda p: our_side(model, tokenizer, p, n, settings, b, cache="static")}
+            "ours+static": lambda p: our_side(model, tokenizer, p, n, settings, b, cache="static"),
+            "ours+vllm": lambda p: our_side(model, tokenizer, p, n, settings, b, engine="vllm")}
     runs = {name: runs[name] for name in sides}
     print(f"[generation] {len(prompts)} prompts × {n} samples, {', '.join(runs)} in turns, {args.rounds} rounds ...",
           flush=True)
@@ -291,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name in (k for k in runs if k != "naive"):
         cache = "static" if name.endswith("static") else "dynamic"
         gap = rescore_gap(model, tokenizer, prompts, samples[name], settings)
-        drawn = sampler_gap(model, tokenizer, prompts, n, settings, b, cache)
+        drawn = None if name == "ours+vllm" else sampler_gap(model, tokenizer, prompts, n, settings, b, cache)
         exactness[name] = {"rescore_max_abs": gap, "sampler_max_abs": drawn, "tolerance": tolerance,
                            "pass": gap < tolerance and (drawn is None or drawn < tolerance)}
     naive = samples.get("naive")
