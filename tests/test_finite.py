@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from align.commands import main as cli_main
-from align.config import TrainArgs
+from align.config import DPOArgs, TrainArgs
 from align.errors import AlignError
 from align.runs import read_metrics
 from align.trainers.dpo import train_dpo
@@ -22,6 +22,9 @@ from tests.test_reward import reward_configs
 from tests.test_rlhf import prompts_file, reward_run  # noqa: F401 - module fixtures
 from tests.test_sft import configs as sft_configs
 
+
+
+QUICK_DPO = DPOArgs(interference_samples=0, interference_per_family=0)  # interference: not measured here
 
 def assert_nothing_saved(out):
     assert not (out / "version.json").exists() and not (out / "adapter").exists() and not (out / "merged").exists()
@@ -38,8 +41,9 @@ def test_sft_stops_at_a_learning_rate_typo(tiny_model_dir, chat_files, tmp_path)
 
 def test_dpo_stops_naming_the_step_not_the_data(tiny_model_dir, data_files, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=r"training stopped at step 5: 4 steps in a row .*learning rate 10000") as caught:
-        train_dpo(*dpo_configs(tiny_model_dir, data_files, out, learning_rate=1e4, max_steps=6))
+    expected = r"training stopped at step 5: 4 steps in a row .*learning rate 10000"
+    with pytest.raises(TrainingDiverged, match=expected) as caught:
+        train_dpo(*dpo_configs(tiny_model_dir, data_files, dpo=QUICK_DPO, out=out, learning_rate=1e4, max_steps=6))
     assert "dataset rows" not in str(caught.value)
     assert_nothing_saved(out)
     skipped = [m["train/skipped_steps"] for m in read_metrics(out / "metrics.jsonl") if "train/skipped_steps" in m]
@@ -134,11 +138,14 @@ def test_save_refuses_non_finite_weights(tiny_model_dir, tmp_path):
 
 
 def test_rlhf_stops_and_saves_nothing(tiny_model_dir, reward_run, prompts_file, tmp_path):  # noqa: F811
+    from align.config import MonitorArgs
     from align.trainers.rlhf import train_rlhf
     from tests.test_rlhf import configs as rlhf_configs
 
     out = tmp_path / "rl"
-    configs = rlhf_configs(tiny_model_dir, reward_run, prompts_file, out, max_steps=6, learning_rate=1e4, save_steps=10)
+    configs = rlhf_configs(tiny_model_dir, reward_run, prompts_file, out, monitor=MonitorArgs(monitor=False),
+                           max_steps=6, learning_rate=1e4, save_steps=10)
+    configs[2].eval_prompts_file = None  # no gold evaluation: the loop is what is tested
     with pytest.raises(TrainingDiverged, match="learning rate 10000"):
         train_rlhf(*configs)
     assert_nothing_saved(out)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from align.config import DPOArgs
 from align.errors import AlignError, DataError
 from align.runs import RUN_MARKER, prepare_output_dir
 from align.trainers.dpo import train_dpo
@@ -18,6 +19,9 @@ from tests.test_dpo import data_files  # noqa: F401 - a module fixture
 from tests.test_sft import configs as sft_configs
 
 
+
+QUICK_DPO = DPOArgs(interference_samples=0, interference_per_family=0)  # interference: not measured here
+
 def test_a_project_folder_is_refused_and_left_untouched(tiny_model_dir, chat_files, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
@@ -26,7 +30,8 @@ def test_a_project_folder_is_refused_and_left_untouched(tiny_model_dir, chat_fil
     with pytest.raises(AlignError, match=rf"output directory {project} is not empty and is not an align run "
                                          r"\(it holds README.md, config.yaml\)"):
         train_sft(*sft_configs(tiny_model_dir, chat_files, project, max_steps=1))
-    assert (project / "README.md").read_text() == "# my project\n" and (project / "config.yaml").read_text() == "mine: true\n"
+    assert (project / "README.md").read_text() == "# my project\n"
+    assert (project / "config.yaml").read_text() == "mine: true\n"
     assert sorted(p.name for p in project.iterdir()) == ["README.md", "config.yaml"]
 
 
@@ -73,7 +78,8 @@ def _adapter(out):
 
 def test_dpo_resumed_mid_epoch_is_bit_identical_with_dropout(tiny_model_dir, data_files, tmp_path):  # noqa: F811
     def configs(out, **kw):
-        c = dpo_configs(tiny_model_dir, data_files, out, max_steps=5, save_steps=2, eval_steps=0, **kw)
+        c = dpo_configs(tiny_model_dir, data_files, dpo=QUICK_DPO, out=out, max_steps=5, save_steps=2, eval_steps=0,
+                        **kw)
         c[1].lora_dropout = 0.1  # dropout masks come from the global RNG: the checkpoint must carry its state
         return c
 
@@ -125,7 +131,7 @@ def test_resume_on_a_finished_run_is_a_no_op_that_says_so(tiny_model_dir, chat_f
             return train_sft(*sft_configs(tiny_model_dir, chat_files, out, max_steps=2, **kw))
     else:
         def train(**kw):
-            return train_dpo(*dpo_configs(tiny_model_dir, data_files, out, max_steps=2, **kw))
+            return train_dpo(*dpo_configs(tiny_model_dir, data_files, dpo=QUICK_DPO, out=out, max_steps=2, **kw))
     train()
     before = {p.name: p.read_bytes() for p in (out / "version.json", out / "metrics.jsonl")}
     with caplog.at_level(logging.WARNING):

@@ -56,8 +56,8 @@ class NonFiniteGuard:
             raise TrainingDiverged(
                 f"training stopped at step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
                 f"({what}); likely cause: {likely_cause(self.learning_rate)}. No model was saved")
-        log.warning("step %d: non-finite loss or gradient (%s); update skipped (%d of %d allowed in a row)", step, what, self.in_a_row,
-                    self.max_bad_steps)
+        log.warning("step %d: non-finite loss or gradient (%s); update skipped (%d of %d allowed in a row)", step,
+                    what, self.in_a_row, self.max_bad_steps)
         return False
 
     def finish(self, step: int) -> None:
