@@ -7,6 +7,7 @@ Every refusal names the file (or dataset) and the 1-based row (for JSON Lines fi
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
@@ -148,6 +150,7 @@ class Source:
     files: tuple[str, ...] = ()  # the local files read (for line numbers and the data hash)
     fingerprint: Optional[str] = None  # a hub or save_to_disk dataset's own fingerprint
     _lines: Optional[list[int]] = field(default=None, repr=False)
+    textual: bool = False  # a CSV file: every cell is text (see csv_values)
 
     @property
     def columns(self) -> list[str]:
@@ -160,13 +163,13 @@ class Source:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for row in self.rows:
-            yield {k: _plain(v) for k, v in row.items()}
+            yield csv_values(row) if self.textual else {k: _plain(v) for k, v in row.items()}
 
     def take(self, limit: Optional[int]) -> "Source":
         if not limit or limit >= len(self.rows):
             return self
         rows = self.rows[:limit] if isinstance(self.rows, list) else self.rows.select(range(limit))
-        return Source(self.name, rows, self.files, self.fingerprint, self._lines)
+        return Source(self.name, rows, self.files, self.fingerprint, self._lines, self.textual)
 
     def where(self, index: int) -> str:
         """'FILE:LINE' for a JSON Lines file (what an editor jumps to), else 'NAME: row N', 1-based."""
@@ -195,7 +198,7 @@ class Source:
             rows = [{renames.get(k, k): v for k, v in row.items()} for row in self.rows]
         else:
             rows = self.rows.rename_columns(renames)
-        return Source(self.name, rows, self.files, self.fingerprint, self._lines)
+        return Source(self.name, rows, self.files, self.fingerprint, self._lines, self.textual)
 
     def data_hash(self) -> str:
         return files_sha256(*self.files) if self.files else (self.fingerprint or "unknown")[:16]
@@ -290,17 +293,92 @@ def open_source(spec: str, split: Optional[str] = None, *, config: Optional[str]
 def _load_files(spec: str, builder: str, files: list[Path]) -> Source:
     datasets = _quiet_datasets()
     names = tuple(str(f) for f in files)
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        # Every CSV cell is text ("98" stays the answer "98", not the number 98); csv_values converts the numeric and
+        # boolean columns align knows, and an empty cell is no value.
+        with open(files[0], newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                  "keep_default_na": False}
+    if builder == "json" and not all(_is_json_lines(n) for n in names):
+        return _load_json_arrays(spec, names)
     try:
-        loaded = datasets.load_dataset(builder, data_files=list(names), split="train")
+        with _no_pandas_json():
+            loaded = datasets.load_dataset(builder, data_files=list(names), split="train", **kwargs)
         if builder == "json":
             loaded.data.table.validate(full=True)  # Arrow loads invalid UTF-8 and fails only when a row is read
     except Exception as exc:  # noqa: BLE001 - Arrow's errors name neither file nor line: find them ourselves
         if builder != "json":
             raise DataError(f"{spec}: cannot read as {builder} ({_first_line(exc)})") from None
+        loaded, reason = None, _first_line(exc)
+    else:
+        # datasets keeps a column of mixed types as its `Json` feature, whose decoding turns the text "98" into the
+        # number 98: such files are read row by row instead.
+        reason = "columns of mixed types" if "Json(" in repr(loaded.features) else None
+    if reason is not None:
         rows = [row for name in names for _, row in iter_jsonl(name)]  # names a malformed line
-        log.debug("%s: columns of mixed types, read without Arrow (%s)", spec, _first_line(exc))
+        log.debug("%s: read without Arrow (%s)", spec, reason)
         return _nonempty(Source(spec, rows, names))
-    return _nonempty(Source(spec, loaded, names))
+    return _nonempty(Source(spec, loaded, names, textual=builder == "csv"))
+
+
+def _load_json_arrays(spec: str, names: tuple[str, ...]) -> Source:
+    """.json files holding one array of objects (small by nature: big data comes as JSON Lines)."""
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        if _is_json_lines(name):
+            rows += [row for _, row in iter_jsonl(name)]
+            continue
+        try:
+            data = json.loads(Path(name).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{name}: expected JSON Lines or one JSON array of objects")
+        rows += data
+    return _nonempty(Source(spec, rows, names))
+
+
+@contextmanager
+def _no_pandas_json() -> Iterator[None]:
+    """datasets' JSON loader falls back to pandas when Arrow cannot type a column, and pandas turns the answer "98"
+    into the number 98: refuse that fallback (we read such files row by row instead)."""
+    import importlib
+
+    json_builder = importlib.import_module("datasets.packaged_modules.json.json")
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("columns of mixed types")
+
+    original = json_builder.pandas_read_json
+    json_builder.pandas_read_json = refuse
+    try:
+        yield
+    finally:
+        json_builder.pandas_read_json = original
+
+
+NUMERIC_COLUMNS = ("margin", "weight", "label_agreement", "score_chosen", "score_rejected", "gen_chosen_logps",
+                   "gen_rejected_logps", "n_votes")
+
+
+def csv_values(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row (all text) with align's numeric columns as numbers and `label` true/false as a boolean; an empty
+    cell is no value. Anything else stays text, so validation refuses it naming the row."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value == "" and key != "text":
+            value = None
+        elif key in NUMERIC_COLUMNS:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        elif key == "label" and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        out[key] = value
+    return out
 
 
 def _nonempty(source: Source) -> Source:

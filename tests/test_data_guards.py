@@ -108,3 +108,20 @@ print(len(cut[1]["chosen_ids"]), counts["truncated_completions"], round(rise))
     assert kept == 96 - len("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n".replace("<|im_start|>", "S")
                              .replace("<|im_end|>", "E")) and truncated == 1
     assert rise_mb < 120, f"peak memory rose {rise_mb} MB on a 5 MB line"
+
+
+def test_answers_that_look_like_numbers_stay_text(tmp_path):
+    """CSV cells are text, and a JSON file whose columns mix types is read row by row, never through pandas (which
+    turns the answer "98" into the number 98); align's numeric columns in CSV still read as numbers."""
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text('prompt,chosen,rejected,margin,label\nCalculate 4 + 94.,98,96,1.5,\nQ,007,7,,tie\n')
+    pset = load_preferences(csv_path, both_bad="tie")
+    assert [(r["chosen"], r["rejected"], r["margin"], r["label"]) for r in pset.rows] == [
+        ("98", "96", 1.5, "chosen"), ("007", "7", None, "tie")]
+    mixed = write(tmp_path / "m.jsonl", [{"prompt": "Q", "completion": "98"},
+                                         {"prompt": [user("Q")], "completion": [bot("007")]}])
+    assert [r["messages"][-1]["content"] for r in load_sft(open_source(str(mixed))).rows] == ["98", "007"]
+    unpaired = tmp_path / "u.csv"
+    unpaired.write_text("prompt,completion,label\nQ,98,True\nQ,96,false\n")
+    sft = load_sft(open_source(str(unpaired)))
+    assert [r["messages"][-1]["content"] for r in sft.rows] == ["98"] and sft.dropped == {"false_labels": 1}
