@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from align.weighting import WeightResult, _ess_frac, compute_importance_weights
+from align.weighting import WeightResult, compute_importance_weights, ess_frac, normalize_log_weights
 
 AUTO_CANDIDATES = ("none", "tempered", "length_normalized", "trust", "trust+length_normalized")
 MIN_HELDOUT = 50
@@ -45,9 +45,7 @@ def tempered_alpha(pair_log_ratios, target_ess: float = TARGET_ESS, clip: Option
     lam = torch.as_tensor(pair_log_ratios, dtype=torch.float64)
 
     def ess(alpha: float) -> float:
-        from align.weighting import normalize_log_weights
-
-        return _ess_frac(normalize_log_weights(alpha * lam, clip).double())
+        return ess_frac(normalize_log_weights(alpha * lam, clip).double())
 
     if ess(1.0) >= target_ess:
         return 1.0
@@ -241,7 +239,7 @@ def choose_weighting(
             full[rows] = w
             per_fold.append(pilot(candidate, full, heldout))
         alphas[candidate] = alpha
-        ess[candidate] = _ess_frac(full[old_idx].double())
+        ess[candidate] = ess_frac(full[old_idx].double())
         fits[candidate] = per_fold
     matched = kl if kl is not None else min(f.kl[-1] for fold in fits.values() for f in fold)
 

@@ -280,7 +280,7 @@ def normalize_log_weights(log_w, clip: float | None = 5.0) -> torch.Tensor:
 # --- diagnostics ----------------------------------------------------------------------------------------------------
 
 
-def _ess_frac(weights: torch.Tensor) -> float:
+def ess_frac(weights: torch.Tensor) -> float:
     """Kish ESS/N = (Σw)² / (N·Σw²); 0 for an all-zero group."""
     sq = float((weights**2).sum())
     return float(weights.sum()) ** 2 / (weights.numel() * sq) if sq > 0 else 0.0
@@ -369,7 +369,7 @@ def weight_diagnostics(
     top_k = max(1, n // 100)  # top 1% of pairs, at least one
     diag = {
         "weights/n": n,
-        "weights/ess_frac": _ess_frac(w),
+        "weights/ess_frac": ess_frac(w),
         "weights/top1pct_share": float(torch.topk(w, top_k).values.sum() / w.sum()),
         "weights/clipped_frac": float((w >= clip * (1 - 1e-6)).double().mean()) if clip else 0.0,
         "weights/max": float(w.max()),
@@ -386,7 +386,7 @@ def weight_diagnostics(
         raise DataError(f"source_version has {len(versions)} entries, expected {n}")
     groups = {v: torch.tensor([i for i, s in enumerate(versions) if s == v]) for v in dict.fromkeys(versions)}
     for v, idx in groups.items():
-        diag[f"weights/ess_frac/{v}"] = _ess_frac(w[idx])
+        diag[f"weights/ess_frac/{v}"] = ess_frac(w[idx])
         diag[f"weights/share/{v}"] = float(w[idx].sum() / w.sum())
         diag[f"data/share/{v}"] = idx.numel() / n
         if diag[f"weights/ess_frac/{v}"] < 0.1:

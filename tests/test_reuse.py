@@ -9,7 +9,7 @@ import torch
 
 from align.config import LoraArgs, WeightingArgs
 from align.reuse import AUTO_CANDIDATES, choose_weighting, tempered_alpha, version_trust_from_agreement
-from align.weighting import _ess_frac, normalize_log_weights
+from align.weighting import ess_frac, normalize_log_weights
 from tests.bench import load_bench
 from tests.test_preference import load_tokenizer, pair_rows, write_pairs
 
@@ -44,7 +44,7 @@ def test_tempered_alpha_keeps_half_the_effective_sample():
     lam = torch.randn(2000, generator=torch.Generator().manual_seed(1)) * 6
     alpha = tempered_alpha(lam, 0.5, clip=5.0)
     assert 0 < alpha < 1
-    assert _ess_frac(normalize_log_weights(alpha * lam, 5.0).double()) == pytest.approx(0.5, abs=1e-3)
+    assert ess_frac(normalize_log_weights(alpha * lam, 5.0).double()) == pytest.approx(0.5, abs=1e-3)
     assert tempered_alpha(lam * 1e-3, 0.5) == 1.0  # versions this close: plain IS keeps ESS/N above 0.5
 
 
@@ -173,3 +173,39 @@ def test_worth_report_on_known_cases():
     assert set(worth["versions"]) == {"v0", "v1"} and worth["new_pairs"] == 10 and worth["validated_gain"] == 0.02
     assert worth["sentence"].startswith("v0's 40 pairs are worth about 40 fresh pairs; v1's 20 pairs are worth about")
     assert "of v2 (against 10 new pairs); reused with trust weights (held-out gain +0.0200 nats/pair)." in worth["sentence"]
+
+
+@pytest.mark.slow  # ~30 s idle, ~100 s on a busy shared CPU: 12 pilot fits, then the run
+def test_align_dpo_with_auto_records_the_choice(tiny_model_dir, tmp_path):
+    """`align dpo` with weighting auto (thresholds lowered to fit the tiny data): pilots run on the starting model,
+    the run then trains its own adapter from the untouched model, and the choice and reason reach weights.json,
+    version.json and the worth report."""
+    import json
+
+    from align.config import DPOArgs, ModelArgs, PreferenceDataArgs, TrainArgs
+    from align.models import load_model
+    from align.preference import PreferenceCollator, load_preferences, score_pairs, tokenize_pairs
+    from align.trainers.dpo import train_dpo
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    rows = pair_rows(tokenizer, n=12, versions=("v0", "v1", "v0"))
+    full, _, _ = tokenize_pairs(load_preferences(write_pairs(tmp_path / "a.jsonl", rows)), tokenizer)
+    scores = score_pairs(model, full, PreferenceCollator(tokenizer.pad_token_id), 8)
+    for i, row in enumerate(rows):  # v1's pairs were sampled by the model the run starts from
+        if row["gen_model_version"] == "v1":
+            row.update(gen_chosen_logps=float(scores["chosen_logps"][i]), gen_rejected_logps=float(scores["rejected_logps"][i]))
+    train_file = write_pairs(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    train_dpo(ModelArgs(model=str(tiny_model_dir)), LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
+              PreferenceDataArgs(train_file=str(train_file), eval_file=None, max_length=128, max_prompt_length=64),
+              DPOArgs(), WeightingArgs(weighting_scheme="auto", weighting_auto_min_new=4, weighting_auto_min_ratio=1.0,
+                                       weighting_auto_steps=1),
+              TrainArgs(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                        eval_steps=0, save_steps=2, report_to="none", seed=0))
+    diag = json.loads((out / "weights.json").read_text())["diagnostics"]
+    record = json.loads((out / "version.json").read_text())["metrics"]["weighting_auto"]
+    assert record["choice"] == diag["auto"]["choice"] in AUTO_CANDIDATES and record["reason"] == diag["auto"]["reason"]
+    assert set(diag["auto"]["scores"]) >= {"none", "tempered", "length_normalized"}
+    assert diag["worth"]["new_version"] == "v1" and diag["worth"]["versions"]["v0"]["pairs"] == 8
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
