@@ -1,11 +1,12 @@
-"""Prompt sets: a JSONL file of prompt rows, or the shipped task suite (`tasks:train`, `tasks:eval`)."""
+"""Prompt sets: a file of prompt rows (any input align.data.open_source reads: JSON Lines, JSON, CSV, Parquet, globs,
+save_to_disk folders), or the shipped task suite (`tasks:train`, `tasks:eval`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-from align.data import check_messages, iter_jsonl
+from align.data import check_messages, open_source
 from align.errors import AlignError, DataError
 from align.evaluate import stratified
 from align.tasks import load_tasks
@@ -15,8 +16,10 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Prompt rows: task rows ({"prompt", "family", "gold", ...}), chat rows ({"messages"}) or {"prompt": text},
     validated here, where a problem can be named by file and line."""
     rows = []
-    for lineno, row in iter_jsonl(path):
-        where = f"{path}:{lineno}"
+    source = open_source(str(path))
+    for index, row in enumerate(source):
+        where = source.where(index)
+        row = {k: v for k, v in row.items() if v is not None}  # a column another row has is no value here
         prompt = row.get("prompt", row.get("messages"))
         if not prompt or not isinstance(prompt, (str, list)):
             raise DataError(f"{where}: needs a non-empty 'prompt' (text or messages) or 'messages'")

@@ -234,3 +234,18 @@ def test_sft_containers(container, tiny_model_dir, tmp_path):
     sft = load_sft(open_source(str(spec)))
     assert sft.rows[2]["messages"] == [user("Q2"), bot("A2")] and sft.rows[2]["where"] == f"{spec}: row 3"
     assert version(run_sft(tiny_model_dir, tmp_path / "run", train_file=str(spec)))["metrics"]["global_step"] == 1
+
+
+@pytest.mark.parametrize("container", ["prompts.parquet", "prompts.csv", "saved"])
+def test_prompt_files_for_generate_and_rlhf(container, tmp_path):
+    """align generate / rlhf prompts come through the same entry point: any container, rows named on refusal."""
+    from align.prompts import read_prompts
+    from align.trainers.rlhf import prompt_dataset
+
+    spec = write(tmp_path / container, [{"prompt": "Calculate 4 + 94.", "family": "arithmetic"}, {"prompt": "Name a prime."}])
+    rows = read_prompts(spec)
+    assert [(r["prompt"], r.get("family")) for r in rows] == [("Calculate 4 + 94.", "arithmetic"), ("Name a prime.", None)]
+    assert prompt_dataset(str(spec), None)[1]["prompt"] == [user("Name a prime.")]
+    bad = write(tmp_path / f"bad-{container}", [{"prompt": "ok"}, {"prompt": ""}])
+    with pytest.raises(DataError, match=r"bad-.*: row 2: needs a non-empty 'prompt'"):
+        read_prompts(bad)
