@@ -345,13 +345,14 @@ def lease_latency(db: str | None, n_pairs: int, n_leases: int = 300) -> dict:
         workdir = tempfile.TemporaryDirectory(prefix="align-lease-")
         db = f"sqlite:///{workdir.name}/store.db"
     prepare_store(db, 0, n_pairs)
-    leases, votes = [], []
+    leases, votes, cpu = [], [], []
     with connect(db) as store:
         for i in range(n_leases):
             name = f"annotator{i % 100:04d}"
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             pair_id = lease_next_pair(store, name)
             leases.append(time.perf_counter() - started)
+            cpu.append(time.thread_time() - started_cpu)
             started = time.perf_counter()
             add_vote(store, pair_id, name, "a")
             votes.append(time.perf_counter() - started)
@@ -359,7 +360,8 @@ def lease_latency(db: str | None, n_pairs: int, n_leases: int = 300) -> dict:
         workdir.cleanup()
     lq, vq = statistics.quantiles(leases, n=100), statistics.quantiles(votes, n=100)
     return {"pairs": n_pairs, "backend": db.split(":", 1)[0].split("+")[0], "lease_p50_ms": 1000 * lq[49],
-            "lease_p95_ms": 1000 * lq[94], "vote_p50_ms": 1000 * vq[49]}
+            "lease_p95_ms": 1000 * lq[94], "vote_p50_ms": 1000 * vq[49],
+            "lease_cpu_ms": 1000 * statistics.median(cpu)}
 
 
 def math_nan() -> float:
@@ -377,7 +379,8 @@ def summary_line(r: dict) -> str:
 
 def lease_line(r: dict) -> str:
     return (f"lease latency at {r['pairs']} pairs, {r['backend']}: p50 {r['lease_p50_ms']:.2f} ms, "
-            f"p95 {r['lease_p95_ms']:.2f} ms (the vote after it: p50 {r['vote_p50_ms']:.2f} ms)")
+            f"p95 {r['lease_p95_ms']:.2f} ms, client CPU p50 {r['lease_cpu_ms']:.2f} ms "
+            f"(the vote after it: p50 {r['vote_p50_ms']:.2f} ms)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("page", "json"), default="page",
                         help="page: the page's own protocol (Gradio queue); json: the JSON API (lighter)")
     parser.add_argument("--in_process", "--in-process", action="store_true", help="run the server in this process")
-    parser.add_argument("--lease_pairs", type=int, default=0,
-                        help="also time lease_next_pair on a fresh store of this many pairs (e.g. 30000)")
-    parser.add_argument("--lease_db", default=None, help="an EMPTY store for the lease timing (default: temp SQLite)")
+    parser.add_argument("--lease_pairs", default="",
+                        help="also time lease_next_pair on fresh stores of these many pairs, e.g. 300,30000")
+    parser.add_argument("--lease_db", default=None,
+                        help="EMPTY stores for the lease timing, comma-separated, one per size (default: temp SQLite)")
     args = parser.parse_args(argv)
     ok = True
     if args.annotators > 0:
@@ -402,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
                           workers=args.workers, client=args.client)
         print(summary_line(result), flush=True)
         ok = result["lost"] == 0 and result["duplicated"] == 0 and result["over_k"] == 0
-    if args.lease_pairs:
-        print(lease_line(lease_latency(args.lease_db, args.lease_pairs)), flush=True)
+    sizes = [int(n) for n in args.lease_pairs.split(",") if n.strip()]
+    dbs = args.lease_db.split(",") if args.lease_db else [None] * len(sizes)
+    if len(dbs) != len(sizes):
+        parser.error("--lease_db needs one empty store per --lease_pairs size")
+    for n_pairs, lease_db in zip(sizes, dbs):
+        print(lease_line(lease_latency(lease_db, n_pairs)), flush=True)
     return 0 if ok else 1
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from align.errors import AlignError
@@ -46,6 +46,10 @@ def lease_next_pair(
     now = utc(now) or utcnow()
     expires = now + timedelta(seconds=lease_seconds)
     with store.write() as session:
+        if store.dialect == "postgresql":
+            # A lease is soft state: should the server crash right after this commit, the pair is simply offered
+            # again. So its commit need not wait for the WAL to reach the disk (votes do wait).
+            session.execute(text("SET LOCAL synchronous_commit TO OFF"))
         lock_annotator(session, annotator)
         held = session.scalars(
             select(LeaseSlot)
