@@ -209,3 +209,29 @@ def test_align_dpo_with_auto_records_the_choice(tiny_model_dir, tmp_path):
     assert set(diag["auto"]["scores"]) >= {"none", "tempered", "length_normalized"}
     assert diag["worth"]["new_version"] == "v1" and diag["worth"]["versions"]["v0"]["pairs"] == 8
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_report_shows_autos_choice_and_the_worth_sentence(tmp_path):
+    """The evaluation report's weighting section (from a run's weights.json): auto's choice, reason and candidates,
+    and the worth table and sentence."""
+    import json
+
+    from align.commands.report import build_runs_report
+    from align.report import write_report
+    from align.reuse import AutoChoice, worth_report
+
+    run = tmp_path / "v2-dpo"
+    (run / "adapter").mkdir(parents=True)
+    (run / "version.json").write_text(json.dumps({"name": "v2-dpo", "method": "dpo", "parent": "tiny",
+                                                  "adapter_path": str(run / "adapter"), "metrics": {}}))
+    cols = _columns(120)
+    versions = ["v0"] * 100 + ["v1"] * 20
+    choice = AutoChoice("none", "only 20 pairs from v1 to validate a scheme on (auto needs at least 50)")
+    worth = worth_report(cols, versions, "v1", choice=choice)
+    (run / "weights.json").write_text(json.dumps({"diagnostics": {
+        "scheme": "none, by auto", "weights/n": 120, "weights/ess_frac": 1.0, "auto": choice.record(), "worth": worth,
+        "weights/log_hist": {"edges": [-0.5, 0.5], "counts": [120]}}}))
+    html = write_report(build_runs_report([str(run)]), tmp_path / "out").read_text()
+    assert "auto chose none" in html and "only 20 pairs from v1" in html
+    assert "What the old labels are still worth" in html
+    assert "v0&#x27;s 100 pairs are worth about" in html or "v0's 100 pairs are worth about" in html
