@@ -24,6 +24,7 @@ import gradio as gr
 
 from align.generation import SamplingSettings
 from align.store import connect
+from align.store.rankings import ranking_k
 from labeling.handlers import (
     FLAG_REASONS,
     REASON_TAGS,
@@ -37,6 +38,7 @@ from labeling.handlers import (
     Sessions,
     load_guidelines,
 )
+from labeling.ranking import rank_tab_body, wire_rank
 from labeling.render import safe_markdown
 from labeling.server import ServerSettings, create_server, serve
 
@@ -112,6 +114,7 @@ def build_app(
     store = connect(store_url)
     config = LabelingConfig(version, lease_seconds, frozenset(rationale_required), max_text_bytes=max_text_bytes)
     labeling = Labeling(store, config)
+    k = ranking_k(store)  # 0: pairwise only (the default); 3..5: the Rank tab too (align label --ranking_k K)
     sessions = Sessions(labeling.release, grace=release_grace)
     if responders is not None and len(responders) != 2:
         raise ValueError("side-by-side mode needs exactly two responders")
@@ -131,6 +134,8 @@ def build_app(
                             gr.Markdown(guidelines_md, max_height=900)
             with gr.Tab("Guidelines", id="guidelines"):
                 gr.Markdown(guidelines_md)
+            with gr.Tab("Rank", id="rank", visible=k > 0) as rank_tab:  # K-way ranking: a project setting
+                rank = rank_tab_body(k) if k else {}
             with gr.Tab("Compare live", id="compare", visible=False) as compare_tab:
                 compare = compare_tab_body()
             with gr.Tab("Dashboard", id="dashboard", visible=False) as dashboard_tab:
@@ -138,6 +143,8 @@ def build_app(
         screens = Screens(item, compare, board, header, logout, dashboard_tab, compare_tab)
         wire(demo, labeling, sessions, screens, responders,
              sampling or SamplingSettings(temperature=0.7, max_new_tokens=256))
+        if k:
+            wire_rank(labeling, rank, rank_tab, k, guarded, {"concurrency_limit": None, "show_progress": "hidden"})
 
     demo.labeling, demo.sessions = labeling, sessions  # for launch_app and tests
     return demo

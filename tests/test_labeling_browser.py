@@ -334,3 +334,68 @@ def test_images_in_model_output_and_rationales_are_never_fetched(tmp_path):
         close_app(demo)
         canary.close()
     assert canary.requests == []
+
+
+@pytest.mark.browser
+def test_k_way_ranking_in_chromium(tmp_path):
+    """A project with K-way ranking on (K = 4): two annotators rank the same four answers in the Rank tab, one
+    with a tie, by typing the order; the store holds two ranking events with the order each was shown, the export
+    expands them into 12 pairwise rows weighted 2/K, and Kendall's W is what their ranks give by hand."""
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+
+    from align.store.rankings import export_rankings, ranking_agreement, rankings, set_ranking_k
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    answers = ["Mercury is closest to the Sun.", "Venus is the hottest planet.", "Mars has the tallest volcano.",
+               "Hostile <img src=x onerror=\"window.__xss=1\"> answer."]
+    with connect(url) as store:
+        version = register_model_version(store, {"name": "v0", "base_model": "tiny", "adapter_hash": "v0"})
+        [prompt_id] = add_prompts(store, [{"prompt": SECOND_PROMPT}])
+        ids = add_responses(store, [{"prompt_id": prompt_id, "model_version_id": version, "seed": 0, "sample_index": k,
+                                     "max_new_tokens": 64, "text": text} for k, text in enumerate(answers)])
+        add_user(store, "alice", "pw-alice-0123", "annotator")
+        add_user(store, "bob", "pw-bob-0123", "annotator")
+        set_ranking_k(store, 4)
+    demo = build_app(url, release_grace=0)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    # Each annotator puts Mars first, Venus = Mercury next (alice) or Venus then Mercury (bob), the hostile one last.
+    wanted = {"alice": [[ids[2]], [ids[1], ids[0]], [ids[3]]], "bob": [[ids[2]], [ids[1]], [ids[0]], [ids[3]]]}
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            for name in ("alice", "bob"):
+                page = login(browser, app_url, name)
+                page.get_by_role("tab", name="Rank").click()
+                page.wait_for_function(  # every pane shows an answer (not Gradio's "processing" overlay)
+                    "(words) => ['A', 'B', 'C', 'D'].every(x => { const el = document.querySelector('#rank-' + x); "
+                    "return el && words.some(w => el.innerText.includes(w)) && !el.innerText.includes('processing'); })",
+                    arg=[a.split()[0] for a in answers])
+                shown = {letter: page.inner_text(f"#rank-{letter}") for letter in "ABCD"}
+                letter_of = {rid: next(x for x, t in shown.items() if answers[ids.index(rid)].split()[0] in t)
+                             for rid in ids}
+                order = " ".join("=".join(letter_of[rid] for rid in group) for group in wanted[name])
+                page.locator("#rank-order textarea, #rank-order input").first.fill(order)
+                page.locator("#rank-submit").click()
+                wait_for_text(page, "#rank-status", f"Saved ranking {order}.")
+                wait_for_text(page, "#rank-status", "All ranked.")
+                assert page.evaluate("window.__xss") is None
+            browser.close()
+    finally:
+        close_app(demo)
+
+    with connect(url) as store:
+        events = rankings(store)
+        rows = export_rankings(store)
+        agreement = ranking_agreement(store)
+    assert [e.annotator for e in events] == ["alice", "bob"]
+    for event in events:  # the ranks, read back through the order each annotator was shown
+        by_id = dict(zip(event.response_ids, event.ranks))
+        groups = wanted[event.annotator]
+        assert [by_id[g[0]] for g in groups] == list(range(1, len(groups) + 1))
+        assert all(by_id[r] == by_id[g[0]] for g in groups for r in g)
+    assert len(rows) == 12 and {r["weight"] for r in rows} == {0.5}
+    assert sum(r["label"] == "tie" for r in rows) == 1  # alice's Venus = Mercury
+    # aligned ranks (Mercury, Venus, Mars, hostile): alice mid-ranks (2.5, 2.5, 1, 4), bob (3, 2, 1, 4)
+    # rank sums 5.5, 4.5, 2, 8 around 5: S = 0.25 + 0.25 + 9 + 9 = 18.5; T = 2³ − 2 = 6 for alice
+    assert agreement["sets"][0]["w"] == pytest.approx(12 * 18.5 / (4 * 60 - 2 * 6))

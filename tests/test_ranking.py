@@ -83,3 +83,30 @@ def test_align_export_rankings_adds_weighted_rows(tmp_path):
     assert [r["label"] for r in rows] == ["tie", "chosen", "chosen"] and {r["weight"] for r in rows} == {2 / 3}
     code, _, err = run_cli("export", "--db", url, "--out", str(tmp_path / "q.jsonl"), "--rankings", "--kind", "sft")
     assert code != 0 and "--rankings applies to --kind preferences" in err
+
+
+def test_typed_orders_and_the_ranking_queue(tmp_path):
+    from align.errors import AlignError
+    from align.store import connect
+    from align.store.rankings import (add_ranking, next_ranking, parse_order, ranking_k, set_ranking_k)
+    from tests.db import fill_store
+
+    assert parse_order("B A=C D", 4) == [2, 1, 2, 3] and parse_order("c > a = b", 3) == [2, 2, 1]
+    for bad, why in (("A B", "leaves out C"), ("A B B C", "appears twice"), ("A B E", "unknown response 'E'")):
+        with pytest.raises(AlignError, match=why):
+            parse_order(bad, 3)
+    with connect(f"sqlite:///{tmp_path / 's.db'}") as store:
+        assert ranking_k(store) == 0  # pairwise only unless the project turns ranking on
+        set_ranking_k(store, 3)
+        assert ranking_k(store) == 3
+        with pytest.raises(AlignError, match="0 \\(pairwise only\\) or 3 to 5"):
+            set_ranking_k(store, 7)
+        filled = fill_store(store, n_prompts=2, samples=3)
+        first = next_ranking(store, "alice", 3)
+        assert first["prompt_id"] == filled["prompt_ids"][0]
+        assert sorted(first["response_ids"]) == filled["response_ids"][:3]
+        assert next_ranking(store, "alice", 3) == first  # same prompt, same shown order until it is ranked
+        add_ranking(store, first["prompt_id"], first["response_ids"], [1, 2, 3], "alice")
+        assert next_ranking(store, "alice", 3)["prompt_id"] == filled["prompt_ids"][1]
+        assert next_ranking(store, "bob", 3)["prompt_id"] == filled["prompt_ids"][1]  # the least-ranked prompt first
+        assert next_ranking(store, "alice", 4) is None  # no prompt has 4 responses

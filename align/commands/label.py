@@ -52,6 +52,9 @@ def add_server_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--assignment_mode", choices=("breadth_first", "depth_first"), default=None,
                         help="queue order for the whole project, stored in the store: breadth_first (every pair "
                         "its first vote first) or depth_first (complete pairs one after another); default: as set")
+    parser.add_argument("--ranking_k", type=int, default=None,
+                        help="K-way ranking for the whole project, stored in the store: 3 to 5 responses per ranking "
+                        "(a Rank tab beside Annotate), 0: pairwise only (the default); default: as set")
     parser.add_argument("--trusted_proxy", action="append", default=None,
                         help="address whose X-Real-IP header is believed (default: 127.0.0.1 and ::1)")
 
@@ -78,6 +81,11 @@ def main(argv: list[str]) -> None:
 
         with st.connect(args.db) as store:
             set_assignment_mode(store, args.assignment_mode)
+    if args.ranking_k is not None:
+        from align.store.rankings import set_ranking_k
+
+        with st.connect(args.db) as store:
+            set_ranking_k(store, args.ranking_k)
     settings = ServerSettings(session_hours=args.session_hours,
                               trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")))
     spec = WorkerSpec(

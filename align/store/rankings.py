@@ -110,3 +110,79 @@ def ranking_agreement(store: Store, source: Optional[str] = None) -> dict[str, A
     return {"sets": per_set, "mean_w": mean, "ranked_once": sum(len({e.annotator for e in v}) < 2
                                                                 for v in groups.values()),
             "k_range": [MIN_K, MAX_K]}
+
+
+# ---- the project's setting and the ranking queue -----------------------------------------------------------------
+
+RANKING_KEY = "ranking_k"  # in the meta table: 0 (absent) = pairwise only, the default; 3..5 = K-way rankings too
+
+
+def ranking_k(store: Store) -> int:
+    from align.store.schema import Meta
+
+    with store.read() as session:
+        value = session.scalar(select(Meta.value).where(Meta.key == RANKING_KEY))
+    return int(value) if value and value.isdigit() else 0
+
+
+def set_ranking_k(store: Store, k: int) -> None:
+    """Turn K-way ranking on for this project (every app process on the store) with K responses, or off with 0."""
+    from align.store.schema import Meta
+
+    if k != 0 and not MIN_K <= k <= MAX_K:
+        raise AlignError(f"--ranking_k must be 0 (pairwise only) or {MIN_K} to {MAX_K}, got {k}")
+    with store.write() as session:
+        row = session.get(Meta, RANKING_KEY)
+        if row is None:
+            session.add(Meta(key=RANKING_KEY, value=str(k)))
+        else:
+            row.value = str(k)
+
+
+def next_ranking(store: Store, annotator: str, k: int) -> Optional[dict[str, Any]]:
+    """The next prompt for `annotator` to rank: one with at least k responses that they have not ranked, the
+    least-ranked first; its first k responses in an order shuffled per (annotator, prompt), which is stored with
+    the ranking. {prompt_id, prompt (messages), response_ids, texts}, or None when nothing is left."""
+    import random
+
+    from sqlalchemy import func
+
+    from align.store.pairs import prompt_messages
+
+    with store.read() as session:
+        counts = select(Response.prompt_id, func.count(Response.id).label("n")).group_by(Response.prompt_id).subquery()
+        done = select(Ranking.prompt_id).where(Ranking.annotator == annotator)
+        times = select(Ranking.prompt_id, func.count(Ranking.id).label("r")).group_by(Ranking.prompt_id).subquery()
+        prompt_id = session.scalar(
+            select(counts.c.prompt_id).outerjoin(times, times.c.prompt_id == counts.c.prompt_id)
+            .where(counts.c.n >= k, counts.c.prompt_id.not_in(done))
+            .order_by(func.coalesce(times.c.r, 0), counts.c.prompt_id).limit(1))
+        if prompt_id is None:
+            return None
+        responses = list(session.scalars(select(Response).where(Response.prompt_id == prompt_id)
+                                         .order_by(Response.id).limit(k)))
+        prompt = session.get(Prompt, prompt_id)
+        shown = list(responses)
+        random.Random(f"{annotator}:{prompt_id}").shuffle(shown)
+        return {"prompt_id": prompt_id, "prompt": prompt_messages(prompt), "response_ids": [r.id for r in shown],
+                "texts": [r.text for r in shown]}
+
+
+def parse_order(text: str, k: int) -> list[int]:
+    """Typed order, best first, letters for the shown responses: "B A=C D" or "B > A = C > D" (= is a tie) ->
+    ranks per shown response, e.g. [2, 1, 2, 3]."""
+    groups = [g for g in text.upper().replace(">", " ").replace(" = ", "=").replace("= ", "=").replace(" =", "=")
+              .split() if g]
+    letters = [chr(ord("A") + i) for i in range(k)]
+    ranks: dict[str, int] = {}
+    for rank, group in enumerate(groups, 1):
+        for letter in group.split("="):
+            if letter not in letters:
+                raise AlignError(f"unknown response {letter!r} in the order; use the letters {', '.join(letters)}")
+            if letter in ranks:
+                raise AlignError(f"response {letter} appears twice in the order")
+            ranks[letter] = rank
+    missing = [x for x in letters if x not in ranks]
+    if missing:
+        raise AlignError(f"the order leaves out {', '.join(missing)}: rank every response (= for ties)")
+    return [ranks[x] for x in letters]
