@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from align.store import (
     register_model_version,
 )
 from align.store.votes import in_effect
+from labeling.workers import free_port_range, stop_process_group
 
 CHOICES = ("left", "right", "tie")
 
@@ -274,15 +274,7 @@ def start_server(url: str, port: int, in_process: bool, workers: int = 1):
         except httpx.HTTPError:
             time.sleep(0.3)
 
-    def stop() -> None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-    return stop, process.pid
+    return (lambda: stop_process_group(process)), process.pid
 
 
 def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.0, db: str | None = None,
@@ -295,7 +287,7 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
     # Enough pairs that nobody runs dry: every annotator could vote at 1/think per second.
     n_pairs = max(20, int(n_annotators * duration / max(think, 0.05) * 1.5 / votes_required) + 10)
     users = prepare_store(db, n_annotators, n_pairs, votes_required)
-    port = free_port() if workers == 1 else free_ports(workers + 1)
+    port = free_port() if workers == 1 else free_port_range(workers)
     stop, pid = start_server(db, port, in_process, workers)
     try:
         stats, elapsed, cpu_used = asyncio.run(
@@ -315,24 +307,6 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
     if workdir is not None:
         workdir.cleanup()
     return result
-
-
-def free_ports(n: int) -> int:
-    """A base port with the n ports after it free too (nginx on the base, the workers after it)."""
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65000 and all(port_is_free(base + i) for i in range(n + 1)):
-            return base
-    raise RuntimeError("no free range of ports")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def lease_latency(db: str | None, n_pairs: int, n_leases: int = 300) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -52,6 +53,36 @@ def start_nginx(listen_port: int, ports: list[int], directory: str | os.PathLike
                                 "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_port(host, listen_port, process, what="nginx", log=prefix / "error.log")
     return process
+
+
+def free_port_range(n: int, host: str = "127.0.0.1") -> int:
+    """A free port whose next `n` ports are free too (for --nginx: nginx on it, the workers after it)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            base = sock.getsockname()[1]
+        if base + n < 65000 and all(port_is_free(base + i, host) for i in range(1, n + 1)):
+            return base
+    raise AlignError(f"found no {n + 1} free ports in a row")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM to a process started with start_new_session=True and all it started; SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def wait_for_port(host: str, port: int, process, what: str, timeout: float = 120.0, log: Path | None = None) -> None:

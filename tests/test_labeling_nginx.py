@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from sqlalchemy import select
 
 from align.store import Pair, Vote, add_user, connect, make_pairs
 from align.store.votes import in_effect
+from labeling.workers import free_port_range, stop_process_group
 from tests.db import fill_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,26 +33,6 @@ def nginx_or_skip() -> None:
     if os.environ.get("ALIGN_REQUIRE_NGINX") == "1":
         pytest.fail("ALIGN_REQUIRE_NGINX=1 but nginx is not installed (apt-get install nginx)")
     pytest.skip("nginx is not installed")
-
-
-def free_ports(n: int) -> int:
-    """A base port with n free ports after it (probed, then released)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + n < 65000 and all(port_free(base + i) for i in range(n + 1)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def login(base: str, name: str) -> httpx.Client:
@@ -96,7 +76,7 @@ def test_two_processes_behind_nginx_keep_the_lease_guarantees(store_url, tmp_pat
         pairs = make_pairs(store, info["version_id"], votes_required=K)
         for name in names:
             add_user(store, name, f"pw-{name}-0123")
-    base_port = free_ports(3)
+    base_port = free_port_range(2)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
         [sys.executable, "-m", "align", "label", "--db", store_url, "--workers", "2", "--nginx",
@@ -129,12 +109,7 @@ def test_two_processes_behind_nginx_keep_the_lease_guarantees(store_url, tmp_pat
         assert errors == []
         assert httpx.get(f"{proxy}login").headers["server"] == "nginx"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
     with connect(store_url) as store, store.read() as session:
         votes = session.execute(select(Vote.pair_id, Vote.annotator).where(Vote.kind == "vote", in_effect())).all()
         required = dict(session.execute(select(Pair.id, Pair.votes_required)).all())
