@@ -7,25 +7,14 @@ import pytest
 
 from align import store as st
 from align.errors import DataError
-from align.generation import SamplingSettings
 from align.judges import GoldJudge
 from align.prompts import read_prompts
 from align.sampling import generate_to_store, rescore
 from align.simulate import simulate
 from align.tasks import score_response
-from tests.helpers import run_cli
+from tests.helpers import SETTINGS, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=0)
-
-
-@pytest.fixture
-def task_rows():
-    rows = read_prompts(ROOT / "data" / "tasks" / "train.jsonl")
-    by_family = {}
-    for row in rows:
-        by_family.setdefault(row["family"], row)
-    return list(by_family.values())[:4]
 
 
 def test_generate_store_simulate_export_rescore(store, tiny_model_dir, task_rows, tmp_path):

@@ -11,7 +11,7 @@ import yaml
 
 from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, SFTDataArgs, TrainArgs, WeightingArgs
 from align.errors import ConfigError, ModelError
-from tests.test_formats import version, write
+from tests.helpers import version, write
 
 
 def chat_file(tmp_path, n=8):

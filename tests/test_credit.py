@@ -4,12 +4,11 @@ reward credit, and an HTML view that escapes everything."""
 import math
 
 import pytest
-import torch
 
 from align.config import ModelArgs
 from align.models import load_model, save_tiny_model
 from align.report.credit import log_ratio_credit, pick_pairs, pieces, reward_drop_credit
-from tests.test_preference import load_tokenizer, pair_rows
+from tests.helpers import completion_logps_by_hand as _by_hand, load_tokenizer, pair_rows
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +17,6 @@ def two_models(tiny_model_dir, tmp_path_factory):
     policy, tokenizer = load_model(ModelArgs(model=str(other)))
     reference, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
     return policy.eval(), reference.eval(), tokenizer
-
-
-def _by_hand(model, prompt_ids, ids):
-    """log p of each completion token, one unpadded forward."""
-    full = torch.tensor([prompt_ids + ids])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(input_ids=full).logits[0].float(), -1)
-    return [float(logps[len(prompt_ids) - 1 + t, ids[t]]) for t in range(len(ids))]
 
 
 def test_log_ratios_per_token_sum_to_the_implicit_reward(two_models):
@@ -81,8 +72,7 @@ def test_credit_html_escapes_the_data(two_models, tmp_path):
 
 def test_reward_drop_credit_values(tiny_model_dir, tmp_path):
     from align.trainers.reward import load_reward_model, score, train_reward
-    from tests.test_preference import write_pairs
-    from tests.test_reward import reward_configs
+    from tests.helpers import reward_configs, write_pairs
 
     tokenizer = load_tokenizer(tiny_model_dir)
     rows = pair_rows(tokenizer, n=4)

@@ -9,12 +9,10 @@ import sys
 
 import pytest
 
-from align.config import PreferenceDataArgs
 from align.data import load_sft, open_source
 from align.errors import DataError
 from align.preference import load_preferences, tokenize_pairs
-from tests.test_formats import bot, run_pairs, user, version, write
-from tests.test_preference import load_tokenizer
+from tests.helpers import bot, load_tokenizer, run_pairs, user, version, write
 
 GOOD = {"prompt": "Q", "chosen": "yes", "rejected": "no"}
 

@@ -110,8 +110,7 @@ def dpo_argv(tiny_model_dir, train_file, eval_file, out, **overrides):
 
 @pytest.fixture(scope="module")
 def data(tiny_model_dir, tmp_path_factory):
-    from tests.conftest import write_chat_rows
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.helpers import load_tokenizer, pair_rows, write_chat_rows, write_pairs
 
     root = tmp_path_factory.mktemp("dist-data")
     tokenizer = load_tokenizer(tiny_model_dir)

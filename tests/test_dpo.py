@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, TrainArgs, WeightingArgs
+from align.config import DPOArgs, LoraArgs, ModelArgs, WeightingArgs
 from align.errors import AlignError, DataError
 from align.models import apply_lora, load_model
 from align.preference import PreferenceCollator, load_preferences, tokenize_pairs
 from align.runs import read_metrics
 from align.trainers.dpo import DPOObjective, train_dpo
-from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+from tests.helpers import dpo_configs as configs, write_pairs
 
 
 class ParamSnapshot:
@@ -25,30 +25,6 @@ class ParamSnapshot:
 
     def on_train_end(self, model):
         self.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture(scope="module")
-def data_files(tiny_model_dir, tmp_path_factory):
-    tokenizer = load_tokenizer(tiny_model_dir)
-    root = tmp_path_factory.mktemp("dpo-data")
-    rows = pair_rows(tokenizer, n=12)
-    rows[5]["label"] = "both_bad"
-    return write_pairs(root / "train.jsonl", rows), write_pairs(root / "eval.jsonl", pair_rows(tokenizer, 4, offset=50))
-
-
-def configs(tiny_model_dir, data_files, out, dpo=None, weighting=None, **train_overrides):
-    train_file, eval_file = data_files
-    train_kwargs = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                        learning_rate=1e-2, logging_steps=1, eval_steps=2, save_steps=2, report_to="none", seed=0)
-    train_kwargs.update(train_overrides)
-    return (
-        ModelArgs(model=str(tiny_model_dir)),
-        LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
-        PreferenceDataArgs(train_file=str(train_file), eval_file=str(eval_file), max_length=128, max_prompt_length=64),
-        dpo or DPOArgs(),
-        weighting or WeightingArgs(),
-        TrainArgs(**train_kwargs),
-    )
 
 
 def test_dpo_trains_and_saves(tiny_model_dir, data_files, tmp_path):

@@ -15,12 +15,7 @@ from align.trainers.finite import NonFiniteGuard, TrainingDiverged
 from align.trainers.loop import Task, make_accelerator, train_loop
 from align.trainers.reward import train_reward
 from align.trainers.sft import train_sft
-from tests.test_dpo import configs as dpo_configs
-from tests.test_dpo import data_files  # noqa: F401 - a module fixture
-from tests.test_loop import DATA, collate, mse
-from tests.test_reward import reward_configs
-from tests.test_rlhf import prompts_file, reward_run  # noqa: F401 - module fixtures
-from tests.test_sft import configs as sft_configs
+from tests.helpers import collate, DATA, dpo_configs, mse, reward_configs, sft_configs
 
 
 
@@ -51,7 +46,7 @@ def test_dpo_stops_naming_the_step_not_the_data(tiny_model_dir, data_files, tmp_
 
 
 def test_reward_stops_and_saves_nothing(tiny_model_dir, tmp_path):
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.helpers import load_tokenizer, pair_rows, write_pairs
 
     tokenizer = load_tokenizer(tiny_model_dir)
     train_file = write_pairs(tmp_path / "train.jsonl", pair_rows(tokenizer, n=8))
@@ -140,7 +135,7 @@ def test_save_refuses_non_finite_weights(tiny_model_dir, tmp_path):
 def test_rlhf_stops_and_saves_nothing(tiny_model_dir, reward_run, prompts_file, tmp_path):  # noqa: F811
     from align.config import MonitorArgs
     from align.trainers.rlhf import train_rlhf
-    from tests.test_rlhf import configs as rlhf_configs
+    from tests.helpers import rlhf_configs
 
     out = tmp_path / "rl"
     configs = rlhf_configs(tiny_model_dir, reward_run, prompts_file, out, monitor=MonitorArgs(monitor=False),

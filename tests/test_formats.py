@@ -2,44 +2,15 @@
 each method that accepts it. The asserts say which input field became prompt, chosen, rejected or completion, so
 templating twice, an inverted label or a wrong column fails them."""
 
-import json
 import logging
 
 import pytest
 
-from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, SFTDataArgs, TrainArgs, WeightingArgs
+from align.config import LoraArgs, ModelArgs, PreferenceDataArgs, SFTDataArgs
 from align.data import load_sft, open_source, template_markers, tokenize_sft_row
 from align.errors import DataError
 from align.preference import load_preferences, tokenize_pairs
-from tests.test_preference import load_tokenizer
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
-
-
-def write(path, rows):
-    """JSON Lines, or (by extension) JSON, CSV, Parquet through datasets; a folder name without one: save_to_disk."""
-    import datasets
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    else:
-        ds = datasets.Dataset.from_list(rows)
-        {".csv": ds.to_csv, ".parquet": ds.to_parquet}.get(path.suffix, ds.save_to_disk)(str(path))
-    return path
-
-
-def train_args(out, **kw):
-    return TrainArgs(output_dir=str(out), max_steps=1, per_device_train_batch_size=2, per_device_eval_batch_size=2,
-                     learning_rate=1e-3, logging_steps=1, eval_steps=0, save_steps=10, report_to="none", seed=0, **kw)
+from tests.helpers import bot, load_tokenizer, run_pairs, train_args, user, version, write
 
 
 def run_sft(model_dir, out, **data):
@@ -48,21 +19,6 @@ def run_sft(model_dir, out, **data):
     data.setdefault("eval_file", None)
     return train_sft(ModelArgs(model=str(model_dir)), LoraArgs(lora_r=2, lora_alpha=4),
                      SFTDataArgs(max_length=64, **data), train_args(out))
-
-
-def run_pairs(method, model_dir, out, **data):
-    from align.trainers.dpo import train_dpo
-    from align.trainers.reward import train_reward
-
-    common = (ModelArgs(model=str(model_dir)), LoraArgs(lora_r=2, lora_alpha=4),
-              PreferenceDataArgs(max_length=96, max_prompt_length=64, **data))
-    if method == "dpo":
-        return train_dpo(*common, DPOArgs(), WeightingArgs(), train_args(out))
-    return train_reward(*common, RewardArgs(), WeightingArgs(), train_args(out))
-
-
-def version(out):
-    return json.loads((out / "version.json").read_text())
 
 
 # --- preferences -------------------------------------------------------------------------------------------------

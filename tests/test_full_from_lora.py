@@ -6,7 +6,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.config import DPOArgs, LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, SFTDataArgs, TrainArgs, WeightingArgs
-from tests.test_formats import write
+from tests.helpers import write
 
 
 class LoopSnapshot:

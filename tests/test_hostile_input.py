@@ -9,7 +9,7 @@ from align import store as st
 from align.errors import AlignError
 from align.sampling import generate_to_store
 from align.store import ModelVersion, Response
-from tests.test_collect import SETTINGS, task_rows  # noqa: F401 - a fixture
+from tests.helpers import SETTINGS
 
 
 def count(store, table) -> int:

@@ -67,8 +67,7 @@ def test_dpo_run_records_what_it_cost_the_sft_stage(tiny_model_dir, tmp_path):
     from align.data import load_chat_file
     from align.models import load_model
     from align.trainers.dpo import train_dpo
-    from tests.test_dpo import configs
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.helpers import dpo_configs as configs, load_tokenizer, pair_rows, write_pairs
 
     tokenizer = load_tokenizer(tiny_model_dir)
     files = (write_pairs(tmp_path / "train.jsonl", pair_rows(tokenizer, n=8)), None)

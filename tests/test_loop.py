@@ -8,38 +8,7 @@ import torch
 from align.config import TrainArgs
 from align.runs import last_checkpoint, read_metrics
 from align.trainers.loop import Task, make_accelerator, train_loop
-
-DATA = [{"index": i, "x": [float(i), 1.0, (-1.0) ** i], "y": 0.5 * i - 1.0} for i in range(10)]
-
-
-def collate(features):
-    return {"index": torch.tensor([f["index"] for f in features]),
-            "x": torch.tensor([f["x"] for f in features]), "y": torch.tensor([f["y"] for f in features])}
-
-
-def mse(model, batch):
-    err = model(batch["x"]).squeeze(-1) - batch["y"]
-    return (err**2).mean(), {"abs_err": err.abs().mean().detach()}
-
-
-class Final:
-    def on_train_end(self, model):
-        self.params = [p.detach().clone() for p in model.parameters()]
-
-
-def run(out, **overrides):
-    kwargs = dict(output_dir=str(out), max_steps=7, per_device_train_batch_size=2, learning_rate=0.05,
-                  lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_steps=3, report_to="none",
-                  seed=3)
-    kwargs.update(overrides)
-    train = TrainArgs(**kwargs)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    final = Final()
-    out.mkdir(exist_ok=True)
-    metrics, _ = train_loop(make_accelerator(train, torch.float32), model, Task(DATA, collate, mse), train, out,
-                            callbacks=[final])
-    return final.params, metrics
+from tests.helpers import DATA, collate, mse, run_toy_loop as run
 
 
 def test_resume_is_exact_across_an_epoch_boundary(tmp_path):

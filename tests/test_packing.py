@@ -116,9 +116,7 @@ def test_packed_rewards_and_gradients_equal_padded():
 def test_training_runs_padding_free_equal_padded_runs(tiny_model_dir, tmp_path):
     """DPO and reward training, 3 steps, padding_free on (the default) and off: the logged losses agree, step by
     step, to float round-off."""
-    from tests.test_dpo import configs
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
-    from tests.test_reward import reward_configs
+    from tests.helpers import dpo_configs as configs, load_tokenizer, pair_rows, reward_configs, write_pairs
 
     from align.trainers.dpo import train_dpo
     from align.trainers.reward import train_reward

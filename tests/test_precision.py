@@ -25,8 +25,7 @@ def test_bf16_dpo_step_zero_is_log_2_and_differs_from_float32(tiny_model_dir, tm
     """Step 1 (LoRA B = 0: policy == reference): the loss is log 2 to float32 round-off under bf16 autocast, with
     the reference precomputed or computed in the step; the policy's log-probs are bf16 ones (they differ from a
     float32 run's by bf16 round-off, not more), so autocast really ran."""
-    from tests.test_dpo import configs
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.helpers import dpo_configs as configs, load_tokenizer, pair_rows, write_pairs
 
     from align.trainers.dpo import train_dpo
 

@@ -13,43 +13,9 @@ from align.errors import DataError
 from align.logprobs import IGNORE_INDEX
 from align.preference import PreferenceCollator, load_preferences, tokenize_pairs
 from align.trainers.weights import DynamicWeights, check_columns, dataset_weights, log_weight_shift
-from tests.helpers import run_cli
+from tests.helpers import load_tokenizer, pair_rows, run_cli, write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tokenizer(model_dir):
-    # The tiny tokenizer's byte vocabulary is built from a set: always use the saved copy, never a fresh one.
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def pair_rows(tokenizer, n=8, versions=("v1", "v2"), gen=True, offset=0):
-    """n pairs in `align export`'s format: stored token ids (text + eos), fake generation log-probs."""
-    rows = []
-    for i in range(offset, offset + n):
-        chosen, rejected = f"{i} + {i} = {2 * i}.", f"I think it is {3 * i + 1}, maybe."
-        row = {
-            "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "chosen_token_ids": tokenizer(chosen, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
-            "rejected_token_ids": tokenizer(rejected, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
-            "label_agreement": 0.5 + 0.5 * ((i % 4) / 3),
-            "gen_model_version": versions[i % len(versions)],
-            "pair_id": f"p{i}",
-        }
-        if gen:
-            row["gen_chosen_logps"] = -40.0 - (i % 5)
-            row["gen_rejected_logps"] = -60.0 + 2 * (i % 3)
-        rows.append(row)
-    return rows
-
-
-def write_pairs(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,43 +9,7 @@ import numpy as np
 import pytest
 
 from align.errors import AlignError
-
-_BUILT: dict = {}  # one fixture report per test session, shared with tests/test_report_browser.py
-
-
-def hash_embed(texts):
-    """A cheap stand-in for the sentence embedder: normalised character-bigram counts."""
-    out = np.zeros((len(texts), 64))
-    for i, t in enumerate(texts):
-        for a, b in zip(t, t[1:]):
-            out[i, (ord(a) * 31 + ord(b)) % 64] += 1
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-def build_fixture_report(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict, str, list[str]]:
-    """Two tiny-model versions sampled on 6 task prompts, judged by gold: (report.html, report dict, db url, names)."""
-    if "report" in _BUILT:
-        return _BUILT["report"]
-    from align import store as st
-    from align.generation import SamplingSettings
-    from align.models import save_tiny_model
-    from align.report import write_report
-    from align.prompts import resolve_prompts
-    from align.report.compare import EvalSpec, run_eval
-
-    root = tmp_path_factory.mktemp("eval")
-    other = save_tiny_model(root / "tiny-seed1", seed=1)
-    rows = resolve_prompts("tasks:eval", per_family=1, limit=6)
-    url = f"sqlite:///{root / 'store.db'}"
-    spec = EvalSpec(models=[str(tiny_model_dir), str(other)], prompt_rows=rows, judges=["gold"], n=1,
-                    settings=SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0), n_boot=200,
-                    prompt_source="tasks:eval")
-    with st.connect(url) as store:
-        report = run_eval(store, spec, embed=hash_embed)
-    report["title"] = "align eval: two tiny models"
-    html = write_report(report, root / "out")
-    _BUILT["report"] = (html, json.loads((root / "out" / "report.json").read_text()), url, spec.models)
-    return _BUILT["report"]
+from tests.helpers import build_fixture_report, hash_embed
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +190,7 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     from align.prompts import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
     from align.trainers.reward import train_reward
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
-    from tests.test_reward import reward_configs
+    from tests.helpers import load_tokenizer, pair_rows, reward_configs, write_pairs
 
     rows = pair_rows(load_tokenizer(tiny_model_dir), n=8)
     data = write_pairs(tmp_path / "pairs.jsonl", rows)
@@ -249,8 +212,7 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
 def dpo_run(tiny_model_dir, tmp_path_factory):
     """A tiny DPO run that evaluates every step: its run directory."""
     from align.trainers.dpo import train_dpo
-    from tests.test_dpo import configs
-    from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+    from tests.helpers import dpo_configs as configs, load_tokenizer, pair_rows, write_pairs
 
     root = tmp_path_factory.mktemp("dpo-run")
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -289,7 +251,7 @@ def test_runs_report_token_credit_against_the_parent(dpo_run, tiny_model_dir, tm
     from align.commands.report import build_runs_report
     from align.models import load_model
     from align.report import write_report
-    from tests.test_credit import _by_hand
+    from tests.helpers import completion_logps_by_hand as _by_hand
 
     report = build_runs_report([str(dpo_run)], credit_pairs=2)
     credit = report["credit"]["per_version"]["v1-dpo"]

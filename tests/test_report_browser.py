@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_report import build_fixture_report
+from tests.helpers import build_fixture_report
 
 pytestmark = pytest.mark.browser
 

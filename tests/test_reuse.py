@@ -11,7 +11,7 @@ from align.config import LoraArgs, WeightingArgs
 from align.reuse import AUTO_CANDIDATES, choose_weighting, tempered_alpha, version_trust_from_agreement
 from align.weighting import ess_frac, normalize_log_weights
 from tests.bench import load_bench
-from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+from tests.helpers import load_tokenizer, pair_rows, write_pairs
 
 sim = load_bench("iw_sim")
 

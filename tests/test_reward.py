@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from align.config import LoraArgs, ModelArgs, PreferenceDataArgs, RewardArgs, TrainArgs, WeightingArgs
+from align.config import WeightingArgs
 from align.errors import ConfigError
 from align.runs import read_metrics
 from align.trainers.reward import expected_calibration_error, load_reward_model, score, train_reward
-from tests.test_preference import load_tokenizer, pair_rows, write_pairs
+from tests.helpers import load_tokenizer, pair_rows, reward_configs, write_pairs
 
 
 class RewardProbe:
@@ -28,19 +28,6 @@ class RewardProbe:
         model.eval()
         self.rewards = score(model, self.tokenizer, [r["prompt"] for r in self.rows], [r["chosen"] for r in self.rows])
         model.train()
-
-
-def reward_configs(tiny_model_dir, train_file, eval_file, out, **overrides):
-    return (
-        ModelArgs(model=str(tiny_model_dir)),
-        LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
-        PreferenceDataArgs(train_file=str(train_file), eval_file=str(eval_file), max_length=128, max_prompt_length=64),
-        RewardArgs(margin_scale=0.5, center_coef=0.01),
-        WeightingArgs(),
-        TrainArgs(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                  learning_rate=1e-2, logging_steps=1, eval_steps=0, save_steps=10, report_to="none", seed=0,
-                  **overrides),
-    )
 
 
 def test_reward_model_trains_saves_and_loads(tiny_model_dir, tmp_path):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from align.config import LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs
+from align.config import MonitorArgs, PromptDataArgs, RLHFArgs
 from align.errors import ConfigError
 from align.runs import read_metrics
 from align.trainers.rlhf import AdaptiveKLController, RewardFunction, train_rlhf
+from tests.helpers import rlhf_configs as configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,46 +25,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reward_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """A reward-model run directory as align.trainers.reward leaves it (merged weights, stats), random head."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    run = tmp_path_factory.mktemp("rm")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(run / "merged")
-    tokenizer.save_pretrained(run / "merged")
-    (run / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
-    (run / "version.json").write_text(json.dumps({"name": "rm", "method": "reward", "config": {"dtype": "float32"}}))
-    return run
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> Path:
-    rows = (ROOT / "data" / "tasks" / "train.jsonl").read_text().splitlines()
-    path = tmp_path_factory.mktemp("prompts") / "train.jsonl"
-    path.write_text("\n".join(rows[::80][:6]) + "\n")  # six tasks from different families
-    return path
-
-
-def configs(tiny_model_dir, reward_run, prompts_file, out, rl=None, monitor=None, **train):
-    defaults = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                    warmup_steps=0, lr_scheduler_type="constant", logging_steps=1, eval_steps=2, save_steps=1,
-                    report_to="none", seed=0)
-    return (
-        ModelArgs(model=str(tiny_model_dir)),
-        LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
-        PromptDataArgs(prompts_file=str(prompts_file), eval_prompts_file=str(ROOT / "data" / "tasks" / "eval.jsonl")),
-        rl or RLHFArgs(reward_model=str(reward_run), num_generations=2, max_new_tokens=6, eval_per_family=1,
-                       kl_target=0.01, kl_horizon=20, length_penalty=0.01),
-        monitor or MonitorArgs(),
-        TrainArgs(**{**defaults, **train}),
-    )
 
 
 class ParamProbe(TrainerCallback):

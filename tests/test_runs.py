@@ -14,9 +14,7 @@ from align.errors import AlignError, DataError
 from align.runs import RUN_MARKER, prepare_output_dir
 from align.trainers.dpo import train_dpo
 from align.trainers.sft import train_sft
-from tests.test_dpo import configs as dpo_configs
-from tests.test_dpo import data_files  # noqa: F401 - a module fixture
-from tests.test_sft import configs as sft_configs
+from tests.helpers import dpo_configs, sft_configs
 
 
 
@@ -149,7 +147,7 @@ def test_version_json_is_strict_json(tmp_path):
 
 
 def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
-    from tests.test_loop import run as loop_run
+    from tests.helpers import run_toy_loop as loop_run
 
     straight, _ = loop_run(tmp_path / "a", max_steps=6, save_steps=2)
     loop_run(tmp_path / "b", max_steps=4, save_steps=2)  # checkpoints 2 and 4 (constant learning rate)

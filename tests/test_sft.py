@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs
 from align.errors import AlignError
 from align.runs import read_metrics
 from align.trainers.sft import train_sft
+from tests.helpers import sft_configs as configs
 
 
 class ParamSnapshot(TrainerCallback):
@@ -20,21 +20,6 @@ class ParamSnapshot(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def configs(tiny_model_dir, chat_files, out, **train_overrides):
-    train, eval_ = chat_files
-    train_kwargs = dict(
-        output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, eval_steps=2, save_steps=2, report_to="none", seed=0,
-    )
-    train_kwargs.update(train_overrides)
-    return (
-        ModelArgs(model=str(tiny_model_dir)),
-        LoraArgs(lora_r=4, lora_alpha=8, lora_dropout=0.0),
-        SFTDataArgs(train_file=str(train), eval_file=str(eval_), max_length=64),
-        TrainArgs(**train_kwargs),
-    )
 
 
 def test_sft_trains_and_saves(tiny_model_dir, chat_files, tmp_path):
