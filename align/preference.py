@@ -36,12 +36,42 @@ SIDES = ("chosen", "rejected")
 
 
 @dataclass
+class PreferencePair:
+    """One validated preference pair. The field names are the columns `align export` writes (data/README.md);
+    `where` ("file:line" or "name: row N") names the input row in later errors."""
+
+    where: str
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    label: str = "chosen"  # chosen | tie | both_bad
+    pair_id: Any = None
+    margin: Optional[float] = None
+    label_agreement: Optional[float] = None
+    weight: Optional[float] = None
+    gen_chosen_logps: Optional[float] = None
+    gen_rejected_logps: Optional[float] = None
+    chosen_token_ids: Optional[list[int]] = None
+    rejected_token_ids: Optional[list[int]] = None
+    gen_model_version: Optional[str] = None
+    gen_logps_by_version: Optional[dict[str, tuple[float, float]]] = None
+
+    def text(self, side: str) -> str:
+        """The response of one side ("chosen" or "rejected")."""
+        return self.chosen if side == "chosen" else self.rejected
+
+    def token_ids(self, side: str) -> Optional[list[int]]:
+        """The stored sampled token ids of one side, or None."""
+        return self.chosen_token_ids if side == "chosen" else self.rejected_token_ids
+
+
+@dataclass
 class PreferenceSet:
     """Validated rows of one input. Each row keeps `where` ("file:line" or "name: row N") so later errors can name
     it; `format` is the recognised input format, `dropped` counts rows left out (and why)."""
 
     path: str
-    rows: list[dict[str, Any]]
+    rows: list[PreferencePair]
     n_read: int
     both_bad_dropped: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -209,8 +239,8 @@ def _by_version(row: dict, where: str) -> Optional[dict[str, tuple[float, float]
     return out
 
 
-def validate_row(raw: dict, where: str) -> dict[str, Any]:
-    """One JSONL row -> a normalised row; DataError naming `where` on any bad value."""
+def validate_row(raw: dict, where: str) -> PreferencePair:
+    """One input row -> a PreferencePair; DataError naming `where` on any bad value."""
     label = raw.get("label")
     if label is None:
         label = "chosen"
@@ -218,26 +248,26 @@ def validate_row(raw: dict, where: str) -> dict[str, Any]:
         # Never `label or "chosen"`: 0 / false would silently become a win.
         raise DataError(f"{where}: label {label!r} is not one of {', '.join(LABELS)} (or absent: chosen is preferred); "
                         "a true/false label belongs to unpaired rows (prompt, completion, label), not to pairs")
-    row = {
-        "where": where,
-        "prompt": _prompt(raw["prompt"], where),
-        "chosen": response_text(raw["chosen"], "chosen", where),
-        "rejected": response_text(raw["rejected"], "rejected", where),
-        "label": label,
-        "pair_id": raw.get("pair_id"),
-        "gen_logps_by_version": _by_version(raw, where),
-    }
-    for key in ("margin", "label_agreement", "weight", "gen_chosen_logps", "gen_rejected_logps"):
-        row[key] = _number(raw, key, where)
-    for key in ("chosen_token_ids", "rejected_token_ids"):
-        row[key] = _token_ids(raw, key, where)
-    if row["label_agreement"] is not None and not 0 <= row["label_agreement"] <= 1:
-        raise DataError(f"{where}: label_agreement must lie in [0, 1], got {row['label_agreement']}")
-    if row["weight"] is not None and row["weight"] < 0:
-        raise DataError(f"{where}: weight must be >= 0, got {row['weight']}")
+    numbers = {key: _number(raw, key, where)
+               for key in ("margin", "label_agreement", "weight", "gen_chosen_logps", "gen_rejected_logps")}
+    if numbers["label_agreement"] is not None and not 0 <= numbers["label_agreement"] <= 1:
+        raise DataError(f"{where}: label_agreement must lie in [0, 1], got {numbers['label_agreement']}")
+    if numbers["weight"] is not None and numbers["weight"] < 0:
+        raise DataError(f"{where}: weight must be >= 0, got {numbers['weight']}")
     version = raw.get("gen_model_version") or raw.get("gen_chosen_model_version")
-    row["gen_model_version"] = None if version is None else str(version)
-    return row
+    return PreferencePair(
+        where=where,
+        prompt=_prompt(raw["prompt"], where),
+        chosen=response_text(raw["chosen"], "chosen", where),
+        rejected=response_text(raw["rejected"], "rejected", where),
+        label=label,
+        pair_id=raw.get("pair_id"),
+        gen_logps_by_version=_by_version(raw, where),
+        chosen_token_ids=_token_ids(raw, "chosen_token_ids", where),
+        rejected_token_ids=_token_ids(raw, "rejected_token_ids", where),
+        gen_model_version=None if version is None else str(version),
+        **numbers,
+    )
 
 
 def load_preferences(path: str | Path | Source, limit: Optional[int] = None, both_bad: str = "drop",
@@ -253,29 +283,29 @@ def load_preferences(path: str | Path | Source, limit: Optional[int] = None, bot
     for i, raw in enumerate(source):
         where = source.where(i)
         row = validate_row(to_native(fmt, raw, where), where)
-        if not row["chosen"].strip() or not row["rejected"].strip():
+        if not row.chosen.strip() or not row.rejected.strip():
             dropped["empty_responses"] += 1
             continue
-        if row["chosen"].strip() == row["rejected"].strip():
+        if row.chosen.strip() == row.rejected.strip():
             dropped["identical_pairs"] += 1
             continue
         for side in SIDES:
-            if row[f"{side}_token_ids"] is None:
-                row[side] = cap_text(row[side], max_chars)
-        row["prompt"] = [dict(m, content=cap_text(m["content"], max_chars)) for m in row["prompt"]]
+            if row.token_ids(side) is None:
+                setattr(row, side, cap_text(row.text(side), max_chars))
+        row.prompt = [dict(m, content=cap_text(m["content"], max_chars)) for m in row.prompt]
         rows.append(row)
-    counts = {label: sum(r["label"] == label for r in rows) for label in LABELS}
+    counts = {label: sum(r.label == label for r in rows) for label in LABELS}
     both_bad_dropped = 0
     if both_bad == "drop":
         both_bad_dropped = counts["both_bad"]
-        rows = [r for r in rows if r["label"] != "both_bad"]
+        rows = [r for r in rows if r.label != "both_bad"]
         if both_bad_dropped:
             log.warning("%s: dropped %d both-bad pair(s) of %d (both_bad: drop; set both_bad: tie to train on them "
                         "as ties)", source.name, both_bad_dropped, len(source))
     else:
         for r in rows:
-            if r["label"] == "both_bad":
-                r["label"] = "tie"
+            if r.label == "both_bad":
+                r.label = "tie"
     dropped = {k: v for k, v in dropped.items() if v}
     pset = PreferenceSet(source.name, rows, len(source), both_bad_dropped, counts, fmt, dropped, source.data_hash())
     log.info("%s", pset.describe())
@@ -291,21 +321,20 @@ def load_preferences(path: str | Path | Source, limit: Optional[int] = None, bot
 # --- tokenisation ----------------------------------------------------------------------------------------------------
 
 
-def completion_ids(row: dict, side: str, tokenizer: "PreTrainedTokenizerBase") -> tuple[list[int], bool]:
+def completion_ids(text: str, stored: Optional[list[int]], tokenizer: "PreTrainedTokenizerBase", where: str,
+                   side: str) -> tuple[list[int], bool]:
     """(token ids of one response, whether they are the stored sampled ids). Stored ids are checked: each id
     within the vocabulary, and decoding them reproduces the text (else they belong to another tokenizer)."""
-    stored = row[f"{side}_token_ids"]
-    text = row[side]
     if stored is None:
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], False
     vocab = len(tokenizer)
     bad = [t for t in stored if not 0 <= t < vocab]
     if bad:
-        raise DataError(f"{row['where']}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
+        raise DataError(f"{where}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
                         f"(size {vocab}); were the responses generated with another tokenizer?")
     decoded = tokenizer.decode(stored, skip_special_tokens=True)
     if decoded.strip() != text.strip():
-        raise DataError(f"{row['where']}: {side}_token_ids do not decode to the '{side}' text "
+        raise DataError(f"{where}: {side}_token_ids do not decode to the '{side}' text "
                         f"({decoded[:40]!r} vs {text[:40]!r}); were they made by another tokenizer?")
     return list(stored), True
 
@@ -321,15 +350,16 @@ def tokenize_pairs(
     counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0}
     markers = template_markers(tokenizer)
     for i, row in enumerate(pset.rows):
-        for j, message in enumerate(row["prompt"]):
-            refuse_templated(message["content"], markers, row["where"], f"prompt message {j}")
+        for j, message in enumerate(row.prompt):
+            refuse_templated(message["content"], markers, row.where, f"prompt message {j}")
         for side in SIDES:
-            refuse_templated(row[side], markers, row["where"], side)
-        feature = {"index": i, "prompt_ids": prompt_ids(tokenizer, row["prompt"]), "is_tie": row["label"] == "tie",
-                   "weight": 1.0 if row["weight"] is None else row["weight"],
-                   "margin": row["margin"] or 0.0, "soft_label": row["label_agreement"]}
+            refuse_templated(row.text(side), markers, row.where, side)
+        feature = {"index": i, "prompt_ids": prompt_ids(tokenizer, row.prompt), "is_tie": row.label == "tie",
+                   "weight": 1.0 if row.weight is None else row.weight,
+                   "margin": row.margin or 0.0, "soft_label": row.label_agreement}
         for side in SIDES:
-            feature[f"{side}_ids"], stored = completion_ids(row, side, tokenizer)
+            feature[f"{side}_ids"], stored = completion_ids(row.text(side), row.token_ids(side), tokenizer, row.where,
+                                                            side)
             counts["stored_token_ids"] += stored
         full.append(feature)
         short = dict(feature)

@@ -457,7 +457,7 @@ def trainer_callbacks(train: "TrainArgs", out: Path, has_eval: bool, main_proces
 
 
 def data_metrics(pset: "PreferenceSet", counts: dict[str, int], prefix: str = "data") -> dict[str, int]:
-    return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r["label"] == "tie" for r in pset.rows),
+    return {f"{prefix}/pairs": len(pset.rows), f"{prefix}/ties": sum(r.label == "tie" for r in pset.rows),
             f"{prefix}/both_bad_dropped": pset.both_bad_dropped, **{f"{prefix}/{k}": v for k, v in counts.items()},
             **{f"{prefix}/dropped_{k}": v for k, v in pset.dropped.items()}}
 

@@ -75,7 +75,7 @@ def test_empty_and_identical_responses_dropped_and_counted(tiny_model_dir, tmp_p
     path = write(tmp_path / "p.jsonl", rows)
     with caplog.at_level(logging.WARNING):
         pset = load_preferences(path)
-    assert [r["chosen"] for r in pset.rows] == ["yes", "a"]
+    assert [r.chosen for r in pset.rows] == ["yes", "a"]
     assert pset.dropped == {"empty_responses": 2, "identical_pairs": 1}
     assert "dropped 2 pair(s) with empty responses, 1 pair(s) with identical pairs" in caplog.text
     record = version(run_pairs("dpo", tiny_model_dir, tmp_path / "run", train_file=str(path)))

@@ -209,3 +209,20 @@ def test_trl_format_keeps_decided_pairs_only_and_trains_in_plain_trl(store, stor
                          args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2,
                                         report_to="none", save_strategy="no", logging_steps=1, bf16=False))
     assert trainer.train().global_step == 1
+
+
+def test_exported_rows_become_typed_pairs_field_for_field(store, labeled):
+    """align.preference.PreferencePair names its fields after the export's columns: every exported value lands in
+    the field of the same name (weight and gen_logps_by_version come from later steps, not from the export)."""
+    from dataclasses import fields
+
+    from align.preference import PreferencePair, validate_row
+
+    for i, row in enumerate(export_preferences(store, source="human")):
+        pair = validate_row(row, f"export:{i + 1}")
+        names = {f.name for f in fields(PreferencePair)} - {"where"}
+        assert names - set(row) == {"weight", "gen_logps_by_version"}
+        for name in names & set(row) - {"chosen", "rejected"}:
+            assert getattr(pair, name) == row[name], name
+        assert (pair.chosen, pair.rejected) == (row["chosen"][0]["content"], row["rejected"][0]["content"])
+        assert pair.text("chosen") == pair.chosen and pair.token_ids("rejected") == row["rejected_token_ids"]

@@ -56,11 +56,11 @@ def test_preference_format_recognised_converted_and_trained(fmt, tiny_model_dir,
         pset = load_preferences(path)
     assert pset.format == fmt and f"read 2 rows of {path} as" in caplog.text
     for i, row in enumerate(pset.rows):
-        assert row["prompt"] == expected_prompt(fmt, i)
-        assert (row["chosen"], row["rejected"]) == (expected_response(fmt, "chosen", i), expected_response(fmt, "rejected", i))
-        assert row["label"] == "chosen" and row["where"] == f"{path}:{i + 1}"
+        assert row.prompt == expected_prompt(fmt, i)
+        assert (row.chosen, row.rejected) == (expected_response(fmt, "chosen", i), expected_response(fmt, "rejected", i))
+        assert row.label == "chosen" and row.where == f"{path}:{i + 1}"
     if fmt == "ultrafeedback":
-        assert [r["margin"] for r in pset.rows] == [3.0, 4.0]
+        assert [r.margin for r in pset.rows] == [3.0, 4.0]
 
     # The tokens trained on: the prompt templated once, each response as its own text plus the end of the turn.
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -86,9 +86,9 @@ def test_preference_containers(container, tiny_model_dir, tmp_path):
     else:
         spec = str(write(tmp_path / container, rows))
     pset = load_preferences(spec)
-    assert [(r["prompt"][0]["content"], r["chosen"], r["rejected"]) for r in pset.rows] == [
+    assert [(r.prompt[0]["content"], r.chosen, r.rejected) for r in pset.rows] == [
         (f"Q{i}", f"good {i}", f"bad {i}") for i in range(3)]
-    assert pset.rows[2]["where"] == (f"{spec}: row 3" if container != "glob" else f"{spec}: row 3")
+    assert pset.rows[2].where == (f"{spec}: row 3" if container != "glob" else f"{spec}: row 3")
     if container in ("pairs.parquet", "saved"):  # one step of each pair method on the binary containers
         for method in ("dpo", "reward"):
             assert version(run_pairs(method, tiny_model_dir, tmp_path / method, train_file=spec))["metrics"]["global_step"] == 1

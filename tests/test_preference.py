@@ -35,8 +35,8 @@ def test_load_tokenize_and_both_bad(tokenizer, tmp_path, caplog):
         pset = load_preferences(path)
     assert pset.both_bad_dropped == 1 and len(pset.rows) == 4 and pset.n_read == 5
     assert "dropped 1 both-bad" in caplog.text
-    assert [r["label"] for r in load_preferences(path, both_bad="tie").rows].count("tie") == 2
-    assert pset.rows[2]["where"] == f"{path}:4"  # row 3 of the file, after the dropped one
+    assert [r.label for r in load_preferences(path, both_bad="tie").rows].count("tie") == 2
+    assert pset.rows[2].where == f"{path}:4"  # row 3 of the file, after the dropped one
 
     full, cut, counts = tokenize_pairs(pset, tokenizer, max_length=512, max_prompt_length=256)
     assert full[0]["chosen_ids"] == rows[0]["chosen_token_ids"]  # stored ids used as is

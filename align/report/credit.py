@@ -51,8 +51,7 @@ def _ids(row: dict, side: str, tokenizer: Any) -> list[int]:
 
     text = row[side] if isinstance(row[side], str) else row[side][-1]["content"]
     try:
-        ids, _ = completion_ids({"where": "pair", f"{side}_token_ids": row.get(f"{side}_token_ids"), side: text},
-                                side, tokenizer)
+        ids, _ = completion_ids(text, row.get(f"{side}_token_ids"), tokenizer, "pair", side)
     except DataError:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return ids

@@ -21,7 +21,7 @@ import torch
 from align import runs
 from align.config import TrainArgs, WeightingArgs
 from align.errors import DataError
-from align.preference import PreferenceSet
+from align.preference import PreferencePair, PreferenceSet
 from align.reuse import AutoChoice, choose_weighting, too_little_evidence, worth_report
 from align.weighting import (SCHEMES, WeightResult, compute_importance_weights, log_weight_shift,
                              weight_diagnostics)
@@ -36,31 +36,31 @@ def check_columns(pset: PreferenceSet, scheme: str) -> None:
     """Fail early, naming the first row that lacks what `scheme` needs (its record's `row_fields`)."""
     record = SCHEMES[scheme]
     for row in pset.rows:
-        missing = [name for name in record.row_fields if row[name] is None]
+        missing = [name for name in record.row_fields if getattr(row, name) is None]
         if missing:
-            raise DataError(f"{row['where']}: weighting scheme '{scheme}' needs {' and '.join(record.row_fields)}, "
+            raise DataError(f"{row.where}: weighting scheme '{scheme}' needs {' and '.join(record.row_fields)}, "
                             f"and this row has no {' or '.join(missing)}; {_HINT}")
     if "gen_logps_by_version" in record.row_fields:  # every row scored under every pooled version
-        versions = {r["gen_model_version"] for r in pset.rows}
+        versions = {r.gen_model_version for r in pset.rows}
         for row in pset.rows:
-            missing = versions - set(row["gen_logps_by_version"])
+            missing = versions - set(row.gen_logps_by_version)
             if missing:
-                raise DataError(f"{row['where']}: gen_logps_by_version lacks pooled version(s) {sorted(missing)}")
+                raise DataError(f"{row.where}: gen_logps_by_version lacks pooled version(s) {sorted(missing)}")
     if record.scores_samples:
-        unstored = sum(r["chosen_token_ids"] is None or r["rejected_token_ids"] is None for r in pset.rows)
+        unstored = sum(r.chosen_token_ids is None or r.rejected_token_ids is None for r in pset.rows)
         if unstored:
             log.warning("%s: %d pair(s) have no stored token ids; their target log-probs use re-tokenised text, which "
                         "may not be the sampled tokens the generation log-probs cover", pset.path, unstored)
 
 
 def _versions(pset: PreferenceSet) -> Optional[list[str]]:
-    versions = [r["gen_model_version"] for r in pset.rows]
+    versions = [r.gen_model_version for r in pset.rows]
     return None if any(v is None for v in versions) else versions
 
 
 def file_weights(pset: PreferenceSet) -> WeightResult:
     """Scheme none: the data's `weight` column (missing entries count 1), or all ones; with diagnostics."""
-    given = [r["weight"] for r in pset.rows]
+    given = [r.weight for r in pset.rows]
     weights = torch.tensor([1.0 if w is None else w for w in given], dtype=torch.float32)
     if float(weights.sum()) <= 0:
         raise DataError(f"{pset.path}: every pair has weight 0")
@@ -80,11 +80,11 @@ def own_version(cols: dict, versions: Sequence[str], tolerance: float = 1e-2) ->
     return best if means[best] < tolerance else None
 
 
-def _columns(rows: Sequence[dict], scores: dict) -> dict:
+def _columns(rows: Sequence[PreferencePair], scores: dict) -> dict:
     return {"target_chosen_logps": scores["chosen_logps"].double(),
             "target_rejected_logps": scores["rejected_logps"].double(),
-            "gen_chosen_logps": torch.tensor([r["gen_chosen_logps"] for r in rows], dtype=torch.float64),
-            "gen_rejected_logps": torch.tensor([r["gen_rejected_logps"] for r in rows], dtype=torch.float64),
+            "gen_chosen_logps": torch.tensor([r.gen_chosen_logps for r in rows], dtype=torch.float64),
+            "gen_rejected_logps": torch.tensor([r.gen_rejected_logps for r in rows], dtype=torch.float64),
             "chosen_lengths": scores["chosen_lengths"].double(), "rejected_lengths": scores["rejected_lengths"].double()}
 
 
@@ -105,7 +105,7 @@ def auto_weights(pset: PreferenceSet, full_features: Sequence[dict], weighting: 
         log.info("weighting auto: none: %s", choice.reason)
         return result, scores
 
-    if versions is None or any(r["gen_chosen_logps"] is None or r["gen_rejected_logps"] is None for r in rows):
+    if versions is None or any(r.gen_chosen_logps is None or r.gen_rejected_logps is None for r in rows):
         return unweighted(AutoChoice("none", "some pairs carry no gen_model_version or generation log-probs, so old "
                                              "and new pairs cannot be told apart (`align rescore` stores them)"))
     if len(set(versions)) < 2:
@@ -156,19 +156,19 @@ def dataset_weights(
     if scheme == "none":
         return file_weights(pset), None
     check_columns(pset, scheme)
-    if any(r["weight"] is not None for r in pset.rows):
+    if any(r.weight is not None for r in pset.rows):
         log.info("%s: weights computed by scheme %s replace the file's weight column", pset.path, scheme)
     scores = score(full_features, SCHEMES[scheme].needs_collision)
     rows = pset.rows
     by_version = None
     if "gen_logps_by_version" in SCHEMES[scheme].row_fields:
-        versions = sorted({r["gen_model_version"] for r in rows})
-        by_version = {v: ([r["gen_logps_by_version"][v][0] for r in rows],
-                          [r["gen_logps_by_version"][v][1] for r in rows]) for v in versions}
+        versions = sorted({r.gen_model_version for r in rows})
+        by_version = {v: ([r.gen_logps_by_version[v][0] for r in rows],
+                          [r.gen_logps_by_version[v][1] for r in rows]) for v in versions}
     gen = {}
-    if all(r["gen_chosen_logps"] is not None and r["gen_rejected_logps"] is not None for r in rows):
-        gen = {"gen_chosen_logps": [r["gen_chosen_logps"] for r in rows],
-               "gen_rejected_logps": [r["gen_rejected_logps"] for r in rows]}
+    if all(r.gen_chosen_logps is not None and r.gen_rejected_logps is not None for r in rows):
+        gen = {"gen_chosen_logps": [r.gen_chosen_logps for r in rows],
+               "gen_rejected_logps": [r.gen_rejected_logps for r in rows]}
     result = compute_importance_weights(
         scheme, alpha=weighting.weighting_alpha, clip=weighting.weighting_clip,
         target_chosen_logps=scores["chosen_logps"], target_rejected_logps=scores["rejected_logps"],
@@ -227,8 +227,8 @@ def report(result: WeightResult, pset: PreferenceSet, out: Optional[Path] = None
         "diagnostics": diag,
         "weights": [round(float(w), 6) for w in result.weights],
         "log_weights": [round(float(w), 6) for w in result.log_weights],
-        "pair_id": [r["pair_id"] for r in pset.rows],
-        "where": [r["where"] for r in pset.rows],
+        "pair_id": [r.pair_id for r in pset.rows],
+        "where": [r.where for r in pset.rows],
     })
     plot(diag, out / "weights.png")
 
