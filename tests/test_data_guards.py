@@ -114,7 +114,7 @@ def test_answers_that_look_like_numbers_stay_text(tmp_path):
     csv_path = tmp_path / "p.csv"
     csv_path.write_text('prompt,chosen,rejected,margin,label\nCalculate 4 + 94.,98,96,1.5,\nQ,007,7,,tie\n')
     pset = load_preferences(csv_path, both_bad="tie")
-    assert [(r["chosen"], r["rejected"], r["margin"], r["label"]) for r in pset.rows] == [
+    assert [(r.chosen, r.rejected, r.margin, r.label) for r in pset.rows] == [
         ("98", "96", 1.5, "chosen"), ("007", "7", None, "tie")]
     mixed = write(tmp_path / "m.jsonl", [{"prompt": "Q", "completion": "98"},
                                          {"prompt": [user("Q")], "completion": [bot("007")]}])

@@ -72,7 +72,7 @@ def support_by_version(diag: dict, pset: PreferenceSet) -> dict[str, dict]:
     """The support map's off-support share per source version (align.weighting.support_shares); {} without a map."""
     if "map/chosen_per_token" not in diag:
         return {}
-    versions = [r.get("gen_model_version") or "unknown" for r in pset.rows]
+    versions = [r.gen_model_version or "unknown" for r in pset.rows]
     return support_shares(diag["map/chosen_per_token"], diag["map/rejected_per_token"], versions,
                           diag["map/off_support_threshold"], diag["map/equal_band"])
 
