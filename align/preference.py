@@ -322,32 +322,41 @@ def load_preferences(path: str | Path | Source, limit: Optional[int] = None, bot
 
 
 def completion_ids(text: str, stored: Optional[list[int]], tokenizer: "PreTrainedTokenizerBase", where: str,
-                   side: str) -> tuple[list[int], bool]:
+                   side: str, strict: bool = True) -> tuple[list[int], Optional[bool]]:
     """(token ids of one response, whether they are the stored sampled ids). Stored ids are checked: each id
-    within the vocabulary, and decoding them reproduces the text (else they belong to another tokenizer)."""
+    within the vocabulary, and decoding them reproduces the text (else they belong to another tokenizer). Ids of
+    another tokenizer are refused when `strict` (importance weights need the sampled ids), else the text is
+    tokenised instead and the second value is None (counted by the caller)."""
+    from_text = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if stored is None:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], False
+        return from_text, False
     vocab = len(tokenizer)
     bad = [t for t in stored if not 0 <= t < vocab]
+    problem = None
     if bad:
-        raise DataError(f"{where}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
-                        f"(size {vocab}); were the responses generated with another tokenizer?")
-    decoded = tokenizer.decode(stored, skip_special_tokens=True)
-    if decoded.strip() != text.strip():
-        raise DataError(f"{where}: {side}_token_ids do not decode to the '{side}' text "
-                        f"({decoded[:40]!r} vs {text[:40]!r}); were they made by another tokenizer?")
-    return list(stored), True
+        problem = (f"{where}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
+                   f"(size {vocab}); were the responses generated with another tokenizer?")
+    else:
+        decoded = tokenizer.decode(stored, skip_special_tokens=True)
+        if decoded.strip() != text.strip():
+            problem = (f"{where}: {side}_token_ids do not decode to the '{side}' text "
+                       f"({decoded[:40]!r} vs {text[:40]!r}); were they made by another tokenizer?")
+    if problem is None:
+        return list(stored), True
+    if strict:
+        raise DataError(problem)
+    return from_text, None
 
 
 def tokenize_pairs(
     pset: PreferenceSet, tokenizer: "PreTrainedTokenizerBase", max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None, strict_ids: bool = True,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """(full features, truncated features, counts). Full = untruncated, for importance weights (the stored
     log-probs cover every sampled token); truncated = what training sees (None: no limit). A feature holds `index`, `prompt_ids`,
     `chosen_ids`, `rejected_ids`, `is_tie`, `weight` (1.0 until weights are attached), `margin`, `soft_label`."""
     full, cut = [], []
-    counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0}
+    counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0, "retokenized_foreign_ids": 0}
     markers = template_markers(tokenizer)
     for i, row in enumerate(pset.rows):
         for j, message in enumerate(row.prompt):
@@ -359,8 +368,9 @@ def tokenize_pairs(
                    "margin": row.margin or 0.0, "soft_label": row.label_agreement}
         for side in SIDES:
             feature[f"{side}_ids"], stored = completion_ids(row.text(side), row.token_ids(side), tokenizer, row.where,
-                                                            side)
-            counts["stored_token_ids"] += stored
+                                                            side, strict_ids)
+            counts["stored_token_ids"] += bool(stored)
+            counts["retokenized_foreign_ids"] += stored is None
         full.append(feature)
         short = dict(feature)
         if max_prompt_length is not None and len(short["prompt_ids"]) > max_prompt_length:  # keep the end: the question nearest the answer
@@ -372,6 +382,10 @@ def tokenize_pairs(
                 short[f"{side}_ids"] = short[f"{side}_ids"][:room]
                 counts["truncated_completions"] += 1
         cut.append(short)
+    if counts["retokenized_foreign_ids"]:
+        log.warning("%s: %d response(s) carry token ids of another tokenizer (another model generated them); "
+                    "tokenised from their text instead (importance weighting would refuse them)", pset.path,
+                    counts["retokenized_foreign_ids"])
     if counts["truncated_prompts"] or counts["truncated_completions"]:
         log.warning("%s: truncated %d prompt(s) to max_prompt_length=%d and %d completion(s) to max_length=%d",
                     pset.path, counts["truncated_prompts"], max_prompt_length, counts["truncated_completions"], max_length)
@@ -497,9 +511,12 @@ def load_pair_sets(data_args: Any, both_bad: str) -> tuple[PreferenceSet, Option
     return train_set, eval_set
 
 
-def tokenize_sets(train_set: PreferenceSet, eval_set: Optional[PreferenceSet], tokenizer: Any, data_args: Any) -> tuple:
-    """(full, features, counts) of the training set as tokenize_pairs returns them, and the eval features."""
-    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length)
-    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length)[1]
-                     if eval_set else [])
+def tokenize_sets(train_set: PreferenceSet, eval_set: Optional[PreferenceSet], tokenizer: Any, data_args: Any,
+                  strict_ids: bool = True) -> tuple:
+    """(full, features, counts) of the training set as tokenize_pairs returns them, and the eval features.
+    strict_ids=False (no importance weighting): stored token ids of another tokenizer give way to the text."""
+    full, features, counts = tokenize_pairs(train_set, tokenizer, data_args.max_length, data_args.max_prompt_length,
+                                            strict_ids)
+    eval_features = (tokenize_pairs(eval_set, tokenizer, data_args.max_length, data_args.max_prompt_length,
+                                    strict_ids)[1] if eval_set else [])
     return full, features, counts, eval_features

@@ -123,3 +123,16 @@ def test_answers_that_look_like_numbers_stay_text(tmp_path):
     unpaired.write_text("prompt,completion,label\nQ,98,True\nQ,96,false\n")
     sft = load_sft(open_source(str(unpaired)))
     assert [r["messages"][-1]["content"] for r in sft.rows] == ["98"] and sft.dropped == {"false_labels": 1}
+
+
+def test_token_ids_of_another_tokenizer(tiny_model_dir, tmp_path, caplog):
+    """Stored ids from another model's tokenizer are refused where importance weights need them (strict), and give
+    way to the text, counted and logged, where they do not (weighting none/auto: the shipped data on any model)."""
+    path = write(tmp_path / "p.jsonl", [dict(GOOD, chosen_token_ids=[5000, 17], rejected_token_ids=[6000])])
+    tokenizer = load_tokenizer(tiny_model_dir)
+    with pytest.raises(DataError, match=r"p.jsonl:1: chosen_token_ids has id 5000 outside"):
+        tokenize_pairs(load_preferences(path), tokenizer, 96, 64)
+    with caplog.at_level(logging.WARNING):
+        _, cut, counts = tokenize_pairs(load_preferences(path), tokenizer, 96, 64, strict_ids=False)
+    assert counts["retokenized_foreign_ids"] == 2 and counts["stored_token_ids"] == 0
+    assert tokenizer.decode(cut[0]["chosen_ids"]) == "yes<|im_end|>" and "another tokenizer" in caplog.text

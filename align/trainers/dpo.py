@@ -134,7 +134,8 @@ def train_dpo(
     model, tokenizer = load_model(model_args, device=str(accelerator.device))
     collator, attention = preference_collator(model, tokenizer.pad_token_id, dpo_args.padding_free,
                                               dpo_args.label_smoothing)
-    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
+    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args,
+                                                          strict_ids=weighting.weighting_scheme not in ("none", "auto"))
     interference = runs.stage_interference(accelerator, dpo_args, model_args.model, "dpo", tokenizer, dpo_args.sft_weight)
     if interference is not None:
         interference.start(model)  # the starting model, before any adapter

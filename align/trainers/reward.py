@@ -183,7 +183,8 @@ def train_reward(
     train_set, eval_set = load_pair_sets(data_args, reward_args.both_bad)
     tokenizer = load_tokenizer(model_args.model, model_args.chat_template)
     collator = PreferenceCollator(tokenizer.pad_token_id)
-    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args)
+    full, features, counts, eval_features = tokenize_sets(train_set, eval_set, tokenizer, data_args,
+                                                          strict_ids=weighting.weighting_scheme not in ("none", "auto"))
     weights = _weights(train_set, full, model_args, weighting, collator, train.per_device_eval_batch_size,
                        accelerator)
     for feature, w in zip(features, weights.weights.tolist()):
