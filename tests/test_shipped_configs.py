@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import parse_config
-from tests.test_config import CONFIG_TYPES
-from tests.test_rlhf import reward_run  # noqa: F401 - the fixture
+from align.config import DPO_CONFIG, REWARD_CONFIG, RLHF_CONFIG, SFT_CONFIG, parse_config
+
+CONFIG_TYPES = {"sft": SFT_CONFIG, "dpo": DPO_CONFIG, "reward": REWARD_CONFIG, "rlhf": RLHF_CONFIG}
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
@@ -25,7 +25,7 @@ def train_function(method):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_config_runs_one_step(path, tiny_model_dir, reward_run, tmp_path, monkeypatch):  # noqa: F811
+def test_shipped_config_runs_one_step(path, tiny_model_dir, reward_run, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name data by paths relative to the repository
     method = path.parent.name
     argv = ["--config", str(path), "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "run"),
