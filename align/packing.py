@@ -24,13 +24,12 @@ Values equal the padded computation's to float round-off (tests/test_packing.py)
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
-from align.preference import FLOAT_COLUMNS, SIDES, PreferenceCollator
+from align.preference import SIDES, pair_columns, PreferenceCollator
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +162,8 @@ class PackedPreferenceCollator:
             "predict_at": torch.tensor(predict_at, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
             "token_seq": torch.tensor(token_seq, dtype=torch.long), "ends": torch.tensor(ends, dtype=torch.long),
             "lengths": torch.tensor(lengths, dtype=torch.float32), "real_tokens": len(ids),
-            "index": torch.tensor([f["index"] for f in features]),
-            "is_tie": torch.tensor([bool(f["is_tie"]) for f in features]),
-            "label_agreement": torch.tensor([math.nan if f["soft_label"] is None else f["soft_label"] for f in features]),
-            "soft_label": torch.tensor([1.0 - self.label_smoothing if f["soft_label"] is None else f["soft_label"]
-                                        for f in features]),
         }
-        for key in FLOAT_COLUMNS:
-            if all(key in f for f in features):
-                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
-        return batch
+        return {**batch, **pair_columns(features, self.label_smoothing)}
 
 
 def attention_segments(batch: dict, device: Any) -> list[tuple]:

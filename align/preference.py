@@ -424,16 +424,26 @@ class PreferenceCollator:
             "input_ids": torch.tensor([s + [self.pad_token_id] * (width - len(s)) for s in seqs]),
             "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
             "labels": torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels]),
-            "index": torch.tensor([f["index"] for f in features]),
-            "is_tie": torch.tensor([bool(f["is_tie"]) for f in features]),
-            "label_agreement": torch.tensor([math.nan if f["soft_label"] is None else f["soft_label"] for f in features]),
-            "soft_label": torch.tensor([1.0 - self.label_smoothing if f["soft_label"] is None else f["soft_label"]
-                                        for f in features]),
         }
-        for key in FLOAT_COLUMNS:
-            if all(key in f for f in features):
-                batch[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
-        return batch
+        return {**batch, **pair_columns(features, self.label_smoothing)}
+
+
+def pair_columns(features: Sequence[dict], label_smoothing: float = 0.0) -> dict[str, "torch.Tensor"]:
+    """The (B,) per-pair columns of a batch, padded or packed: `index`, `is_tie`, `label_agreement` (NaN where
+    missing), `soft_label` (label_agreement, default 1 - label_smoothing), and the FLOAT_COLUMNS every feature has."""
+    import torch
+
+    columns = {
+        "index": torch.tensor([f["index"] for f in features]),
+        "is_tie": torch.tensor([bool(f["is_tie"]) for f in features]),
+        "label_agreement": torch.tensor([math.nan if f["soft_label"] is None else f["soft_label"] for f in features]),
+        "soft_label": torch.tensor([1.0 - label_smoothing if f["soft_label"] is None else f["soft_label"]
+                                    for f in features]),
+    }
+    for key in FLOAT_COLUMNS:
+        if all(key in f for f in features):
+            columns[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
+    return columns
 
 
 def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> dict[str, "torch.Tensor"]:
