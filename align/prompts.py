@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from align.data import check_messages, open_source
 from align.errors import AlignError, DataError
+from align.store.db import holds_nul
 from align.evaluate import stratified
 from align.tasks import load_tasks
 
@@ -30,22 +31,12 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
                 if len(prompt) == 1:
                     raise DataError(f"{where}: '{column}' holds only an assistant turn; there is no prompt")
                 row = {k: v for k, v in dict(row, messages=prompt[:-1], prompt=None).items() if v is not None}
-        if _holds_nul(row):
+        if holds_nul(row):
             raise DataError(f"{where}: holds a NUL character (\\x00), which the store cannot keep; remove it")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     return rows
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
-    return False
 
 
 def resolve_prompts(source: str, per_family: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:

@@ -131,18 +131,19 @@ def _refuse_nul(_conn, clause, multiparams, params, _options) -> None:
         rows += item if isinstance(item, (list, tuple)) else [item]
     for row in rows:
         for column, value in (row.items() if isinstance(row, dict) else ()):
-            if _holds_nul(value):
+            if holds_nul(value):
                 table = getattr(getattr(clause, "table", None), "name", "the store")
                 raise DataError(f"{table}.{column}: a NUL character (\\x00) cannot be stored; remove it from the input")
 
 
-def _holds_nul(value: Any) -> bool:
+def holds_nul(value: Any) -> bool:
+    """Whether a string, or any string inside nested dicts and lists, holds a NUL character."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+        return any(holds_nul(k) or holds_nul(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return any(_holds_nul(v) for v in value)
+        return any(holds_nul(v) for v in value)
     return False
 
 
