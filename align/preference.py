@@ -337,8 +337,9 @@ def completion_ids(text: str, stored: Optional[list[int]], tokenizer: "PreTraine
         problem = (f"{where}: {side}_token_ids has id {bad[0]} outside the tokenizer's vocabulary "
                    f"(size {vocab}); were the responses generated with another tokenizer?")
     else:
-        decoded = tokenizer.decode(stored, skip_special_tokens=True)
-        if decoded.strip() != text.strip():
+        # The store keeps a sampled NUL as U+FFFD (align.store.samples.response_record): compare alike.
+        decoded = tokenizer.decode(stored, skip_special_tokens=True).replace("\x00", "\ufffd")
+        if decoded.strip() != text.replace("\x00", "\ufffd").strip():
             problem = (f"{where}: {side}_token_ids do not decode to the '{side}' text "
                        f"({decoded[:40]!r} vs {text[:40]!r}); were they made by another tokenizer?")
     if problem is None:

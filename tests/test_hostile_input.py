@@ -181,3 +181,17 @@ def test_eval_with_a_failing_gold_check_leaves_no_rows(store, tiny_model_dir):
     with pytest.raises(AlignError, match="the gold judge cannot score no task family"):
         run_eval(store, spec, embed=None)
     assert counts(store) == (0, 0, 0)
+
+
+def test_a_sampled_nul_is_stored_as_a_replacement_character(store):
+    from align.errors import DataError
+
+    [prompt] = st.add_prompts(store, [{"prompt": "hi"}])
+    version = st.register_model_version(store, {"name": "m", "base_model": "m"})
+    row = {"prompt_id": prompt, "model_version_id": version, "seed": 0, "max_new_tokens": 4}
+    [rid] = st.add_responses(store, [{**row, "text": "a\u0000b", "completion_token_ids": [97, 0, 98]}])
+    with store.read() as session:
+        stored = session.get(Response, rid)
+        assert stored.text == "a\ufffdb" and stored.completion_token_ids == [97, 0, 98]
+    with pytest.raises(DataError, match=r"^response\.text: a NUL character"):  # a text without tokens is refused
+        st.add_responses(store, [{**row, "sample_index": 1, "text": "a\u0000b"}])

@@ -102,7 +102,9 @@ def response_record(row: dict[str, Any], index: int) -> dict[str, Any]:
         "seed": int(row["seed"]),
         "sample_index": int(row.get("sample_index", 0)),
         **sample_settings(row),
-        "text": row["text"],
+        # A sampled text can decode to a NUL (a byte-level token), which no backend should store: it becomes U+FFFD,
+        # and the exact output stays in the token ids. A text given without token ids is the caller's, refused.
+        "text": row["text"].replace("\x00", "\ufffd") if token_ids is not None else row["text"],
         "completion_token_ids": token_ids,
         "finish_reason": row.get("finish_reason"),
         "sample_token_logps": sample_token_logps,
