@@ -429,6 +429,10 @@ def verdict(low: float, high: float) -> str:
     return "not significant"
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def print_summary(demo: Demo, table: dict) -> None:
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     ev = table.get("evaluation", {})
@@ -444,12 +448,15 @@ def print_summary(demo: Demo, table: dict) -> None:
     for c in table["comparisons"]:
         change = "up" if c["gold_a"] > c["gold_b"] else "down" if c["gold_a"] < c["gold_b"] else "unchanged"
         print(f"  {c['a']} vs {c['b']}: gold {fmt(c['gold_b'])} -> {fmt(c['gold_a'])} ({change}); "
-              f"{c['wins']} wins, {c['ties']} ties, {c['losses']} losses on {c['n']} prompts; win rate "
+              f"{_count(c['wins'], 'win')}, {_count(c['ties'], 'tie')}, {_count(c['losses'], 'loss', 'losses')} "
+              f"on {c['n']} prompts; win rate "
               f"{fmt(c['win_rate'])} [{fmt(c['low'], 2)}, {fmt(c['high'], 2)}]: {c['verdict'].upper()}")
     reuse, rm, rl = table["reuse"], table["reward_model"], table["rlhf"]
     if reuse.get("auto_choice"):
+        worth = reuse.get("worth") or ""  # its sentence may already give auto's reason
         print(f"\nReused v0 pairs in the DPO stage ({fmt(reuse['share_v0'], 2)} of the data): weighting auto chose "
-              f"{reuse['auto_choice']}: {reuse['auto_reason']}." + (f" {reuse['worth']}" if reuse.get("worth") else ""))
+              f"{reuse['auto_choice']}" + (f". {worth}" if reuse["auto_reason"] in worth else
+                                          f": {reuse['auto_reason']}." + (f" {worth}" if worth else "")))
     else:
         print(f"\nReused v0 pairs in the DPO stage ({reuse['scheme']} weights toward v1): "
               f"ESS/N {fmt(reuse['ess_frac_v0'])} for v0's pairs ({fmt(reuse['share_v0'], 2)} of the data, "
