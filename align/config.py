@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from align.commands.parser import RaisingParser
-from align.errors import ConfigError
+from align.data import parse_columns
+from align.errors import ConfigError, DataError
 from align.weighting import SCHEME_NAMES
 
 
@@ -237,9 +238,6 @@ class DataSourceArgs(Validated):
         None, "Map the data's column names onto align's: NAME=COLUMN,... e.g. prompt=question,chosen=good,rejected=bad.")
 
     def validate(self) -> None:
-        from align.data import parse_columns
-        from align.errors import DataError
-
         try:
             parse_columns(self.columns)
         except DataError as exc:

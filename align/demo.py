@@ -25,10 +25,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from align.prompts import repo_file
+from align import config as cfg, store as st
 from align.config import WeightingArgs
+from align.data import read_jsonl, write_jsonl
 from align.errors import AlignError
-from align.runs import write_json
+from align.generation import SamplingSettings
+from align.judges import GoldJudge
+from align.prompts import repo_file, resolve_prompts
+from align.report import write_report
+from align.report.clusters import DEFAULT as embedder
+from align.report.compare import EvalSpec, run_eval
+from align.runs import last_checkpoint, read_metrics, write_json
+from align.sampling import generate_to_store
+from align.simulate import simulate
+from align.store import ModelVersion, Pair, Response
+from align.store.versions import ensure_registered
 
 BASE_MODEL = "smollm2-135m-instruct"
 CONFIGS = {method: f"recipes/configs/{method}/smollm2_lora.yaml" for method in ("sft", "dpo", "reward", "rlhf")}
@@ -88,8 +99,6 @@ class Demo:
 
     def settings(self, seed_offset: int = 0, temperature: float = 1.0):
         """Sampling at temperature 1 with no truncation: what importance weights and KL estimates assume."""
-        from align.generation import SamplingSettings
-
         return SamplingSettings(temperature=temperature, max_new_tokens=self.size.max_new_tokens,
                                 seed=self.seed + seed_offset)
 
@@ -128,9 +137,6 @@ def stage_label_v1(demo: Demo) -> dict:
 
 def stage_export(demo: Demo) -> dict:
     """All labelled pairs, and a split by prompt for the reward model: one prompt in five is held out."""
-    from align import store as st
-    from align.data import write_jsonl
-
     with st.connect(demo.db) as store:
         rows = st.export_preferences(store)
     if not rows:
@@ -168,8 +174,6 @@ def stage_rlhf(demo: Demo) -> dict:
     v0_rows, v1_rows = prompt_sets(demo)
     prompts = demo.path("prompts_rlhf.jsonl")
     if not prompts.exists():
-        from align.data import write_jsonl
-
         write_jsonl(v0_rows + v1_rows, prompts)
     return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
@@ -186,13 +190,6 @@ def rlhf_eval_steps(size: DemoSize) -> int:
 
 
 def stage_eval(demo: Demo) -> dict:
-    from align import store as st
-    from align.prompts import resolve_prompts
-    from align.data import read_jsonl
-    from align.report import write_report
-    from align.report.clusters import DEFAULT as embedder
-    from align.report.compare import EvalSpec, run_eval
-
     models = [demo.model] + [str(demo.path(run)) for run in ("v1-sft", "v2-dpo", "v3-rlhf")]
     # Every version answers the same held-out prompts: the win rates are paired comparisons, prompt by prompt.
     spec = EvalSpec(
@@ -229,8 +226,6 @@ STAGES: list[tuple[str, Callable[[Demo], dict]]] = [
 
 def prompt_sets(demo: Demo) -> tuple[list[dict], list[dict]]:
     """Disjoint training prompts, balanced over task families: v0's set, then v1's new set."""
-    from align.prompts import resolve_prompts
-
     size = demo.size
     picked = resolve_prompts("tasks:train", size.v0_per_family + size.v1_per_family)
     seen: dict[str, int] = {}
@@ -242,28 +237,17 @@ def prompt_sets(demo: Demo) -> tuple[list[dict], list[dict]]:
 
 
 def version_of(demo: Demo, spec: str) -> str:
-    from align import store as st
-    from align.store.versions import ensure_registered
-
     with st.connect(demo.db) as store:
         return ensure_registered(store, spec)[1]
 
 
 def _generate(demo: Demo, spec: str, rows: list[dict], n: int, pair_rule: str = "random_iid") -> dict:
-    from align import store as st
-    from align.sampling import generate_to_store
-
     with st.connect(demo.db) as store:
         return generate_to_store(store, spec, rows, n, demo.settings(), batch_size=4 * n, pair_rule=pair_rule)
 
 
 def _label(demo: Demo, version: str) -> dict:
     from sqlalchemy import select
-
-    from align import store as st
-    from align.judges import GoldJudge
-    from align.simulate import simulate
-    from align.store import ModelVersion, Pair, Response
 
     with st.connect(demo.db) as store:
         with store.read() as session:
@@ -281,9 +265,6 @@ def _label(demo: Demo, version: str) -> dict:
 
 def _train(demo: Demo, method: str, name: str, steps: int, args: list[str]) -> dict:
     """Run a recipe into DIR/name; an interrupted run resumes from its last checkpoint, a finished one is kept."""
-    from align import config as cfg
-    from align.runs import last_checkpoint
-
     run = demo.path(name)
     if not (run / "version.json").exists():
         argv = ["--config", str(repo_file(CONFIGS[method])), "--output_dir", str(run), "--name", name,
@@ -298,7 +279,7 @@ def _train(demo: Demo, method: str, name: str, steps: int, args: list[str]) -> d
 
 def _trainer(method: str) -> Callable:
     if method == "sft":
-        from align.trainers.sft import train_sft as train
+        from align.trainers.sft import train_sft as train  # deferred: only the stage that runs loads its trainer
     elif method == "dpo":
         from align.trainers.dpo import train_dpo as train
     elif method == "reward":
@@ -370,8 +351,6 @@ COMPARISONS = ((1, 0), (2, 1), (3, 2), (3, 0))
 def summary(demo: Demo, records: dict[str, dict]) -> dict:
     """The headline numbers, from the evaluation report and the runs: one row per version, the paired comparisons
     (each stage against its parent, the last against v0), the reward model, the RLHF run and the reuse figures."""
-    from align.runs import read_metrics
-
     report = json.loads(demo.path("report/report.json").read_text())
     names = [v["name"] for v in report["versions"]]
     v0 = names[0]

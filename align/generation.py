@@ -117,7 +117,7 @@ def score_completions(
     """
     import torch
 
-    from align.logprobs import scored_logits, token_logps
+    from align.logprobs import scored_logits, token_logps  # deferred: torch; sampling settings stay light
 
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     width = max(map(len, rows))

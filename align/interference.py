@@ -22,6 +22,13 @@ from typing import Any, Optional
 
 import torch
 
+from align.data import load_chat_file, tokenize_chat
+from align.errors import AlignError
+from align.evaluate import answer_tasks, gold_summary, stratified
+from align.generation import SamplingSettings
+from align.prompts import repo_file
+from align.tasks import load_tasks
+
 log = logging.getLogger(__name__)
 
 GOLD_MAX_NEW_TOKENS = 64  # greedy answers to the task prompts; the shipped tasks' answers fit
@@ -29,9 +36,6 @@ GOLD_MAX_NEW_TOKENS = 64  # greedy answers to the task prompts; the shipped task
 
 def sft_file(setting: Optional[str], model_spec: str) -> tuple[Optional[str], str]:
     """(path, where it came from) of the SFT conversations to measure, or (None, why not)."""
-    from align.prompts import repo_file
-    from align.errors import AlignError
-
     if setting and setting != "auto":
         return setting, "interference_sft_file"
     run: Optional[Path] = Path(model_spec).expanduser()
@@ -54,8 +58,6 @@ def sft_file(setting: Optional[str], model_spec: str) -> tuple[Optional[str], st
 def sft_loss(model: Any, tokenizer: Any, conversations: list[list[dict]], max_length: int = 512,
              batch_size: int = 8) -> float:
     """Mean NLL per assistant token (token-weighted over all conversations), teacher-forced, float32."""
-    from align.data import tokenize_chat
-
     rows = [r for r in (tokenize_chat(m, tokenizer, max_length) for m in conversations) if any(r["assistant_masks"])]
     if not rows:
         return math.nan
@@ -87,11 +89,6 @@ class InterferenceCheck:
     """Measure the starting model (`before`), then the trained one (`after`), then `result()`."""
 
     def __init__(self, args: Any, model_spec: str, method: str, tokenizer: Any, sft_weight: Optional[float] = None):
-        from align.prompts import repo_file
-        from align.data import load_chat_file
-        from align.evaluate import stratified
-        from align.tasks import load_tasks
-
         self.args, self.method, self.tokenizer, self.sft_weight = args, method, tokenizer, sft_weight
         self.enabled = args.interference_samples > 0 or args.interference_per_family > 0
         self.conversations: list = []
@@ -106,9 +103,6 @@ class InterferenceCheck:
             self.tasks = stratified(load_tasks(repo_file("data/tasks/eval.jsonl")), args.interference_per_family)
 
     def measure(self, model: Any) -> dict[str, float]:
-        from align.evaluate import answer_tasks, gold_summary
-        from align.generation import SamplingSettings
-
         out = {}
         if self.conversations:
             out["sft_loss"] = sft_loss(model, self.tokenizer, self.conversations)
@@ -140,7 +134,7 @@ class InterferenceCheck:
         if result["warning"]:
             log.warning(result["warning"])
         if out is not None:
-            from align.runs import write_json
+            from align.runs import write_json  # cycle: align.runs imports this module
 
             write_json(out / "interference.json", result)
         metrics = {f"interference/{k}_{when}": v for when, values in (("before", self.before), ("after", after))

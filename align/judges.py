@@ -65,7 +65,7 @@ class RewardJudge:
     name = "reward"
 
     def __init__(self, run_dir: str, batch_size: int = 8):
-        from align.trainers.reward import load_reward_model
+        from align.trainers.reward import load_reward_model  # deferred: torch; the gold judge needs none
 
         if not run_dir:
             raise AlignError("the reward judge needs a reward-model run directory: --judge reward:RUN_DIR")
@@ -81,6 +81,6 @@ class RewardJudge:
 
     def score_messages(self, prompts: Sequence, responses: Sequence) -> list[float]:
         """Normalised rewards; prompts as text or messages, responses as text or one assistant message."""
-        from align.trainers.reward import score
+        from align.trainers.reward import score  # deferred: torch (see __init__)
 
         return score(self.model, self.tokenizer, prompts, responses, self.batch_size, self.stats)

@@ -367,7 +367,7 @@ def save_trained(
     sharded (FSDP2, ZeRO-3); without it the in-memory parameters are saved."""
     from peft import PeftModel
 
-    from align.trainers.finite import check_weights
+    from align.trainers.finite import check_weights  # deferred: torch; align.models imports it lazily too
 
     check_weights(model, None, None, state_dict)  # the last line of defence: never a saved model full of NaN
     if not isinstance(model, PeftModel):

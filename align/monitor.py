@@ -35,6 +35,17 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from transformers import TrainerCallback
 
+from align import store as st
+from align.config import ModelArgs
+from align.data import as_messages
+from align.generation import sample_responses
+from align.models import load_model
+from align.runs import write_json
+from align.store.clock import utcnow
+from align.store.db import insert_ignoring_conflicts
+from align.store.schema import Pair
+from align.store.versions import ensure_registered
+
 if TYPE_CHECKING:
     from align.config import MonitorArgs
     from align.generation import SamplingSettings
@@ -263,8 +274,6 @@ class RewardHackingMonitor(TrainerCallback):
 
     def write(self) -> None:
         if self.out is not None:
-            from align.runs import write_json
-
             write_json(self.out / "monitor.json", self.report())
 
     # -- TrainerCallback hooks ---------------------------------------------------------------------------------
@@ -319,14 +328,6 @@ def push_audit_pairs(
     log-probs (their exact sampler is gone); the reference samples carry full provenance. `reference_model`
     (e.g. the trained LoRA model inside `disable_adapter()`) saves loading `reference_spec` again.
     """
-    from align import store as st
-    from align.store.versions import ensure_registered
-    from align.data import as_messages
-    from align.generation import sample_responses
-    from align.store.clock import utcnow
-    from align.store.db import insert_ignoring_conflicts
-    from align.store.schema import Pair
-
     if not samples:
         return []
     with st.connect(store_url) as store:
@@ -342,9 +343,6 @@ def push_audit_pairs(
         ]
         policy_response_ids = st.add_responses(store, policy_rows)
         if reference_model is None:
-            from align.config import ModelArgs
-            from align.models import load_model
-
             reference_model, tokenizer = load_model(ModelArgs(model=reference_spec))
         reference_rows = []
         for batch in sample_responses(reference_model, tokenizer, prompts, 1, settings, batch_size=8):

@@ -29,7 +29,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from align.preference import SIDES, pair_columns, PreferenceCollator
+from align.logprobs import token_logps_at
+from align.preference import SIDES, PreferenceCollator, pair_columns
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,6 @@ def forward_kwargs(batch: dict) -> dict[str, Any]:
 
 def packed_completion_logps(model: Any, batch: dict, with_collision: bool = False) -> dict[str, torch.Tensor]:
     """`align.preference.completion_logps` for a packed batch: the same (B,) float32 values, one forward."""
-    from align.logprobs import token_logps_at
-
     values, collision = token_logps_at(model, batch["input_ids"], batch["predict_at"], batch["targets"],
                                        with_collision=with_collision, **forward_kwargs(batch))
     rows = batch["ends"].shape[0]

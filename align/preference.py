@@ -454,7 +454,7 @@ def completion_logps(model: Any, batch: dict, with_collision: bool = False) -> d
     The log-probs come from `align.logprobs.score_tokens`: chunked over the scored tokens, no (2B, T, V) logits.
     A packed batch (`align.packing.PackedPreferenceCollator`) gives the same values from its one packed row."""
     if "segments" in batch:
-        from align.packing import packed_completion_logps
+        from align.packing import packed_completion_logps  # cycle: align.packing imports this module
 
         return packed_completion_logps(model, batch, with_collision)
     scored = score_tokens(model, batch["input_ids"], batch["labels"], batch["attention_mask"],

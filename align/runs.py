@@ -22,16 +22,18 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from align.config import to_dict
-from align.data import write_atomically
+from align.config import TrainArgs, to_dict
+from align.data import files_sha256, write_atomically
 from align.errors import AlignError
+from align.interference import InterferenceCheck
+from align.models import base_revision, portable_spec, resolve_model, tokenizer_fingerprint
 from align.overfit import GapTracker, callback as overfit_callback
 from align.publish import check_tracker, hub_repo
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-    from align.config import ModelArgs, PreferenceDataArgs, TrainArgs
+    from align.config import ModelArgs, PreferenceDataArgs
     from align.preference import PreferenceSet
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,6 @@ def guard_run(train_fn: Callable) -> Callable:
 
     @functools.wraps(train_fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from align.config import TrainArgs
-
         train = next(a for a in (*args, *kwargs.values()) if isinstance(a, TrainArgs))
         out = Path(train.output_dir)
         if train.resume and reached_its_end(out, train):
@@ -353,8 +353,6 @@ def lineage(model_spec: str, revision: Optional[str] = None) -> dict[str, Any]:
     `parent` is the starting model's version name (a run directory's own name, else the spec itself, which
     is the name base models are registered under); `parent_spec` is where to load it from.
     """
-    from align.models import base_revision, portable_spec, resolve_model
-
     resolved = resolve_model(model_spec, revision)
     return {
         "base_model": resolved.base,
@@ -366,8 +364,6 @@ def lineage(model_spec: str, revision: Optional[str] = None) -> dict[str, Any]:
 
 def version_name(model_spec: str) -> str:
     """The model-version name of a spec: a training run's recorded name, else the (portable) spec."""
-    from align.models import portable_spec
-
     version_file = Path(model_spec).expanduser() / "version.json"
     if version_file.is_file():
         return json.loads(version_file.read_text())["name"]
@@ -391,9 +387,6 @@ def record_run(
 ) -> dict[str, Any]:
     """Write version.json and the model card, as every training run does; return the version record. `data`: what
     was read (the detected format, rows read, rows dropped and why, the data hash), recorded as version["data"]."""
-    from align.data import files_sha256
-    from align.models import tokenizer_fingerprint
-
     version = write_version(
         out,
         {
@@ -416,7 +409,7 @@ def record_run(
 # ---- what every training run shares -------------------------------------------------------------------------------
 
 
-def preflight(train: "TrainArgs") -> Optional[str]:
+def preflight(train: TrainArgs) -> Optional[str]:
     """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
     check_tracker(train.report_to)
     return hub_repo(train)
@@ -428,8 +421,6 @@ def stage_interference(accelerator: Any, args: Any, model_spec: str, method: str
     to run (not under FSDP or ZeRO-3, whose shards only the prepared model can gather)."""
     from accelerate.utils import DistributedType  # deferred: accelerate and interference import torch
 
-    from align.interference import InterferenceCheck
-
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded or not accelerator.is_main_process:
         return None
@@ -437,7 +428,7 @@ def stage_interference(accelerator: Any, args: Any, model_spec: str, method: str
     return check if check.enabled else None
 
 
-def trainer_callbacks(train: "TrainArgs", out: Path, has_eval: bool, main_process: bool = True,
+def trainer_callbacks(train: TrainArgs, out: Path, has_eval: bool, main_process: bool = True,
                       gaps: Optional[GapTracker] = None) -> list:
     """The callbacks of a transformers-Trainer run (SFT, RLHF): metrics.jsonl (+ TensorBoard); with evaluation, the
     overfitting alarm and early stopping (align.overfit). The non-finite guard and the overfitting callback come

@@ -18,6 +18,7 @@ from align.data import prompt_ids as render_prompt
 from align.errors import AlignError
 from align.generation import SamplingSettings, sample_responses, score_completions, warn_if_truncating
 from align.models import load_model
+from align.store import ModelVersion, Prompt, Response
 from align.store.undo import discard_unused_on_failure
 from align.store.versions import ensure_registered, find_version, loadable_spec
 
@@ -80,8 +81,6 @@ def rescore(store, sample: int = 200, seed: int = 0) -> dict[str, dict[str, floa
     per-sequence log-probs (raw, and under the sampling distribution), and how many were checked.
     """
     from sqlalchemy import select
-
-    from align.store import ModelVersion, Prompt, Response
 
     with store.read() as session:
         ids = session.scalars(select(Response.id).where(Response.completion_token_ids.is_not(None))).all()

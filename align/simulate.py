@@ -14,7 +14,9 @@ import hashlib
 import random
 from typing import Optional
 
+from align import store as st
 from align.judges import GoldJudge
+from align.store import Pair, Prompt, Response
 
 
 def shown_left(annotator: str, pair_id: int) -> str:
@@ -25,8 +27,6 @@ def shown_left(annotator: str, pair_id: int) -> str:
 
 def simulate(store, judge: GoldJudge, annotators: int = 3, seed: int = 0, pair_ids: Optional[list[int]] = None) -> dict[str, int]:
     """Have `annotators` simulated annotators vote once on every pair (that they have not voted on)."""
-    from align import store as st
-
     source = f"sim:{judge.name}"
     names = [f"sim-{judge.name}-{i + 1}" for i in range(annotators)]
     done = {(v.annotator, v.pair_id) for v in st.effective_votes(store, source=source)}
@@ -52,8 +52,6 @@ def simulate(store, judge: GoldJudge, annotators: int = 3, seed: int = 0, pair_i
 def _pairs_with_text(store, pair_ids: Optional[list[int]]) -> list[dict]:
     from sqlalchemy import select
     from sqlalchemy.orm import aliased
-
-    from align.store import Pair, Prompt, Response
 
     a, b = aliased(Response), aliased(Response)
     query = (

@@ -9,6 +9,7 @@ from align import store as st
 from align.commands.parser import DEFAULT_DB, ArgumentParser, comma_list
 from align.data import write_jsonl
 from align.errors import AlignError
+from align.store.rankings import export_rankings
 
 KINDS = {"preferences": st.export_preferences, "sft": st.export_sft, "unpaired": st.export_unpaired}
 
@@ -45,8 +46,6 @@ def main(argv: list[str]) -> None:
                                 annotators=args.annotators, source=args.source, min_agreement=args.min_agreement,
                                 complete_only=not args.incomplete)
         if args.rankings:
-            from align.store.rankings import export_rankings
-
             rows = [{**row, "weight": 1.0} for row in rows] + export_rankings(store, source=args.source)
     if not rows:
         raise AlignError("nothing to export: no pair has votes matching these filters"

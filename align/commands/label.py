@@ -15,6 +15,8 @@ from align.errors import AlignError
 from align.generation import SamplingSettings
 from align.judges import GoldJudge
 from align.simulate import simulate as simulated_votes
+from align.store.leases import set_assignment_mode
+from align.store.rankings import set_ranking_k
 
 
 def label_parser() -> ArgumentParser:
@@ -74,16 +76,12 @@ def main(argv: list[str]) -> None:
         return simulate(argv)
     args = label_parser().parse_args(argv)
     from labeling.server import ServerSettings  # deferred: fastapi and gradio take seconds to import
-    from labeling.workers import Workers, WorkerSpec, serve_worker
+    from labeling.workers import Workers, WorkerSpec, serve_worker  # deferred: gradio, as labeling.server
 
     if args.assignment_mode:
-        from align.store.leases import set_assignment_mode
-
         with st.connect(args.db) as store:
             set_assignment_mode(store, args.assignment_mode)
     if args.ranking_k is not None:
-        from align.store.rankings import set_ranking_k
-
         with st.connect(args.db) as store:
             set_ranking_k(store, args.ranking_k)
     settings = ServerSettings(session_hours=args.session_hours,

@@ -10,6 +10,7 @@ from pathlib import Path
 from align.commands.parser import ArgumentParser
 from align.errors import AlignError
 from align.report import artifacts, write_report
+from align.report.credit import run_credit
 from align.runs import command_line
 
 
@@ -39,8 +40,6 @@ def build_runs_report(run_dirs: list[str], credit_pairs: int = 3) -> dict:
 
 def add_credit(report: dict, runs: list[Path], versions: list[dict], k: int) -> None:
     """Token-level credit of each run (align.report.credit): a policy against its parent, a reward model's drops."""
-    from align.report.credit import run_credit
-
     credit: dict = {"per_version": {}, "skipped": {}}
     for run, row in zip(runs, versions):
         found = run_credit(run, k)

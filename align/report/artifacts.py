@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from align.overfit import gap_rows
 from align.runs import read_metrics
+from align.store import get_model_version
 
 # Curves shown first when present (the rest follow alphabetically, up to MAX_CURVES).
 CURVE_PRIORITY = ("loss", "eval_loss", "eval_gap", "eval/loss", "rewards/margins", "rewards/accuracies", "kl/ref", "kl",
@@ -53,8 +55,6 @@ def training_curves(run: Path) -> Optional[dict]:
 
 def overfit_section(run: Path) -> Optional[dict]:
     """The overfitting alarm of a run (align.overfit): its gap at each evaluation, the alarm and why it stopped."""
-    from align.overfit import gap_rows
-
     rows = gap_rows(read_metrics(run / "metrics.jsonl"))
     metrics = json.loads((run / "version.json").read_text()).get("metrics") or {}
     out = {k: metrics[k] for k in ("overfit_alarm", "stop_reason") if isinstance(metrics.get(k), str)}
@@ -140,15 +140,12 @@ def _flag_text(flag: Any) -> str:
 def parent_name(store, version) -> Optional[str]:
     if version.parent_id is None:
         return None
-    from align.store import get_model_version
 
     return get_model_version(store, version.parent_id).name
 
 
 def lineage(store, version) -> list[dict]:
     """The version and its ancestors, newest first, from the store's parent links."""
-    from align.store import get_model_version
-
     chain, seen = [], set()
     current = version
     while current is not None and current.id not in seen:

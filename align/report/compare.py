@@ -15,15 +15,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from align import store as st
 from align.errors import AlignError
-from align.judges import GoldJudge, RewardJudge
 from align.generation import SamplingSettings
+from align.judges import GoldJudge, RewardJudge
 from align.report import artifacts, clusters, stats
 from align.report.credit import eval_credit
 from align.report.drift import drift
 from align.report.sections import (failures, heldout_accuracy, human_votes, kl_to_reference, ranking,
                                    score_summary, side_by_side, win_rates)
+from align.sampling import generate_to_store
+from align.store import ModelVersion, Prompt, Response, get_model_version
+from align.store.pairs import prompt_messages
+from align.store.samples import sample_settings
 from align.store.undo import discard_unused_on_failure
+from align.store.versions import ensure_registered
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +57,12 @@ class EvalSpec:
 def known_versions(store) -> list[str]:
     from sqlalchemy import select
 
-    from align.store import ModelVersion
-
     with store.read() as session:
         return list(session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)))
 
 
 def register(store, spec: str) -> Any:
     """The stored ModelVersion of a spec or version name, registering it if needed; a clear error if neither."""
-    from align.store.versions import ensure_registered
-    from align.store import get_model_version
-
     try:
         _, name = ensure_registered(store, spec)
     except AlignError as err:
@@ -74,9 +75,6 @@ def register(store, spec: str) -> Any:
 def load_samples(store, version_id: int, prompt_ids: Sequence[int], n: int, settings: SamplingSettings) -> dict:
     """{prompt_id: [response dict, ...]} of this version's samples under these settings, by sample index."""
     from sqlalchemy import select
-
-    from align.store import Response
-    from align.store.samples import sample_settings
 
     wanted = sample_settings(settings.as_dict())
     query = select(Response).where(
@@ -96,9 +94,6 @@ def load_samples(store, version_id: int, prompt_ids: Sequence[int], n: int, sett
 def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
     from sqlalchemy import select
 
-    from align.store import Prompt
-    from align.store.pairs import prompt_messages
-
     with store.read() as session:
         rows = session.scalars(select(Prompt).where(Prompt.id.in_(list(prompt_ids)))).all()
         return {p.id: {"id": p.id, "text": p.text, "messages": prompt_messages(p), "family": p.family, "gold": p.gold}
@@ -111,9 +106,6 @@ def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
 @discard_unused_on_failure
 def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT) -> dict:
     """Sample, judge and summarise; returns the report as a JSON-ready dict (see align.report.html for rendering)."""
-    from align import store as st
-    from align.sampling import generate_to_store
-
     if not spec.prompt_rows:
         raise AlignError("the prompt set is empty: give a JSONL with at least one prompt (or a larger --per_family)")
     if len(spec.models) < 1:

@@ -19,6 +19,13 @@ import random
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from align.data import as_messages, prompt_ids, read_jsonl
+from align.errors import AlignError, DataError
+from align.generation import score_completions
+from align.models import load_model
+from align.store import export_preferences, get_model_version
+from align.store.versions import loadable_spec
+
 DROP_MAX_TOKENS = 64  # drop-one-token reward credit costs one reward forward per token: short responses only
 SIDES = ("chosen", "rejected")
 
@@ -46,8 +53,7 @@ def pick_pairs(rows: Sequence[dict], k: int, seed: int = 0) -> list[dict]:
 
 def _ids(row: dict, side: str, tokenizer: Any) -> list[int]:
     """A response's completion ids: the stored sampled ids when they are this tokenizer's, else text + eos."""
-    from align.errors import DataError
-    from align.preference import completion_ids
+    from align.preference import completion_ids  # deferred: torch; the report renders without it
 
     text = row[side] if isinstance(row[side], str) else row[side][-1]["content"]
     try:
@@ -65,9 +71,6 @@ def _prompt_text(prompt: Any) -> str:
 
 def log_ratio_credit(policy: Any, reference: Any, tokenizer: Any, rows: Sequence[dict], beta: float) -> list[dict]:
     """Per pair: {prompt, label, beta, margin, chosen/rejected: {tokens, log_ratio, sum, implicit_reward}}."""
-    from align.data import as_messages, prompt_ids
-    from align.generation import score_completions
-
     out = []
     for row in rows:
         prompt = prompt_ids(tokenizer, as_messages(row["prompt"]))
@@ -90,7 +93,7 @@ def reward_drop_credit(pairs: list[dict], model: Any, tokenizer: Any, stats: Opt
                        batch_size: int = 16) -> None:
     """Add `reward_drop` (r(full) − r(without token t), normalised reward units) to each side that is short
     enough; longer sides get `reward_drop_note`. Token ids come from the pair's own tokens (same tokenizer)."""
-    from align.trainers.reward import score
+    from align.trainers.reward import score  # deferred: torch
 
     for pair, row in zip(pairs, rows):
         for side in SIDES:
@@ -109,9 +112,7 @@ def reward_drop_credit(pairs: list[dict], model: Any, tokenizer: Any, stats: Opt
 def run_credit(run: Path, k: int, seed: int = 0, rows: Optional[list[dict]] = None) -> dict | str:
     """Credit for a training run directory (align report RUN): a DPO or RLHF policy against the model it started
     from on k pairs of its own preference data (or `rows`), a reward model's drop-one-token credit."""
-    from align.config import ModelArgs
-    from align.errors import AlignError
-    from align.models import load_model
+    from align.config import ModelArgs  # deferred: align.config imports torch (through align.weighting)
 
     info = json.loads((run / "version.json").read_text())
     config = info.get("config") or {}
@@ -121,7 +122,7 @@ def run_credit(run: Path, k: int, seed: int = 0, rows: Optional[list[dict]] = No
         return f"{info.get('name')}: no preference pairs to show (its config names no readable train_file/eval_file)"
     picked = pick_pairs(rows, k, seed)
     if method == "reward":
-        from align.trainers.reward import load_reward_model
+        from align.trainers.reward import load_reward_model  # deferred: torch
 
         model, tokenizer, stats = load_reward_model(str(run))
         pairs = [{"prompt": _prompt_text(r["prompt"]), "label": r.get("label", "chosen"),
@@ -142,8 +143,6 @@ def run_credit(run: Path, k: int, seed: int = 0, rows: Optional[list[dict]] = No
 
 
 def _run_pairs(config: dict) -> list[dict]:
-    from align.data import read_jsonl
-
     for key in ("eval_file", "train_file"):
         path = config.get(key)
         if path and Path(path).is_file():
@@ -157,11 +156,7 @@ def eval_credit(store, versions: Sequence, rows: Optional[list[dict]], judges: S
                 seed: int = 0) -> dict | str:
     """Credit for `align eval`: each compared version that has a parent, against that parent, on k sampled pairs
     (the held-out pairs given, else the store's labelled pairs); the reward judge's drop-one-token credit."""
-    from align.store.versions import loadable_spec
-    from align.config import ModelArgs
-    from align.errors import AlignError
-    from align.models import load_model
-    from align.store import export_preferences, get_model_version
+    from align.config import ModelArgs  # deferred: align.config imports torch (through align.weighting)
 
     if k <= 0:
         return "token credit turned off (--credit_pairs 0)"

@@ -24,6 +24,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from align.data import as_messages, prompt_ids
+from align.errors import AlignError
+from align.generation import score_completions
+from align.models import load_model
+from align.report import clusters
+from align.store import export_preferences
+from align.store.versions import loadable_spec
+
 MAX_SUPPORT_PAIRS = 64  # old pairs re-scored under the new version, per version
 
 _LIST = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
@@ -80,10 +88,7 @@ def embedding_shift(new: dict, old: dict, prompt_ids: Sequence[int], embed: Call
 
 def support(store, new_version, parent, model: Any, tokenizer: Any, max_pairs: int = MAX_SUPPORT_PAIRS) -> dict | str:
     """The parent's labelled pairs under the new version: how many fall outside its support."""
-    from align.data import as_messages, prompt_ids
-    from align.generation import score_completions
-    from align.store import export_preferences
-    from align.weighting import OFF_SUPPORT, support_shares
+    from align.weighting import OFF_SUPPORT, support_shares  # deferred: torch
 
     rows = [r for r in export_preferences(store, model_versions=[parent.name])
             if r.get("chosen_token_ids") and r.get("rejected_token_ids") and r.get("gen_chosen_logps") is not None
@@ -106,11 +111,7 @@ def drift(store, versions: Sequence, samples: dict, prompt_ids: Sequence[int],
           embed: Optional[Callable | str]) -> dict | str:
     """{per_version: {name: {parent, length, format, embedding, support}}, notes}: every compared version against
     its parent when the parent is compared too."""
-    from align.config import ModelArgs
-    from align.errors import AlignError
-    from align.models import load_model
-    from align.report import clusters
-    from align.store.versions import loadable_spec
+    from align.config import ModelArgs  # deferred: align.config imports torch (through align.weighting)
 
     by_id = {v.id: v for v in versions}
     children = [v for v in versions if v.parent_id in by_id]

@@ -12,8 +12,13 @@ import math
 from collections import defaultdict
 from typing import Any, Callable, Optional, Sequence
 
+from align.data import prompt_ids as render
 from align.errors import AlignError
+from align.generation import score_completions
+from align.models import load_model
 from align.report import clusters, stats
+from align.store import Pair, Response, aggregate, effective_votes, export_preferences
+from align.store.versions import loadable_spec
 
 FAIL_BELOW = 0.5  # gold reward under this is a failure
 
@@ -66,11 +71,7 @@ def kl_to_reference(reference, versions: Sequence, prompts: dict, samples: dict,
                     seed: int = 0) -> dict | str:
     """KL(π_v ‖ π_ref) per version: mean over v's samples of the stored log π_v(y) minus log π_ref(y) re-scored
     teacher-forced under the reference. The reference's own row re-scores its samples (≈ 0: a consistency check)."""
-    from align.store.versions import loadable_spec
-    from align.config import ModelArgs
-    from align.data import prompt_ids as render
-    from align.generation import score_completions
-    from align.models import load_model
+    from align.config import ModelArgs  # deferred: align.config imports torch (through align.weighting)
 
     try:
         model, tokenizer = load_model(ModelArgs(model=loadable_spec(reference)))
@@ -108,8 +109,6 @@ def heldout_accuracy(store, judges: Sequence, rows: Optional[list[dict]]) -> dic
         return "no reward-model judge: pass --judge reward:RUN_DIR (or both) to measure its accuracy"
     source = "file"
     if rows is None:
-        from align.store import export_preferences
-
         rows, source = export_preferences(store, source="human"), "store (human votes)"
     decided = [r for r in rows if r.get("label", "chosen") == "chosen"]
     if not decided:
@@ -126,8 +125,6 @@ def heldout_accuracy(store, judges: Sequence, rows: Optional[list[dict]]) -> dic
 def human_votes(store, versions: Sequence, n_boot: int, seed: int) -> dict | str:
     """Win rates from human side-by-side votes on pairs whose two responses come from two compared versions."""
     from sqlalchemy import select
-
-    from align.store import Pair, Response, aggregate, effective_votes
 
     by_id = {v.id: v.name for v in versions}
     votes = effective_votes(store, source="human")

@@ -20,7 +20,8 @@ from align.errors import AlignError
 from align.ranking import MAX_K, MIN_K, check_ranks, expand, kendalls_w
 from align.store.db import Store
 from align.store.export import Verdict, load_by_id, preference_row
-from align.store.schema import ModelVersion, Prompt, Ranking, Response
+from align.store.pairs import prompt_messages
+from align.store.schema import Meta, ModelVersion, Prompt, Ranking, Response
 from align.store.votes import check_source
 
 
@@ -118,8 +119,6 @@ RANKING_KEY = "ranking_k"  # in the meta table: 0 (absent) = pairwise only, the 
 
 
 def ranking_k(store: Store) -> int:
-    from align.store.schema import Meta
-
     with store.read() as session:
         value = session.scalar(select(Meta.value).where(Meta.key == RANKING_KEY))
     return int(value) if value and value.isdigit() else 0
@@ -127,8 +126,6 @@ def ranking_k(store: Store) -> int:
 
 def set_ranking_k(store: Store, k: int) -> None:
     """Turn K-way ranking on for this project (every app process on the store) with K responses, or off with 0."""
-    from align.store.schema import Meta
-
     if k != 0 and not MIN_K <= k <= MAX_K:
         raise AlignError(f"--ranking_k must be 0 (pairwise only) or {MIN_K} to {MAX_K}, got {k}")
     with store.write() as session:
@@ -146,8 +143,6 @@ def next_ranking(store: Store, annotator: str, k: int) -> Optional[dict[str, Any
     import random
 
     from sqlalchemy import func
-
-    from align.store.pairs import prompt_messages
 
     with store.read() as session:
         counts = select(Response.prompt_id, func.count(Response.id).label("n")).group_by(Response.prompt_id).subquery()

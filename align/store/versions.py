@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from align.errors import AlignError, DataError
+from align.models import base_revision, load_tokenizer, portable_spec, resolve_model, tokenizer_fingerprint
 from align.store.clock import utcnow
 from align.store.db import Store, insert_ignoring_conflicts
 from align.store.schema import ModelVersion
@@ -92,9 +93,6 @@ def ensure_registered(store: Store, spec: str) -> tuple[int, str]:
 
     A spec may also be the name of a version already in the store.
     """
-    # deferred: align.models imports torch and transformers, which the store itself never needs
-    from align.models import base_revision, load_tokenizer, portable_spec, resolve_model, tokenizer_fingerprint
-
     known = find_version(store, spec)
     if known is not None:
         return known.id, known.name

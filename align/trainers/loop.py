@@ -26,6 +26,7 @@ import torch
 from align import runs
 from align.config import TrainArgs
 from align.overfit import GapTracker
+from align.publish import Tracker
 from align.trainers.finite import NonFiniteGuard, diverged_weights, trainable_nonfinite
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(out / "tensorboard"))
         elif self.main and report_to in ("wandb", "trackio"):
-            from align.publish import Tracker
-
             self.tracker = Tracker(report_to, out)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from align.losses import preference_loss
+from align.models import apply_lora
 from align.preference import completion_logps, to_device
 from align.reuse import PilotFit
 
@@ -29,8 +30,6 @@ class LoraPilot:
 
     def __init__(self, model: Any, features: Sequence[dict], ref: dict, collator: Any, beta: float, lora_args: Any,
                  steps: int, learning_rate: float, eval_batch: int = 16, seed: int = 0):
-        from align.models import apply_lora
-
         self.features, self.collator, self.beta, self.steps, self.lr = features, collator, beta, steps, learning_rate
         self.ref = {k: ref[k].float() for k in ("chosen_logps", "rejected_logps")}
         self.eval_batch, self.seed = eval_batch, seed

@@ -33,8 +33,16 @@ from transformers import Trainer, TrainerCallback
 from align import runs
 from align.config import (LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHFArgs, TrainArgs, save_config,
                           to_dict)
+from align.data import as_messages
 from align.errors import ConfigError, DataError
-from align.models import load_model, resolve_dtype, save_trained
+from align.evaluate import answer_tasks, gold_summary, stratified
+from align.generation import SamplingSettings
+from align.models import apply_lora, load_model, resolve_dtype, save_trained
+from align.monitor import RewardHackingMonitor, push_audit_pairs, rollout_stats
+from align.prompts import read_prompts
+from align.publish import push
+from align.tasks import load_tasks, score_response
+from align.trainers.reward import load_reward_model, score
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,6 @@ def prompt_dataset(path: str, limit: Optional[int]):
     """Prompts as TRL's conversational prompt-only format, plus `family` and `gold` (JSON text, "" if none)
     so the reward function can score rollouts with the task's gold check."""
     from datasets import Dataset
-
-    from align.prompts import read_prompts
-    from align.data import as_messages
 
     rows = read_prompts(path)[:limit]
     if not rows:
@@ -82,15 +87,10 @@ class RewardFunction:
         self.length_penalty, self.batch_size, self.monitor = length_penalty, batch_size, monitor
 
     def proxy(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[float]:
-        from align.trainers.reward import score
-
         return score(self.model, self.tokenizer, prompts, texts, self.batch_size, stats=self.stats)
 
     def __call__(self, prompts, completions, completion_ids, family=None, gold=None, log_metric=None,
                  trainer_state=None, **kwargs) -> list[float]:
-        from align.monitor import rollout_stats
-        from align.tasks import score_response
-
         texts = [completion_text(c) for c in completions]
         proxy = self.proxy(prompts, texts)
         rewards = [p - self.length_penalty * len(ids) for p, ids in zip(proxy, completion_ids)]
@@ -151,15 +151,11 @@ class GoldEvaluator:
 
     def __init__(self, tasks: list[dict], tokenizer: Any, max_new_tokens: int, batch_size: int,
                  reward: Optional[RewardFunction] = None, judge: Optional[RewardFunction] = None):
-        from align.generation import SamplingSettings
-
         self.tasks, self.tokenizer, self.batch_size = tasks, tokenizer, batch_size
         self.settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
         self.reward, self.judge = reward, judge
 
     def __call__(self, model: Any) -> dict[str, float]:
-        from align.evaluate import answer_tasks, gold_summary
-
         was_training = model.training
         rows = answer_tasks(model, self.tokenizer, self.tasks, self.settings, self.batch_size)
         if was_training:
@@ -253,8 +249,6 @@ def check_setup(rl: RLHFArgs, monitor: MonitorArgs, train: TrainArgs) -> int:
 
 
 def load_reward(run_dir: str, device: Any, rl: RLHFArgs, monitor: Any = None) -> RewardFunction:
-    from align.trainers.reward import load_reward_model
-
     model, tokenizer, stats = load_reward_model(run_dir, device=str(device))
     return RewardFunction(model, tokenizer, stats, rl.length_penalty, rl.reward_batch_size, monitor)
 
@@ -267,11 +261,6 @@ def train_rlhf(
     """Run RLHF end to end and return the run directory."""
     from accelerate import PartialState
     from trl import GRPOTrainer, RLOOTrainer
-
-    from align.evaluate import stratified
-    from align.models import apply_lora
-    from align.monitor import RewardHackingMonitor
-    from align.tasks import load_tasks
 
     samples_per_step = check_setup(rl, monitor_args, train)
     repo = runs.preflight(train)
@@ -340,8 +329,6 @@ def train_rlhf(
     if monitor_args.audit_db:
         push_audit(monitor_args, monitor, out, model_args, rl, trainer.model, tokenizer, reference, train.seed)
     if repo:
-        from align.publish import push
-
         push(out, model_dir, repo)
     return out
 
@@ -367,9 +354,6 @@ def final_metrics(trainer: Any, result: Any, evaluation: Optional[GoldEvalCallba
 
 def push_audit(monitor_args: MonitorArgs, monitor: Any, out: Path, model_args: ModelArgs, rl: RLHFArgs,
                model: Any, tokenizer: Any, reference: Any, seed: int) -> None:
-    from align.generation import SamplingSettings
-    from align.monitor import push_audit_pairs
-
     settings = SamplingSettings(temperature=rl.temperature, max_new_tokens=rl.max_new_tokens, seed=seed)
     samples = monitor.top_samples()
     if reference is not None or not hasattr(model, "disable_adapter"):

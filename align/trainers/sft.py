@@ -16,9 +16,9 @@ from align import runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
 from align.data import SFTSet, data_record, load_sft, open_split, template_markers, tokenize_sft_row
 from align.errors import DataError
-from align.models import apply_lora, load_model, save_trained
-from align.publish import finish_tracker, push
+from align.models import apply_lora, load_model, resolve_dtype, save_trained
 from align.overfit import GapTracker
+from align.publish import finish_tracker, push
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
     from trl import SFTConfig
 
     import torch
-
-    from align.models import resolve_dtype
 
     evaluate = has_eval and train.eval_steps > 0
     dtype = resolve_dtype(model_args.dtype)
