@@ -10,6 +10,7 @@ each DPO-family function below is one line of its paper's objective.
 """
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,21 +172,19 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     *,
-    is_tie: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    soft_label: torch.Tensor | None = None,
-    tie_nu: float = 1.0,
+    **options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted DPO-family loss with ties: (B,) inputs -> (scalar loss, metrics of detached 0-d tensors).
 
-    The per-example losses of `dpo_example_losses` are multiplied by `weights` (B,) and reduced as Σ w·l / B (see
-    `weighted_mean`). Metrics are unweighted means; `rewards/accuracies` counts non-tie rows only.
+    The per-example losses of `dpo_example_losses` (`options`: is_tie, label_smoothing, soft_label, tie_nu) are
+    multiplied by `weights` (B,) and reduced as Σ w·l / B (see `weighted_mean`). Metrics are unweighted means;
+    `rewards/accuracies` counts non-tie rows only.
     """
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    losses = dpo_example_losses(loss_type, *args, is_tie=is_tie, label_smoothing=label_smoothing,
-                                soft_label=soft_label, tie_nu=tie_nu)
+    losses = dpo_example_losses(loss_type, *args, **options)
     loss = weighted_mean(losses, weights)
+    is_tie = options.get("is_tie")
 
     with torch.no_grad():
         h_c, h_r = implicit_rewards(*args)
