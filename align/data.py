@@ -117,6 +117,8 @@ def write_atomically(path: str | Path, pieces: Iterable[str]) -> Path:
                 os.fsync(handle.fileno())
             if target.exists():
                 shutil.copymode(target, handle.name)  # a replaced file keeps its permissions
+            else:
+                os.chmod(handle.name, 0o666 & ~current_umask())  # a new file gets open()'s mode, not mkstemp's 0600
             os.replace(handle.name, target)
         except BaseException:
             Path(handle.name).unlink(missing_ok=True)
@@ -124,6 +126,13 @@ def write_atomically(path: str | Path, pieces: Iterable[str]) -> Path:
     except OSError as exc:
         raise AlignError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def files_sha256(*paths: Optional[str | Path]) -> str:

@@ -195,3 +195,19 @@ def test_a_sampled_nul_is_stored_as_a_replacement_character(store):
         assert stored.text == "a\ufffdb" and stored.completion_token_ids == [97, 0, 98]
     with pytest.raises(DataError, match=r"^response\.text: a NUL character"):  # a text without tokens is refused
         st.add_responses(store, [{**row, "sample_index": 1, "text": "a\u0000b"}])
+
+
+def test_a_new_file_gets_the_umask_mode_not_0600(tmp_path):
+    import os
+
+    from align.data import write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        write_jsonl([{"a": 1}], tmp_path / "new.jsonl")
+        os.umask(0o027)
+        write_jsonl([{"a": 1}], tmp_path / "private.jsonl")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "new.jsonl").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "private.jsonl").st_mode & 0o777 == 0o640
