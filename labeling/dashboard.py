@@ -401,7 +401,20 @@ def build_dashboard(store: Store, n_boot: int = 200, page: int = 0, page_size: i
         "page": page,
         "pages": max(1, math.ceil(max(len(annotators), flags_total) / page_size)),
         "leaderboard": leaderboard(comparisons, n_boot=n_boot, seed=stable_seed(comparisons)),
+        "ranking": ranking_summary(store),
     }
+
+
+def ranking_summary(store: Store) -> dict[str, Any] | None:
+    """Agreement on K-way rankings (Kendall's W per set of responses ranked by 2+ annotators, and the mean), for a
+    project with ranking on or rankings stored; None for a pairwise-only project."""
+    from align.store.rankings import ranking_agreement, ranking_k
+
+    agreement = ranking_agreement(store)
+    k = ranking_k(store)
+    if not k and not agreement["sets"] and not agreement["ranked_once"]:
+        return None
+    return {**agreement, "k": k}
 
 
 def stable_seed(comparisons: Sequence[tuple[str, str, float]]) -> int:
@@ -430,4 +443,11 @@ def summary_markdown(board: dict[str, Any]) -> str:
         f"**Position bias:** left chosen in {position['left']} of {position['decided']} decided votes = "
         f"{fmt(rate)} (95% Wilson CI {fmt(low)}–{fmt(high)}; 0.5 is no bias)"
     )
-    return "\n".join([votes, f"**Votes per day:** {days}", "", agreement_line, "", position_line])
+    lines = [votes, f"**Votes per day:** {days}", "", agreement_line, "", position_line]
+    ranking = board.get("ranking")
+    if ranking is not None:
+        shown = f"K = {ranking['k']}" if ranking["k"] else "ranking now off"
+        lines += ["", f"**Rankings** ({shown}): Kendall's W {fmt(ranking['mean_w'])} (mean over "
+                  f"{len(ranking['sets'])} sets of responses ranked by 2+ annotators; 1 = the same order, 0 = no "
+                  f"agreement) · sets ranked once: {ranking['ranked_once']}"]
+    return "\n".join(lines)

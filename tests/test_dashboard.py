@@ -137,3 +137,27 @@ def choice_of(store, pair_id, annotator):
 
     [vote] = effective_votes(store, pair_ids=[pair_id], annotators=[annotator])
     return vote.choice
+
+
+def test_dashboard_shows_kendalls_w_for_a_ranking_project(store):
+    from align.store.rankings import add_ranking, set_ranking_k
+
+    fill_store(store, n_prompts=1, samples=1)
+    assert build_dashboard(store, n_boot=5)["ranking"] is None  # pairwise only: no ranking line
+    assert "Kendall" not in summary_markdown(build_dashboard(store, n_boot=5))
+    set_ranking_k(store, 3)
+    filled = fill_store(store, n_prompts=3, samples=3, version="v-rank", seed=2)
+    first, second, third = (filled["response_ids"][3 * i : 3 * i + 3] for i in range(3))
+    p1, p2, p3 = filled["prompt_ids"]
+    for who, ranks in (("alice", [1, 2, 3]), ("bob", [1, 3, 2]), ("carol", [2, 1, 3])):
+        add_ranking(store, p1, first, ranks, who)
+    add_ranking(store, p2, second, [1, 1, 2], "alice")
+    add_ranking(store, p2, [second[2], second[1], second[0]], [3, 2, 1], "bob")  # shown reversed: (1, 2, 3)
+    add_ranking(store, p3, third, [1, 2, 3], "alice")  # ranked once: counted, not scored
+    ranking = build_dashboard(store, n_boot=5)["ranking"]
+    # Set 1: rank sums 4, 6, 8 around 6, S = 8, W = 12·8 / (3²·24) = 96/216. Set 2, ties (1, 1, 2) and (1, 2, 3):
+    # mid-ranks (1.5, 1.5, 3) + (1, 2, 3) = 2.5, 3.5, 6 around 4, S = 6.5, T = 6, W = 78 / (4·24 − 2·6) = 78/84.
+    assert sorted(s["w"] for s in ranking["sets"]) == pytest.approx([96 / 216, 78 / 84])
+    assert ranking["mean_w"] == pytest.approx((96 / 216 + 78 / 84) / 2) and ranking["ranked_once"] == 1
+    text = summary_markdown(build_dashboard(store, n_boot=5))
+    assert f"Kendall's W {(96 / 216 + 78 / 84) / 2:.3f}" in text and "K = 3" in text and "sets ranked once: 1" in text
