@@ -519,14 +519,14 @@ def check_messages(messages: Any, where: str, column: str = "messages") -> list[
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: '{column}' must be a non-empty list of {{role, content}} objects")
     out = []
-    for i, message in enumerate(messages):
+    for i, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: {column} message {i} must be an object with 'role' and 'content'")
+            raise DataError(f"{where}: message {i} of '{column}' must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise DataError(f"{where}: {column} message {i} has role {message['role']!r}; expected one of "
+            raise DataError(f"{where}: message {i} of '{column}' has role {message['role']!r}; expected one of "
                             f"{', '.join(ROLES)} (map other names in your data before training)")
         if not isinstance(message["content"], str):
-            raise DataError(f"{where}: {column} message {i} content must be a string")
+            raise DataError(f"{where}: message {i} of '{column}': content must be a string")
         out.append({"role": message["role"], "content": message["content"]})
     return out
 
@@ -701,6 +701,6 @@ def tokenize_sft_row(row: dict[str, Any], tokenizer: "PreTrainedTokenizerBase", 
             ids.append(tokenizer.eos_token_id)
         ids = ids[:max_length]
         return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
-    for i, message in enumerate(row["messages"]):
+    for i, message in enumerate(row["messages"], start=1):
         refuse_templated(message["content"], markers, row["where"], f"{message['role']} message {i}")
     return tokenize_chat(row["messages"], tokenizer, max_length)

@@ -360,7 +360,7 @@ def tokenize_pairs(
     counts = {"truncated_prompts": 0, "truncated_completions": 0, "stored_token_ids": 0, "retokenized_foreign_ids": 0}
     markers = template_markers(tokenizer)
     for i, row in enumerate(pset.rows):
-        for j, message in enumerate(row.prompt):
+        for j, message in enumerate(row.prompt, start=1):
             refuse_templated(message["content"], markers, row.where, f"prompt message {j}")
         for side in SIDES:
             refuse_templated(row.text(side), markers, row.where, side)

@@ -21,11 +21,11 @@ def test_templated_prompt_is_refused_not_templated_twice(tiny_model_dir, tmp_pat
     templated = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     path = write(tmp_path / "p.jsonl", [GOOD, dict(GOOD, prompt=templated)])
     pset = load_preferences(path)
-    with pytest.raises(DataError, match=r"p.jsonl:2: 'prompt message 0' already holds the chat-template marker "
+    with pytest.raises(DataError, match=r"p.jsonl:2: 'prompt message 1' already holds the chat-template marker "
                                         r"'<\|im_start\|>'.*pass the plain text"):
         tokenize_pairs(pset, load_tokenizer(tiny_model_dir), 96, 64)
     sft = write(tmp_path / "s.csv", [{"prompt": "Q", "completion": "A"}, {"prompt": templated, "completion": "A"}])
-    with pytest.raises(DataError, match=r"s.csv: row 2: 'user message 0' already holds"):
+    with pytest.raises(DataError, match=r"s.csv: row 2: 'user message 1' already holds"):
         run_pairs  # noqa: B018 - keep the import used by the other tests
         from align.trainers.sft import build_dataset
 
@@ -33,7 +33,7 @@ def test_templated_prompt_is_refused_not_templated_twice(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("bad, pattern", [
-    ({"prompt": [{"role": "human", "content": "Q"}]}, r"p.jsonl:2: prompt message 0 has role 'human'"),
+    ({"prompt": [{"role": "human", "content": "Q"}]}, r"p.jsonl:2: message 1 of 'prompt' has role 'human'"),
     ({"chosen": [{"role": "gpt", "content": "yes"}]}, r"p.jsonl:2: 'chosen' has role 'gpt'"),
     ({"label": False}, r"p.jsonl:2: label False is not one of chosen, tie, both_bad"),
     ({"label": 0}, r"p.jsonl:2: label 0 is not one of"),
@@ -48,7 +48,7 @@ def test_pair_refusals_name_the_row(bad, pattern, tmp_path):
 
 @pytest.mark.parametrize("rows, pattern", [
     ([{"messages": [user("Q"), bot("A")]}, {"messages": [{"role": "human", "content": "Q"}, bot("A")]}],
-     r"s.jsonl:2: messages message 0 has role 'human'"),
+     r"s.jsonl:2: message 1 of 'messages' has role 'human'"),
     ([{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
       {"conversations": [{"from": "robot", "value": "Q"}, {"from": "gpt", "value": "A"}]}],
      r"s.jsonl:2: conversations turn 0 is from 'robot'"),
@@ -66,7 +66,7 @@ def test_refusal_in_a_hub_style_dataset_names_dataset_and_row(tmp_path):
     rows = [GOOD, GOOD, dict(GOOD, prompt=[{"role": "human", "content": "Q"}])]
     datasets.Dataset.from_list([dict(r, prompt=r["prompt"] if isinstance(r["prompt"], list) else [user("Q")])
                                 for r in rows]).save_to_disk(str(tmp_path / "saved"))
-    with pytest.raises(DataError, match=r"saved: row 3: prompt message 0 has role 'human'"):
+    with pytest.raises(DataError, match=r"saved: row 3: message 1 of 'prompt' has role 'human'"):
         load_preferences(str(tmp_path / "saved"))
 
 

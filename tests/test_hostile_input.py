@@ -104,7 +104,7 @@ def test_every_reader_names_file_line_and_column(tmp_path, second_line, message)
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"prompt": ["a", "b"]}, r":2: prompt message 0 must be an object with 'role' and 'content'"),
+    ({"prompt": ["a", "b"]}, r":2: message 1 of 'prompt' must be an object with 'role' and 'content'"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, r":2: 'messages' holds only an assistant turn"),
     ({"prompt": "a\u0000b"}, r":2: holds a NUL character"),
     ({"prompt": ""}, r":2: needs a non-empty 'prompt'"),

@@ -223,7 +223,7 @@ def test_add_responses_is_idempotent_and_resumable(store):
     assert done == {(p, k) for p in filled["prompt_ids"] for k in range(3)}
     assert existing_sample_keys(store, filled["version_id"], 1, settings) == set()
     assert existing_sample_keys(store, filled["version_id"], 0, {**settings, "temperature": 1.0}) == set()
-    with pytest.raises(DataError, match="response row 0 lacks seed"):
+    with pytest.raises(DataError, match="response row 1 lacks seed"):
         add_responses(store, [{k: v for k, v in filled["rows"][0].items() if k != "seed"}])
 
 

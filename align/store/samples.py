@@ -92,7 +92,7 @@ def sample_settings(settings: dict[str, Any]) -> dict[str, Any]:
 def response_record(row: dict[str, Any], index: int) -> dict[str, Any]:
     missing = [k for k in ("prompt_id", "model_version_id", "seed", "max_new_tokens", "text") if row.get(k) is None]
     if missing:
-        raise DataError(f"response row {index} lacks {', '.join(missing)}")
+        raise DataError(f"response row {index + 1} lacks {', '.join(missing)}")
     token_ids, sample_token_logps, token_logps = (
         row.get("completion_token_ids"), row.get("sample_token_logps"), row.get("token_logps"),
     )
