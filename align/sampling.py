@@ -9,7 +9,7 @@ never duplicates).
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from align import store as st
 from align.config import ModelArgs
@@ -34,9 +34,11 @@ def generate_to_store(
     pair_rule: Optional[str] = "random_iid",
     votes_required: int = 3,
     engine: str = "hf",
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, Any]:
     """Sample n responses per prompt into the store, resuming past stored samples; then make pairs. `engine`: see
-    `align.generation.sample_responses`."""
+    `align.generation.sample_responses`. `on_batch(done, todo)` is called once before sampling and after each
+    stored batch (the labeling app's generation jobs report their progress with it)."""
     from tqdm.auto import tqdm
 
     if pair_rule is not None and pair_rule not in st.PAIR_RULES:  # refused before anything is sampled or stored
@@ -46,15 +48,21 @@ def generate_to_store(
     stored = st.existing_sample_keys(store, version_id, settings.seed, settings.as_dict())
     skip = {(i, s) for i, pid in enumerate(prompt_ids) for s in range(n) if (pid, s) in stored}
     todo = len(prompt_ids) * n - len(skip)
+    if on_batch is not None:
+        on_batch(0, todo)
     if todo:
         warn_if_truncating(settings)
         version = find_version(store, name)
         model, tokenizer = load_model(ModelArgs(model=loadable_spec(version)))
         prompts = [as_messages(row.get("messages") or row["prompt"]) for row in prompt_rows]
+        done = 0
         with tqdm(total=todo, desc=f"sampling {name}", unit="response") as bar:
             for batch in sample_responses(model, tokenizer, prompts, n, settings, batch_size, skip, engine=engine):
                 st.add_responses(store, [_response_row(s, prompt_ids, version_id, settings) for s in batch])
                 bar.update(len(batch))
+                done += len(batch)
+                if on_batch is not None:
+                    on_batch(done, todo)
     pairs = st.make_pairs(store, version_id, rule=pair_rule, seed=settings.seed, votes_required=votes_required,
                           prompt_ids=sorted(set(prompt_ids))) if pair_rule else []
     return {"version": name, "prompts": len(set(prompt_ids)), "generated": todo, "skipped": len(skip), "pairs": len(pairs)}

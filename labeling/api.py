@@ -11,6 +11,10 @@ with {"error": "message"}.
     POST /api/v1/flag   {"pair_id", "reason": "unsafe"|"private data"|"broken", "note": ""}
     POST /api/v1/undo   {"pair_id": the pair on screen, or null}
     POST /api/v1/logout                  ends every session of yours
+    GET  /api/v1/jobs                    reviewers: the newest generation jobs (status, progress, error)
+    POST /api/v1/jobs   reviewers: queue new candidate pairs {"models": [...], "temperature", "top_p", "top_k",
+                         "max_new_tokens", "seed", "prompts": "store"|"tasks:train"|a file, "limit", "n",
+                         "pair_rule", "votes_required"}; answers {"job": {...}} (labeling.candidates)
 
 An item: {"pair_id", "prompt": [{"role", "content"}, ...], "responses": [{"position": "left"|"right",
 "response": "a"|"b", "id", "text"}, ...], "shown_order": ["a", "b"] or ["b", "a"], "progress": {...},
@@ -31,7 +35,7 @@ from align.store.users import end_sessions
 from labeling.handlers import Labeling, LabelingError, PermissionDenied, Rejected
 
 
-def api_router(labeling: Labeling, logins) -> APIRouter:
+def api_router(labeling: Labeling, logins, candidates=None) -> APIRouter:
     router = APIRouter(prefix="/api/v1")
 
     async def run(request: Request, action) -> JSONResponse:
@@ -72,6 +76,13 @@ def api_router(labeling: Labeling, logins) -> APIRouter:
         ),
         "undo": lambda user, body: answered(user, labeling.undo(user, body.get("pair_id")), "Undone."),
     }
+
+    if candidates is not None:
+        actions["jobs"] = lambda user, body: {"job": candidates.submit(user, body)}
+
+        @router.get("/jobs")
+        async def jobs(request: Request):
+            return await run(request, lambda user, _: {"jobs": candidates.jobs(user)})
 
     @router.get("/item")
     async def item(request: Request):

@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from align.generation import SamplingSettings
+from align.jobs import JobWorker
 from align.store import connect
 from align.store.rankings import ranking_k
 from labeling.handlers import (
@@ -38,6 +39,7 @@ from labeling.handlers import (
     Sessions,
     load_guidelines,
 )
+from labeling.candidates import Candidates, candidates_tab_body, wire_candidates
 from labeling.ranking import rank_tab_body, wire_rank
 from labeling.render import safe_markdown
 from labeling.server import ServerSettings, create_server, serve
@@ -107,15 +109,20 @@ def build_app(
     sampling: SamplingSettings | None = None,
     release_grace: float = 15.0,
     max_text_bytes: int = 4096,
+    job_worker: bool = False,
 ) -> gr.Blocks:
     """The app over the store at `store_url`. `responders`: two `labeling.compare.Responder`s enable the live
-    side-by-side tab. Launch it with `launch_app` (login, keyboard shortcuts and styles are launch options)."""
+    side-by-side tab. `job_worker`: run the generation jobs reviewers queue (the Candidates tab) in a background
+    thread of this process (`align label` does; any one process on the store may). Launch it with `launch_app`
+    (login, keyboard shortcuts and styles are launch options)."""
     version, guidelines = load_guidelines(guidelines_version)
     store = connect(store_url)
     config = LabelingConfig(version, lease_seconds, frozenset(rationale_required), max_text_bytes=max_text_bytes)
     labeling = Labeling(store, config)
     k = ranking_k(store)  # 0: pairwise only (the default); 3..5: the Rank tab too (align label --ranking_k K)
     sessions = Sessions(labeling.release, grace=release_grace)
+    worker = JobWorker(labeling.store).start() if job_worker else None
+    candidates = Candidates(labeling, worker)
     if responders is not None and len(responders) != 2:
         raise ValueError("side-by-side mode needs exactly two responders")
 
@@ -140,13 +147,17 @@ def build_app(
                 compare = compare_tab_body()
             with gr.Tab("Dashboard", id="dashboard", visible=False) as dashboard_tab:
                 board = dashboard_tab_body()
-        screens = Screens(item, compare, board, header, logout, dashboard_tab, compare_tab)
+            with gr.Tab("Candidates", id="candidates", visible=False) as candidates_tab:
+                new_pairs = candidates_tab_body()
+        screens = Screens(item, compare, board, header, logout, dashboard_tab, compare_tab, candidates_tab)
         wire(demo, labeling, sessions, screens, responders,
              sampling or SamplingSettings(temperature=0.7, max_new_tokens=256))
+        fast = {"concurrency_limit": None, "show_progress": "hidden"}
         if k:
-            wire_rank(labeling, rank, rank_tab, k, guarded, {"concurrency_limit": None, "show_progress": "hidden"})
+            wire_rank(labeling, rank, rank_tab, k, guarded, fast)
+        wire_candidates(candidates, new_pairs, candidates_tab, guarded, table, fast)
 
-    demo.labeling, demo.sessions = labeling, sessions  # for launch_app and tests
+    demo.labeling, demo.sessions, demo.candidates = labeling, sessions, candidates  # for launch_app and tests
     return demo
 
 
@@ -297,6 +308,7 @@ class Screens:
     logout: Any
     dashboard_tab: Any
     compare_tab: Any
+    candidates_tab: Any
 
 
 def wire(demo, labeling: Labeling, sessions: Sessions, ui: Screens, responders, sampling: SamplingSettings) -> None:
@@ -311,10 +323,10 @@ def wire(demo, labeling: Labeling, sessions: Sessions, ui: Screens, responders, 
             sessions.opened(user, request.session_hash)
         title = f"**align labeling** · signed in as **{safe_markdown(user)}** ({role})"
         return (title, gr.Tab(visible=role in REVIEW_ROLES), gr.Tab(visible=responders is not None),
-                *item_values(labeling.next_item(user)))
+                gr.Tab(visible=role in REVIEW_ROLES), *item_values(labeling.next_item(user)))
 
-    demo.load(guarded(on_load), None, [header, ui.dashboard_tab, ui.compare_tab, *item_outputs], api_name="load",
-              **fast)
+    demo.load(guarded(on_load), None, [header, ui.dashboard_tab, ui.compare_tab, ui.candidates_tab, *item_outputs],
+              api_name="load", **fast)
 
     def on_next(request: gr.Request):
         return item_values(labeling.next_item(request.username))
@@ -470,5 +482,7 @@ def close_app(demo: gr.Blocks) -> None:
     serving = getattr(demo, "serving", None)
     if serving is not None:
         serving.stop()
+    if demo.candidates.worker is not None:
+        demo.candidates.worker.stop()
     demo.close()
     demo.labeling.store.close()

@@ -257,7 +257,7 @@ def create_server(demo, settings: ServerSettings | None = None, *, head: str = "
         response.delete_cookie(COOKIE, path="/")
         return response
 
-    app.include_router(api_router(demo.labeling, logins))
+    app.include_router(api_router(demo.labeling, logins, getattr(demo, "candidates", None)))
     demo.queue(default_concurrency_limit=None)
     app = gr.mount_gradio_app(
         app, demo, path="", auth_dependency=logins.current_user, show_error=True, ssr_mode=False, head=head,

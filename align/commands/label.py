@@ -57,6 +57,10 @@ def add_server_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--ranking_k", type=int, default=None,
                         help="K-way ranking for the whole project, stored in the store: 3 to 5 responses per ranking "
                         "(a Rank tab beside Annotate), 0: pairwise only (the default); default: as set")
+    parser.add_argument("--jobs", choices=("on", "off"), default="on",
+                        help="run the generation jobs reviewers queue in the Candidates tab in a background thread of "
+                        "each app process (a job runs in exactly one); off: another `align label` on the store runs "
+                        "them (default on)")
     parser.add_argument("--trusted_proxy", action="append", default=None,
                         help="address whose X-Real-IP header is believed (default: 127.0.0.1 and ::1)")
 
@@ -90,6 +94,7 @@ def main(argv: list[str]) -> None:
         args.db,
         build={"guidelines_version": args.guidelines, "lease_seconds": args.lease_seconds,
                "rationale_required": rationale_rules(args.rationale), "max_text_bytes": args.max_text_bytes,
+               "job_worker": args.jobs == "on",
                "sampling": SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens)},
         settings=settings,
         compare=tuple(zip(args.compare, args.compare_names or args.compare)) if args.compare else None,

@@ -22,7 +22,7 @@ from align.store.clock import utcnow
 from align.store.schema import Assignment, Base, LeaseSlot, Meta, Pair, Vote
 from align.store.votes import in_effect
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def upgrade_to_v2(connection: Connection) -> None:
@@ -65,8 +65,14 @@ def upgrade_to_v4(connection: Connection) -> None:
     Base.metadata.tables["ranking"].create(connection, checkfirst=True)
 
 
+def upgrade_to_v5(connection: Connection) -> None:
+    """Generation jobs queued from the labeling app (schema.GenerationJob, align.store.jobs)."""
+    Base.metadata.tables["generation_job"].create(connection, checkfirst=True)
+
+
 # MIGRATIONS[v] upgrades a database from version v-1 to v, inside the caller's transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3, 4: upgrade_to_v4}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3, 4: upgrade_to_v4,
+                                                   5: upgrade_to_v5}
 
 
 def ensure_schema(store: Store) -> int:

@@ -20,6 +20,7 @@ ROLES = ("annotator", "reviewer", "admin")
 LEASE_STATUSES = ("active", "released", "done")
 SLOT_STATES = ("open", "held", "filled")
 ASSIGNMENT_MODES = ("breadth_first", "depth_first")
+JOB_STATUSES = ("queued", "running", "done", "failed")
 
 # The columns that identify one sample: re-running generation with the same seed and settings must hit this key.
 # None is normalised away (top_k 0 = off, top_p 1.0 = off) because SQL treats NULLs as distinct in unique keys.
@@ -249,3 +250,35 @@ class Ranking(Base):
     guidelines_version: Mapped[str | None] = mapped_column(String(64))
     shown_at: Mapped[datetime | None] = mapped_column(DateTime)
     answered_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class GenerationJob(Base):
+    """A request for new candidate pairs made from the labeling app (align.store.jobs): which model versions sample
+    with which settings on which prompts. One app process claims it (`claim_job`: SKIP LOCKED on PostgreSQL, a short
+    write transaction on SQLite) and runs `align generate`'s code on it in a background thread; `status`, the
+    progress counts and `error` are what the reviewer's screen shows."""
+
+    __tablename__ = "generation_job"
+    __table_args__ = (
+        Index("ix_generation_job_queued", "id",
+              sqlite_where=text("status = 'queued'"), postgresql_where=text("status = 'queued'")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    models: Mapped[list[Any]] = mapped_column(JSON)  # model specs or stored version names
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)  # SamplingSettings.as_dict()
+    prompts: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"source": "store" | "tasks:train" | a path, "limit": N}
+    samples_per_prompt: Mapped[int] = mapped_column(Integer)
+    pair_rule: Mapped[str] = mapped_column(String(32), default="random_iid")
+    votes_required: Mapped[int] = mapped_column(Integer, default=3)
+    done: Mapped[int] = mapped_column(Integer, default=0)  # responses sampled so far (all models)
+    total: Mapped[int | None] = mapped_column(Integer)  # responses to sample, once known
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per model: generate_to_store's summary
+    error: Mapped[str | None] = mapped_column(Text)  # one line for the reviewer, never a traceback
+    worker: Mapped[str | None] = mapped_column(String(200))  # host:pid/thread that claimed it
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
