@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 STORE_PROMPTS = "store"  # the prompt source "the project's prompts": those already in the store, in id order
 MAX_SAMPLES_PER_PROMPT = 16
 HEARTBEAT_SECONDS = 30.0
+# One job at a time per process: transformers' model loading patches torch globally (two loads at once can leave
+# weights uninitialised) and sampling seeds torch's global generator, so two jobs in one process would draw each
+# other's random numbers. Other processes on the store run the other jobs.
+RUNNING = threading.Lock()
 
 __all__ = ["JobWorker", "check_request", "prompt_rows", "run_job", "submit_job"]
 
@@ -166,12 +170,18 @@ class JobWorker:
             self._wake.clear()
 
     def run_once(self) -> Optional[int]:
-        """Claim one job and run it to the end here; its id, or None when none waited."""
-        job = claim_job(self.store, self.name, stale_seconds=self.stale_seconds)
-        if job is None:
+        """Claim one job and run it to the end here; its id, or None when none waited (or this process is running
+        one already: the job is left to another process)."""
+        if not RUNNING.acquire(blocking=False):
             return None
-        self.execute(job)
-        return job["id"]
+        try:
+            job = claim_job(self.store, self.name, stale_seconds=self.stale_seconds)
+            if job is None:
+                return None
+            self.execute(job)
+            return job["id"]
+        finally:
+            RUNNING.release()
 
     def execute(self, job: dict[str, Any]) -> None:
         state = {"done": 0, "total": None}
