@@ -85,6 +85,9 @@ SHORTCUT_SCRIPT = """
 </script>
 """.replace("__KEYS__", json.dumps(SHORTCUTS))
 
+# Drag ordering of the Rank tab: a static file the app serves (labeling/static), not inline code.
+RANK_DRAG_SCRIPT = '<script src="align-static/rank_drag.js" defer></script>'
+
 CSS = """
 .response-pane { padding: 4px 8px; }
 .prompt-pane { background: var(--background-fill-secondary); border-radius: 8px; padding: 8px 12px; }
@@ -92,6 +95,11 @@ CSS = """
 .response-pane pre, .prompt-pane pre, .response-pane code, .prompt-pane code {
   background: #f6f8fa !important; color: #1f2328 !important; }
 .response-pane pre, .prompt-pane pre { padding: 8px; border-radius: 6px; overflow-x: auto; }
+.rank-chips { display: flex; gap: 8px; padding: 4px 0; }
+.rank-chip { cursor: grab; user-select: none; min-width: 2.2em; text-align: center; padding: 6px 10px;
+  border: 1px solid var(--border-color-primary); border-radius: 6px; background: var(--background-fill-secondary);
+  font-weight: 600; }
+.rank-chip.dragging { opacity: 0.4; }
 """
 # Inline $...$ and display $$...$$ maths (KaTeX, bundled with Gradio: nothing is fetched).
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -475,7 +483,7 @@ def launch_app(
 
 def server_app(demo: gr.Blocks, settings: ServerSettings | None = None):
     """The FastAPI app that serves `demo` with keyboard shortcuts and styles."""
-    return create_server(demo, settings, head=SHORTCUT_SCRIPT, css=CSS, auth_message=AUTH_MESSAGE)
+    return create_server(demo, settings, head=SHORTCUT_SCRIPT + RANK_DRAG_SCRIPT, css=CSS, auth_message=AUTH_MESSAGE)
 
 
 def close_app(demo: gr.Blocks) -> None:

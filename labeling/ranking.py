@@ -2,7 +2,8 @@
 pairwise stays the default and the Annotate tab is unchanged).
 
 The annotator sees one prompt and K answers labelled A, B, C, ... (their order shuffled per annotator and prompt)
-and types the order, best first, with `=` for a tie: `B A=C D`. Enter or the button saves one ranking event with
+and types the order, best first, with `=` for a tie: `B A=C D`, or drags the chips A, B, C, ... into order (which
+types it; `=` for ties is then typed). Enter or the button saves one ranking event with
 the order shown (align.store.rankings.add_ranking); export expands it into pairwise rows weighted 2/K and the
 dashboard-side agreement is Kendall's W (align.ranking). Everything shown is escaped like the Annotate tab's.
 (No `from __future__ import annotations`: Gradio finds `gr.Request` parameters by their annotation.)
@@ -22,8 +23,8 @@ LETTERS = "ABCDE"
 
 def rank_tab_body(k: int) -> dict[str, Any]:
     r: dict[str, Any] = {}
-    gr.Markdown(f"Order these {k} answers, best first: type their letters, `=` between two that are equally good "
-                "(e.g. `B A=C`), then press Enter or **Save ranking**.")
+    gr.Markdown(f"Order these {k} answers, best first: drag the letters below, or type them, `=` between two that "
+                "are equally good (e.g. `B A=C`), then press Enter or **Save ranking**.")
     r["prompt"] = gr.Markdown(elem_id="rank-prompt", elem_classes="prompt-pane")
     with gr.Row(equal_height=True):
         for i in range(k):
@@ -31,6 +32,8 @@ def rank_tab_body(k: int) -> dict[str, Any]:
                 gr.Markdown(f"#### {LETTERS[i]}")
                 r[f"text_{i}"] = gr.Markdown(elem_id=f"rank-{LETTERS[i]}", elem_classes="response-pane",
                                              max_height=420)
+    # Chips A, B, C, ... to drag into order (labeling/static/rank_drag.js fills them and types the order below).
+    r["drag"] = gr.HTML("", elem_id="rank-drag", label="Drag to order, best first")
     with gr.Row():
         r["order"] = gr.Textbox(label="Order, best first", placeholder=" ".join(LETTERS[:k]), elem_id="rank-order",
                                 scale=3)

@@ -21,9 +21,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from align.store.users import (
@@ -39,6 +40,9 @@ from align.store.users import (
 )
 
 COOKIE = "align_session"
+# Our own static scripts (code, never data), served from labeling/static under this path: script-src 'self'.
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_PATH = "align-static"
 MAX_WAITING_LOGINS = 32  # password checks queued per process (about 3 s of scrypt); more are refused at once
 # Images only from the app itself or data: URLs, so markdown or HTML that slips past the sanitiser cannot make the
 # browser fetch a URL (which would tell its owner the page was viewed). Gradio needs inline scripts and styles.
@@ -256,6 +260,13 @@ def create_server(demo, settings: ServerSettings | None = None, *, head: str = "
         response = RedirectResponse("login", status_code=303)
         response.delete_cookie(COOKIE, path="/")
         return response
+
+    @app.get(f"/{STATIC_PATH}/{{name}}")
+    async def static_script(name: str):
+        path = STATIC_DIR / name
+        if not name.endswith(".js") or "/" in name or not path.is_file():
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return FileResponse(path, media_type="text/javascript", headers={"cache-control": "no-cache"})
 
     app.include_router(api_router(demo.labeling, logins, getattr(demo, "candidates", None)))
     demo.queue(default_concurrency_limit=None)

@@ -399,3 +399,68 @@ def test_k_way_ranking_in_chromium(tmp_path):
     # aligned ranks (Mercury, Venus, Mars, hostile): alice mid-ranks (2.5, 2.5, 1, 4), bob (3, 2, 1, 4)
     # rank sums 5.5, 4.5, 2, 8 around 5: S = 0.25 + 0.25 + 9 + 9 = 18.5; T = 2³ − 2 = 6 for alice
     assert agreement["sets"][0]["w"] == pytest.approx(12 * 18.5 / (4 * 60 - 2 * 6))
+
+
+@pytest.mark.browser
+def test_k_way_ranking_by_drag_in_chromium(tmp_path):
+    """K = 3: the annotator drags the chips into order (the app's static script, allowed by its CSP, types the order
+    it gives), saves, and the stored ranking is the dragged order; a new item starts from the order shown."""
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+
+    from align.store.rankings import rankings, set_ranking_k
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    answers = ["Mercury is closest to the Sun.", "Venus is the hottest planet.", "Mars has the tallest volcano."]
+    with connect(url) as store:
+        version = register_model_version(store, {"name": "v0", "base_model": "tiny", "adapter_hash": "v0"})
+        prompt_ids = add_prompts(store, [{"prompt": SECOND_PROMPT}, {"prompt": PALINDROME}])
+        ids = add_responses(store, [{"prompt_id": prompt_ids[0], "model_version_id": version, "seed": 0,
+                                     "sample_index": k, "max_new_tokens": 64, "text": text}
+                                    for k, text in enumerate(answers)])
+        add_responses(store, [{"prompt_id": prompt_ids[1], "model_version_id": version, "seed": 0, "sample_index": k,
+                               "max_new_tokens": 64, "text": f"answer {k}"} for k in range(3)])
+        add_user(store, "alice", "pw-alice-0123", "annotator")
+        set_ranking_k(store, 3)
+    demo = build_app(url, release_grace=0)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    errors: list[str] = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = login(browser, app_url, "alice")
+            page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+            page.get_by_role("tab", name="Rank").click()
+            page.wait_for_function(
+                "(words) => ['A', 'B', 'C'].every(x => { const el = document.querySelector('#rank-' + x); "
+                "return el && words.some(w => el.innerText.includes(w)); })", arg=[a.split()[0] for a in answers])
+            chips = "() => Array.from(document.querySelectorAll('#rank-drag .rank-chip')).map(c => c.innerText)"
+            page.wait_for_function(f"() => ({chips})().join('') === 'ABC'")
+            shown = {letter: page.inner_text(f"#rank-{letter}") for letter in "ABC"}
+            letter_of = {word: next(x for x, t in shown.items() if word in t) for word in ("Mars", "Venus", "Mercury")}
+            # Wanted: Mars, Venus, Mercury. Mercury onto the first chip's left half (before it), then each in turn
+            # to the empty end of the row, whatever the shuffled order was.
+            page.drag_and_drop(f"#rank-chip-{letter_of['Mercury']}", "#rank-drag .rank-chip >> nth=0",
+                               target_position={"x": 2, "y": 5})
+            assert page.evaluate(chips)[0] == letter_of["Mercury"]
+            row = page.locator("#rank-drag .rank-chips").bounding_box()
+            for word in ("Mars", "Venus", "Mercury"):
+                page.drag_and_drop(f"#rank-chip-{letter_of[word]}", "#rank-drag .rank-chips",
+                                   target_position={"x": row["width"] - 5, "y": row["height"] / 2})
+            order = " ".join(letter_of[w] for w in ("Mars", "Venus", "Mercury"))
+            assert page.evaluate(chips) == order.split()
+            box = page.locator("#rank-order textarea, #rank-order input").first
+            assert box.input_value() == order
+            page.locator("#rank-submit").click()
+            wait_for_text(page, "#rank-status", f"Saved ranking {order}.")
+            page.wait_for_function("() => document.querySelector('#rank-prompt').innerText.includes('palindrome')")
+            page.wait_for_function(f"() => ({chips})().join('') === 'ABC'")  # the next item starts afresh
+            assert box.input_value() == ""
+            browser.close()
+    finally:
+        close_app(demo)
+    assert errors == []
+    with connect(url) as store:
+        [event] = rankings(store)
+    by_id = dict(zip(event.response_ids, event.ranks))
+    assert [by_id[ids[2]], by_id[ids[1]], by_id[ids[0]]] == [1, 2, 3]  # Mars, Venus, Mercury
