@@ -464,3 +464,51 @@ def test_k_way_ranking_by_drag_in_chromium(tmp_path):
         [event] = rankings(store)
     by_id = dict(zip(event.response_ids, event.ranks))
     assert [by_id[ids[2]], by_id[ids[1]], by_id[ids[0]]] == [1, 2, 3]  # Mars, Venus, Mercury
+
+
+@pytest.mark.browser
+def test_reviewer_queues_live_candidates_in_chromium(tmp_path, tiny_model_dir):
+    """The Candidates tab: a bad model spec is a one-line message on the reviewer's screen; a good request queues a
+    job that the app's worker runs, and the jobs table shows it done with its pairs. Annotators never see the tab."""
+    sync_playwright, chromium = browser_or_skip()
+    from labeling.app import build_app, close_app, launch_app
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    make_store(url)
+    with connect(url) as store:
+        add_user(store, "rita", "pw-rita-0123", "reviewer")
+    demo = build_app(url, release_grace=0, job_worker=True)
+    app_url = launch_app(demo, port=free_port(), block=False, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            alice = login(browser, app_url, "alice")
+            assert alice.get_by_role("tab", name="Candidates").count() == 0
+            page = login(browser, app_url, "rita")
+            page.get_by_role("tab", name="Candidates").click()
+            models = page.locator("#candidates-models input").first
+            models.fill("no-such-model")
+            models.press("Enter")
+            page.locator("#candidates-submit").click()
+            page.get_by_text("model 'no-such-model': unknown model").first.wait_for()
+            page.locator("#candidates-models button[aria-label*='Remove'], #candidates-models .token-remove").first.click()
+            models.fill(str(tiny_model_dir))
+            models.press("Enter")
+            page.locator("#candidates-temperature input").fill("0.8")
+            page.locator("#candidates-submit").click()
+            wait_for_text(page, "#candidates-status", "Queued job 1")
+            for _ in range(120):
+                page.locator("#candidates-refresh").click()
+                page.wait_for_timeout(500)
+                if "done" in page.inner_text("#candidates-jobs"):
+                    break
+            jobs = page.inner_text("#candidates-jobs")
+            assert "done" in jobs and "T=0.8" in jobs and "4/4" in jobs  # 2 prompts x 2 samples
+            browser.close()
+    finally:
+        close_app(demo)
+    with connect(url) as store, store.read() as session:
+        from align.store import Response
+
+        sampled = session.scalars(select(Response).where(Response.temperature == 0.8)).all()
+    assert len(sampled) == 4 and all(r.token_logps and r.completion_token_ids for r in sampled)
