@@ -84,6 +84,7 @@ def test_each_job_is_claimed_by_exactly_one_worker(store_url):
         thread.join(60)
     try:
         assert sorted(job for job, _ in claimed) == jobs  # each job once, no job twice
+        assert [get_job(stores[0], j)["attempts"] for j in jobs] == [1, 1, 1]
         assert len({worker for _, worker in claimed}) == 3
         store = stores[0]
         assert claim_job(store, "late") is None
@@ -91,7 +92,7 @@ def test_each_job_is_claimed_by_exactly_one_worker(store_url):
         # A worker that went silent (its process was killed) loses the job after stale_seconds, to one new worker.
         later = utcnow() + timedelta(seconds=901)
         taken = claim_job(store, "rescuer", now=later)
-        assert taken["id"] == first and taken["worker"] == "rescuer"
+        assert taken["id"] == first and taken["worker"] == "rescuer" and taken["attempts"] == 2
         report_progress(store, first, owner, done=5)  # the old worker's late report changes nothing now
         assert get_job(store, first)["done"] == 0 and get_job(store, first)["worker"] == "rescuer"
     finally:
@@ -272,3 +273,43 @@ def test_two_running_workers_on_one_store_run_each_job_once(store_url, tiny_mode
     assert sorted(job_id for job_id, _ in starts) == jobs  # each job started once, by one of the two
     assert {job["worker"] for job in finished} <= {"app-0", "app-1"}
     assert sum(job["result"]["generated"] for job in finished) == 3 * 2 * 2
+
+
+def test_align_label_processes_run_queued_jobs_each_once(tmp_path, tiny_model_dir):
+    """`align label --workers 2` as documented: both processes run a job worker; jobs queued in the store are run,
+    each claimed once, with `align generate`'s provenance."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from labeling.workers import free_port_range, stop_process_group
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with connect(url) as store:
+        add_prompts(store, PROMPTS)
+    port = free_port_range(2)
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "align", "label", "--db", url, "--workers", "2", "--port", str(port)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        assert "2 processes on ports" in server.stdout.readline(), server.stderr.read()[-3000:]
+        with connect(url) as store:
+            jobs = [submit_job(store, "rita", **check_request(store, [str(tiny_model_dir)], seed=seed, n=2, limit=2,
+                                                              max_new_tokens=4)) for seed in range(4)]
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and any(get_job(store, j)["status"] in ("queued", "running")
+                                                      for j in jobs):
+                time.sleep(0.5)
+            finished = [get_job(store, j) for j in jobs]
+            with store.read() as session:
+                stored = session.execute(select(Response.seed, Response.prompt_id, Response.sample_index,
+                                                Response.token_logps)).all()
+    finally:
+        stop_process_group(server)
+    assert [(job["status"], job["error"], job["attempts"]) for job in finished] == [("done", None, 1)] * 4
+    assert sum(job["result"]["generated"] for job in finished) == 4 * 2 * 2
+    assert len(stored) == 16 and len({row[:3] for row in stored}) == 16 and all(row[3] for row in stored)

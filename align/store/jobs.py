@@ -26,7 +26,7 @@ from align.store.slots import first_unlocked
 
 STALE_SECONDS = 900  # a running job whose worker has not reported for this long is handed to another worker
 JOB_FIELDS = ("id", "requested_by", "status", "models", "settings", "prompts", "samples_per_prompt", "pair_rule",
-              "votes_required", "done", "total", "result", "error", "worker", "created_at", "started_at",
+              "votes_required", "done", "total", "result", "error", "worker", "attempts", "created_at", "started_at",
               "finished_at")
 
 
@@ -39,7 +39,7 @@ def submit_job(store: Store, requested_by: str, models: list[str], settings: dic
     with store.write() as session:
         job = GenerationJob(requested_by=requested_by, status="queued", models=list(models), settings=dict(settings),
                             prompts=dict(prompts), samples_per_prompt=samples_per_prompt, pair_rule=pair_rule,
-                            votes_required=votes_required, done=0, created_at=utcnow())
+                            votes_required=votes_required, done=0, attempts=0, created_at=utcnow())
         session.add(job)
         session.flush()
         return job.id
@@ -70,6 +70,7 @@ def claim_job(store: Store, worker: str, now: datetime | None = None,
         if job is None:
             return None
         job.status, job.worker, job.started_at, job.heartbeat_at, job.error = "running", worker, now, now, None
+        job.attempts = (job.attempts or 0) + 1
         session.flush()
         return as_dict(job)
 

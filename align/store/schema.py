@@ -278,6 +278,7 @@ class GenerationJob(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # per model: generate_to_store's summary
     error: Mapped[str | None] = mapped_column(Text)  # one line for the reviewer, never a traceback
     worker: Mapped[str | None] = mapped_column(String(200))  # host:pid/thread that claimed it
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # times claimed: 1, more after a worker went silent
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
