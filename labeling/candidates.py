@@ -37,10 +37,8 @@ class Candidates:
             raise Rejected(f"unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}")
         try:
             checked = check_request(self.labeling.store, **request)
-        except Rejected:
-            raise
-        except Exception as error:  # AlignError (or a bad value type): one line for the reviewer
-            raise Rejected(str(error)) from None
+        except Exception as error:  # AlignError (or a value of the wrong type): one line for the reviewer
+            raise Rejected(" ".join(str(error).split())) from None
         job_id = submit_job(self.labeling.store, user, **checked)
         if self.worker is not None:
             self.worker.wake()
@@ -111,6 +109,8 @@ def candidates_tab_body() -> dict[str, Any]:
         c["refresh"] = gr.Button("Refresh", size="sm", scale=0, elem_id="candidates-refresh")
     c["status"] = gr.Markdown(elem_id="candidates-status")
     c["jobs"] = gr.Dataframe(label="Generation jobs (newest first)", elem_id="candidates-jobs")
+    # Refreshes the jobs table every few seconds; switched on only by the reviewer-checked tab handler.
+    c["timer"] = gr.Timer(5.0, active=False)
     return c
 
 
@@ -120,7 +120,8 @@ def wire_candidates(candidates: Candidates, c: dict[str, Any], tab: Any, guarded
 
     def on_open(request: gr.Request):
         user = request.username
-        return gr.Dropdown(choices=candidates.versions(user)), table(job_rows(candidates.jobs(user)))
+        return (gr.Dropdown(choices=candidates.versions(user)), table(job_rows(candidates.jobs(user))),
+                gr.Timer(active=True))
 
     def on_submit(models, prompts, limit, temperature, top_p, seed, n, max_new_tokens, votes_required, pair_rule,
                   request: gr.Request):
@@ -133,7 +134,8 @@ def wire_candidates(candidates: Candidates, c: dict[str, Any], tab: Any, guarded
     def on_refresh(request: gr.Request):
         return table(job_rows(candidates.jobs(request.username)))
 
-    tab.select(guarded(on_open), None, [c["models"], c["jobs"]], api_visibility="private", **fast)
+    tab.select(guarded(on_open), None, [c["models"], c["jobs"], c["timer"]], api_visibility="private", **fast)
+    c["timer"].tick(guarded(on_refresh), None, c["jobs"], api_visibility="private", **fast)
     c["submit"].click(guarded(on_submit), [c[f] for f in fields], [c["status"], c["jobs"]],
                       api_name="generate_candidates", **fast)
     c["refresh"].click(guarded(on_refresh), None, c["jobs"], api_name="generation_jobs", **fast)
