@@ -17,6 +17,7 @@ from align.jobs import STORE_PROMPTS, check_request
 from align.store.jobs import get_job, list_jobs, submit_job
 from align.store.pairs import PAIR_RULES
 from labeling.handlers import REVIEW_ROLES, Labeling, Rejected
+from labeling.render import escape_text
 
 PROMPT_SOURCES = (STORE_PROMPTS, "tasks:train", "tasks:eval")
 
@@ -68,7 +69,7 @@ def job_rows(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The jobs table: one row per job, newest first."""
     rows = []
     for job in jobs:
-        s = job["settings"]
+        s = {"temperature": 1.0, "top_p": 1.0, "seed": 0, "max_new_tokens": 64, **job["settings"]}
         prompts = job["prompts"]
         progress = f"{job['done']}/{job['total']}" if job["total"] is not None else "–"
         rows.append({
@@ -127,8 +128,8 @@ def wire_candidates(candidates: Candidates, c: dict[str, Any], tab: Any, guarded
                   request: gr.Request):
         values = (models, prompts, limit, temperature, top_p, seed, n, max_new_tokens, votes_required, pair_rule)
         job = candidates.submit(request.username, dict(zip(fields, values)))
-        status = (f"Queued job {job['id']}: {', '.join(job['models'])} on {job['prompts']['source']}. "
-                  "Press Refresh to follow it.")
+        what = escape_text(f"{', '.join(job['models'])} on {job['prompts']['source']}")
+        status = f"Queued job {job['id']}: {what}. The table below follows it."
         return status, table(job_rows(candidates.jobs(request.username)))
 
     def on_refresh(request: gr.Request):
