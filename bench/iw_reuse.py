@@ -3,13 +3,22 @@
     python bench/iw_reuse.py                        # default sizes (budget below), embedded SmolLM2-135M-Instruct
     python bench/iw_reuse.py --quick                # ~12 CPU-minutes: a first, underpowered look
     python bench/iw_reuse.py --quick --model tiny   # ~25 CPU-s, tiny random model: plumbing only, NOT efficacy (CI)
+    python bench/iw_reuse.py --preset old_new --arms union,auto --threads 2 --workers 2
+                                                    # the harm check of `weighting_scheme: auto` (README): old >> new
+
+The old_new preset is the harm check of `auto` on a real model: every train prompt is used (420 old, 40 new), 32
+pairs per optimizer step in every arm, all 140 eval prompts x 2 samples, 5 seeds; auto against union as a TOST at
+±0.03 gold (the 90% t-interval of the paired difference inside ±0.03). auto is decided once, by train_dpo's own pilot
+fits (stage "auto's decision"), with its guards lowered so that it decides at all (the results say so); when it
+chooses none its arm IS union's runs. `--size FIELD=VALUE` overrides any size; `--workers N` runs the arm runs in N
+processes; every stage and run is cached, so a run cut short (e.g. by `timeout`) resumes where it stopped.
 
 Stages (cached under --work_dir, keyed by their settings; a re-run resumes): v1 = SFT of the base model; old pairs =
 2 samples (T=1, untruncated) from v1 per "old" train prompt, labeled by 3 simulated annotators (GoldJudge), exported
 from the store with their generation log-probs (both-bad pairs dropped); v2 = v1 after one DPO round on them; new
 pairs = v2 samples on a few "new" prompts, plus one fresh v2 pair per old prompt for the oracle. Then v3 = DPO from
 v2 (reference v2) in each arm x seed (seeds vary data order, LoRA init and the evaluation samples):
-  new_only | union (old + new, unweighted) | sequence | tempered | length_normalized | wpo | mixture | oracle.
+  new_only | union (old + new, unweighted) | auto | sequence | tempered | length_normalized | wpo | mixture | oracle.
 Weights: the project's `dataset_weights` (static target v2, clip 5, mean 1), fed one cached v2 scoring of the pool
 rather than re-scoring it in each of the 25 weighted runs (tests/test_bench_iw.py checks that both give the same
 weights); they go into the `weight` column, so each run's weights.json holds the ESS/N it trained with. tempered: the
@@ -45,6 +54,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,7 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("new_only", "union", "sequence", "tempered", "length_normalized", "wpo", "mixture", "oracle")
+ARMS = ("new_only", "union", "auto", "sequence", "tempered", "length_normalized", "wpo", "mixture", "oracle")
 SCHEMES = ("sequence", "tempered", "length_normalized", "wpo", "mixture")
 ALPHAS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.02, 0.01)
 KL_GRID = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
@@ -79,13 +89,27 @@ class Sizes:
     seeds: int = 5
     beta: float = 0.1
     clip: float = 5.0
+    arm_accum: int = 1         # gradient accumulation of every arm (pairs per optimizer step = arm_batch x arm_accum)
+    oracle_pairs: bool = True  # also sample fresh v2 pairs on the old prompts (the oracle arm's data)
+    auto_steps: int = 40       # weighting_auto_steps of the auto arm's pilot fits (the shipped default: 40)
+    auto_min_new: int = 50     # weighting_auto_min_new (shipped: 50); below it auto falls back to none
+    auto_min_ratio: float = 10.0  # weighting_auto_min_ratio (shipped: 10)
 
-    SHARED = ("sft_steps", "n_old", "n_new", "gen_tokens", "v2_steps", "v2_batch", "v2_lr", "beta")
+    SHARED = ("sft_steps", "n_old", "n_new", "gen_tokens", "v2_steps", "v2_batch", "v2_lr", "beta", "oracle_pairs")
 
 
 DEFAULT = Sizes()
 QUICK = Sizes(sft_steps=4, n_old=21, n_new=14, gen_tokens=24, v2_steps=4, v2_batch=4, arm_steps=4, arm_lr=2e-3,
-              eval_at=(2, 4), eval_per_family=1, eval_tokens=24, seeds=2)
+              eval_at=(2, 4), eval_per_family=1, eval_tokens=24, seeds=2, auto_steps=2, auto_min_new=4,
+              auto_min_ratio=1.0)
+# Old >> new on 2 shared CPU cores: every train prompt used once (420 old, 40 new; ~half the pairs are both-bad and
+# dropped), 32 pairs per optimizer step in every arm (what `weighting_min_batch` gives weighted runs anyway), all 140
+# eval prompts x 2 samples. auto's guards are LOWERED (shipped: 50 new pairs, 10 old per new; the CPU cannot afford
+# 500+ old pairs and the pilots on them) so that its pilots decide; its pilot fits are 2 steps, not 40.
+OLD_NEW = Sizes(n_old=420, n_new=40, arm_steps=4, arm_batch=8, arm_accum=4, arm_lr=5e-4, eval_at=(2, 4),
+                eval_per_family=0, eval_samples=2, seeds=5, oracle_pairs=False, auto_steps=2, auto_min_new=12,
+                auto_min_ratio=8.0)
+PRESETS = {"default": DEFAULT, "quick": QUICK, "old_new": OLD_NEW}
 
 
 @dataclass
@@ -232,14 +256,16 @@ def stage_new(b: Bench) -> None:
     from align.data import write_jsonl
 
     old_prompts, new_prompts = split_prompts(b)
-    name, rows = label(b, str(b.p("v2")), new_prompts + old_prompts, seed=b.data_seed + 1)
+    extra = old_prompts if b.sizes.oracle_pairs else []
+    name, rows = label(b, str(b.p("v2")), new_prompts + extra, seed=b.data_seed + 1)
     kept, dropped = keep_trainable(rows)
     check_pairs(kept, "v2 pairs")
     new_texts = {t["prompt"] for t in new_prompts}
     new = [r for r in kept if r["prompt"][-1]["content"] in new_texts]
     check_pairs(new, "new pairs")
     write_jsonl(new, b.p("new.jsonl"))
-    write_jsonl(new + [r for r in kept if r["prompt"][-1]["content"] not in new_texts], b.p("oracle.jsonl"))
+    if b.sizes.oracle_pairs:
+        write_jsonl(new + [r for r in kept if r["prompt"][-1]["content"] not in new_texts], b.p("oracle.jsonl"))
     write(b.p("new.json"), {"version": name, "pairs": len(rows), "both_bad_dropped": dropped, "new_pairs": len(new)})
 
 
@@ -325,6 +351,36 @@ def stage_weights(b: Bench) -> None:
     write(b.w("weights.json"), {"tempered_alpha": alpha, "diagnostics": chosen})
 
 
+def stage_auto(b: Bench) -> None:
+    """`weighting_scheme: auto` decided as `align dpo` decides it: train_dpo from v2 on the pool, whose pilot fits
+    (align.trainers.pilot) choose the scheme, for one 1-pair step (the training itself is the arms' job). The choice
+    is made once (pilot seed = the data seed) and its weights go into the `weight` column of the auto arm's data."""
+    from align.data import read_jsonl, write_jsonl
+    from align.trainers.dpo import train_dpo
+
+    s, out = b.sizes, b.w("auto-decision")
+    shutil.rmtree(out, ignore_errors=True)
+    train_dpo(*recipe("dpo/smollm2_lora.yaml", model=b.p("v2"), train_file=b.p("pool.jsonl"), eval_file=None,
+                      output_dir=out, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                      learning_rate=s.arm_lr, lr_scheduler_type="constant", warmup_steps=0, beta=s.beta,
+                      logging_steps=1, eval_steps=0, save_steps=1, seed=b.data_seed, name="v3-auto-decision",
+                      report_to="none", precompute_ref=False, weighting_scheme="auto", weighting_clip=s.clip,
+                      weighting_min_batch=0, weighting_auto_steps=s.auto_steps,
+                      weighting_auto_min_new=s.auto_min_new, weighting_auto_min_ratio=s.auto_min_ratio))
+    saved = read(out / "weights.json")
+    rows = read_jsonl(b.p("pool.jsonl"))
+    write_jsonl([{**r, "weight": float(w)} for r, w in zip(rows, saved["weights"])], b.w("data", "auto.jsonl"))
+    diag = saved["diagnostics"]
+    for heavy in ("checkpoints", "adapter"):
+        shutil.rmtree(out / heavy, ignore_errors=True)
+    write(b.w("auto.json"), {"auto": diag.get("auto"), "worth": diag.get("worth"),
+                             "ess_frac": diag["weights/ess_frac"], "unweighted": len(set(saved["weights"])) == 1})
+
+
+def auto_choice(b: Bench) -> Optional[dict]:
+    return read(b.w("auto.json")) if b.w("auto.json").exists() else None
+
+
 def arm_file(b: Bench, arm: str) -> Path:
     return {"new_only": b.p("new.jsonl"), "union": b.p("pool.jsonl"), "oracle": b.p("oracle.jsonl")}.get(
         arm, b.w("data", f"{arm}.jsonl"))
@@ -334,7 +390,8 @@ def eval_tasks(b: Bench) -> list[dict]:
     from align.evaluate import stratified
     from align.tasks import load_tasks
 
-    return stratified(load_tasks(ROOT / "data/tasks/eval.jsonl"), b.sizes.eval_per_family)
+    tasks = load_tasks(ROOT / "data/tasks/eval.jsonl")
+    return tasks if b.sizes.eval_per_family == 0 else stratified(tasks, b.sizes.eval_per_family)  # 0: all of them
 
 
 def eval_settings(b: Bench, seed: int):
@@ -356,21 +413,22 @@ def sample_eval(model: Any, tokenizer: Any, tasks: list[dict], settings: Any, n:
     return samples, [prompt_ids(tokenizer, p) for p in prompts], rewards
 
 
-def stage_v2_eval(b: Bench) -> None:
-    """v2's samples on the eval prompts, one set per seed: each trajectory's start and the win-rate opponent."""
+def v2_eval(b: Bench, seed: int) -> dict:
+    """v2's samples on the eval prompts with seed `seed` (cached, one file per seed): the trajectory's start and the
+    win-rate opponent of every arm run with that seed."""
     from align.config import ModelArgs
     from align.models import load_model
 
-    model, tokenizer = load_model(ModelArgs(model=str(b.p("v2")), dtype="float32"))
-    out = {}
-    for seed in range(b.sizes.seeds):
+    path = b.w("v2_eval", f"s{seed}.json")
+    if not path.exists():
+        model, tokenizer = load_model(ModelArgs(model=str(b.p("v2")), dtype="float32"))
         _, _, rewards = sample_eval(model, tokenizer, eval_tasks(b), eval_settings(b, seed), b.sizes.eval_samples)
-        out[str(seed)] = {"rewards": rewards, "gold": statistics.fmean(rewards)}
-    write(b.w("v2_eval.json"), out)
+        write(path, {"rewards": rewards, "gold": statistics.fmean(rewards)})
+    return read(path)
 
 
 WORK_STAGES = [("importance weights", "weights.json", stage_weights),
-               ("v2 eval samples", "v2_eval.json", stage_v2_eval)]
+               ("auto's decision (pilot fits)", "auto.json", stage_auto)]
 
 
 # ---- arm runs ------------------------------------------------------------------------------------------------------
@@ -425,16 +483,16 @@ def run_arm(b: Bench, arm: str, seed: int, tokenizer: Any) -> dict:
     if (out / "trajectory.json").exists():
         return read(out / "trajectory.json")
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts: its evaluations were not saved
-    s, v2 = b.sizes, read(b.w("v2_eval.json"))[str(seed)]
+    s, v2 = b.sizes, v2_eval(b, seed)
     tasks, settings = eval_tasks(b), eval_settings(b, seed)
     track = Trajectory(s.eval_at, lambda m: policy_point(m, tokenizer, tasks, settings, s.eval_samples, v2["rewards"]))
     started, cpu = time.time(), time.process_time()
     train_dpo(*recipe("dpo/smollm2_lora.yaml", model=b.p("v2"), train_file=arm_file(b, arm), eval_file=None,
                       output_dir=out, max_steps=s.arm_steps, per_device_train_batch_size=s.arm_batch,
-                      gradient_accumulation_steps=1, learning_rate=s.arm_lr, lr_scheduler_type="constant",
+                      gradient_accumulation_steps=s.arm_accum, learning_rate=s.arm_lr, lr_scheduler_type="constant",
                       warmup_steps=0, beta=s.beta, logging_steps=1, eval_steps=0, save_steps=s.arm_steps,
                       save_total_limit=1, seed=seed, name=f"v3-{arm}-s{seed}", report_to="none",
-                      precompute_ref=False), callbacks=[track])
+                      precompute_ref=False, weighting_scheme="none"), callbacks=[track])
     diag = read(out / "weights.json")["diagnostics"]
     v1 = read(b.p("old.json"))["version"]
     result = {"arm": arm, "seed": seed, "wall_s": round(time.time() - started, 1),
@@ -484,6 +542,51 @@ def mean_ci(values: list[Optional[float]]) -> dict:
     return {"mean": statistics.fmean(xs), "ci": t * statistics.stdev(xs) / math.sqrt(len(xs)), "n": len(xs)}
 
 
+EQUIV_MARGIN = 0.03  # gold: auto is "equivalent" to union when the 90% CI of the paired difference lies inside ±this
+
+
+def equivalence(diffs: list[Optional[float]], margin: float = EQUIV_MARGIN, alpha: float = 0.05) -> dict:
+    """TOST of paired differences against ±margin: two one-sided t-tests (H0: mean <= -margin; H0: mean >= margin),
+    p = the larger p; equivalent when p < alpha, i.e. when the (1 - 2 alpha) = 90% t-interval lies inside ±margin.
+    `half_width` is that interval's half-width, `margin_shown` the smallest margin these data would establish."""
+    from scipy import stats
+
+    xs = [d for d in diffs if d is not None and math.isfinite(d)]
+    n = len(xs)
+    out: dict = {"n": n, "margin": margin, "alpha": alpha}
+    if n < 2:
+        return {**out, "mean": xs[0] if xs else None, "equivalent": False,
+                "verdict": "cannot tell (fewer than 2 seeds)"}
+    mean, sd, df = statistics.fmean(xs), statistics.stdev(xs), n - 1
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(1 - alpha, df)) * se
+    if se > 0:
+        p_low = float(stats.t.sf((mean + margin) / se, df))   # H0: mean <= -margin
+        p_high = float(stats.t.cdf((mean - margin) / se, df))  # H0: mean >= +margin
+    else:  # every seed gave the same difference
+        p_low, p_high = float(mean <= -margin), float(mean >= margin)
+    lo, hi = mean - half, mean + half
+    equivalent = max(p_low, p_high) < alpha
+    ci = f"90% CI [{lo:+.3f}, {hi:+.3f}]"
+    if equivalent:
+        verdict = f"EQUIVALENT within ±{margin:g} ({ci}, TOST p = {max(p_low, p_high):.2g})"
+    elif lo >= margin or hi <= -margin:
+        verdict = f"DIFFERENT by more than {margin:g} ({ci})"
+    else:
+        verdict = (f"equivalence NOT established ({ci} reaches beyond ±{margin:g}; TOST p = {max(p_low, p_high):.2g}; "
+                   f"these seeds would establish ±{max(abs(lo), abs(hi)):.3f})")
+    return {**out, "mean": mean, "sd": sd, "se": se, "half_width": half, "ci90": [lo, hi], "p_lower": p_low,
+            "p_upper": p_high, "p": max(p_low, p_high), "equivalent": equivalent,
+            "margin_shown": max(abs(lo), abs(hi)), "verdict": verdict}
+
+
+def crossing_step(points: list[dict], target: float) -> Optional[int]:
+    """The first evaluated step whose KL reaches `target` (None if none does): how far into training a matched-KL
+    comparison looks."""
+    return next((p["step"] for p in sorted(points, key=lambda p: p["step"]) if p["step"] > 0 and p["kl"] >= target),
+                None)
+
+
 def paired(a: dict, b: dict) -> list[Optional[float]]:
     """Per-seed differences a - b where both exist."""
     return [a[s] - b[s] for s in a if a[s] is not None and b.get(s) is not None]
@@ -513,11 +616,15 @@ def summarize(runs: dict[str, dict[int, dict]]) -> dict:
         old = [r["ess_frac_old"] for r in runs[arm].values() if r.get("ess_frac_old") is not None]
         row["ess_frac_old"] = statistics.fmean(old) if old else None
         row["pairs"] = next(iter(runs[arm].values()))["pairs"]
+        row["cross_steps"] = [None if k1 is None else crossing_step(r["trajectory"], k1) for r in runs[arm].values()]
+        row["same_as_union"] = any(r.get("same_as_union") for r in runs[arm].values())
         table[arm] = row
     if "union" in table:
         for arm, row in table.items():
             for name in ("gold_k1", "gold_k2", "gold_final"):
                 row[f"d_{name}"] = mean_ci(paired(row["_cols"][name], table["union"]["_cols"][name]))
+            if arm != "union":
+                row["equiv_k1"] = equivalence(paired(row["_cols"]["gold_k1"], table["union"]["_cols"]["gold_k1"]))
     for row in table.values():
         row.pop("_cols")
     return {"kl_common": k1, "kl_next": k2, "final_step": final, "arms": table}
@@ -536,6 +643,11 @@ def verdicts(summary: dict) -> list[str]:
         return f"{text} (Δ gold {d['mean']:+.3f} ± {d['ci']:.3f})"
 
     lines = [f"At matched KL(π‖v2) = {k:g} nats (reached by every run), paired over seeds against union:"]
+    if "auto" in arms:
+        a = arms["auto"]
+        same = " — auto chose unweighted reuse, so its runs ARE union's: equivalent by construction, not by " \
+               "measurement" if a.get("same_as_union") else ""
+        lines.append(f"- HARM CHECK auto vs union (TOST, ±{EQUIV_MARGIN:g} gold): {a['equiv_k1']['verdict']}{same}")
     if "new_only" in arms:
         d = arms["new_only"]["d_gold_k1"]
         flipped = {**d, "mean": None if d["mean"] is None else -d["mean"]}
@@ -561,15 +673,19 @@ def fmt(c: Optional[dict], digits: int = 3, signed: bool = False) -> str:
 
 def markdown_table(summary: dict) -> str:
     k1, k2, n = (summary["kl_common"] or "–"), summary["kl_next"], summary["final_step"]
-    head = (f"| arm | pairs | ESS/N (all / old) | gold @KL={k1} | Δ gold vs union @KL={k1} | win vs v2 @KL={k1} "
+    head = (f"| arm | pairs | ESS/N (all / old) | gold @KL={k1} | Δ gold vs union @KL={k1} "
+            f"| 90% CI of Δ (TOST ±{EQUIV_MARGIN:g}) | win vs v2 @KL={k1} "
             f"| Δ gold vs union @KL={k2} (seeds reaching) | gold @step {n} | Δ gold vs union @step {n} "
             f"| KL @step {n} |")
     lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
     for arm, r in summary["arms"].items():
         old = "–" if r["ess_frac_old"] is None else f"{r['ess_frac_old']:.2f}"
         d = lambda name: fmt(r.get(name), signed=True)  # noqa: E731
+        e = r.get("equiv_k1")
+        tost = "–" if not e or "ci90" not in e else (
+            f"[{e['ci90'][0]:+.3f}, {e['ci90'][1]:+.3f}] {'equivalent' if e['equivalent'] else 'not shown'}")
         lines.append(f"| {arm} | {r['pairs']} | {r['ess_frac']:.2f} / {old} | {fmt(r['gold_k1'])} | {d('d_gold_k1')} "
-                     f"| {fmt(r['win_k1'])} | {d('d_gold_k2')} ({r['gold_k2']['n']}) | {fmt(r['gold_final'])} "
+                     f"| {tost} | {fmt(r['win_k1'])} | {d('d_gold_k2')} ({r['gold_k2']['n']}) | {fmt(r['gold_final'])} "
                      f"| {d('d_gold_final')} | {fmt(r['kl_final'], 2)} |")
     return "\n".join(lines)
 
@@ -606,11 +722,52 @@ def hardware() -> str:
             f"{gpu}; load average at start {os.getloadavg()[0]:.1f}")
 
 
+def auto_lines(b: Bench, summary: dict, info: dict) -> list[str]:
+    """What auto decided and why, whether the shipped guards would have let it decide, where the matched-KL point
+    falls in training, and what the harm check can and cannot show."""
+    s, lines = b.sizes, []
+    n_old = info["old"]["pairs"] - info["old"]["both_bad_dropped"]
+    n_new = info["new"]["new_pairs"]
+    k1 = summary["kl_common"]
+    steps = sorted({x for r in summary["arms"].values() for x in r["cross_steps"] if x is not None})
+    if k1 is not None:
+        counts = {st: sum(x == st for r in summary["arms"].values() for x in r["cross_steps"]) for st in steps}
+        per_step = s.arm_batch * s.arm_accum
+        where = ", ".join(f"step {st} ({n} runs, {st * per_step} pairs seen)" for st, n in counts.items())
+        lines.append(f"- The matched KL {k1:g} is first reached at: {where} (evaluations at steps "
+                     f"{', '.join(map(str, s.eval_at))}).")
+    auto = info.get("auto")
+    if auto and auto.get("auto"):
+        rec = auto["auto"]
+        lines.append(f"- auto chose **{rec['choice']}**: {rec['reason']}.")
+        shipped = shipped_fallback(n_old, n_new)
+        if (s.auto_min_new, s.auto_min_ratio) != (50, 10.0):
+            lines.append(f"- auto's guards were LOWERED for this run (weighting_auto_min_new {s.auto_min_new}, "
+                         f"weighting_auto_min_ratio {s.auto_min_ratio:g}; pilot fits of {s.auto_steps} steps). "
+                         + (f"With the shipped guards auto would have fallen back to none here ({shipped}), i.e. "
+                            "trained exactly as union." if shipped else
+                            "The shipped guards would have let it decide too."))
+        e = summary["arms"].get("auto", {}).get("equiv_k1")
+        if e and "half_width" in e:
+            lines.append(f"- What this can show: with {e['n']} seeds the 90% CI half-width of auto − union is "
+                         f"{e['half_width']:.3f} gold, so equivalence at ±{e['margin']:g} "
+                         f"{'IS' if e['equivalent'] else 'is NOT'} established. It cannot show that weighting helps "
+                         "(that needs far more pairs and seeds: bench/iw_sim.py is the test of benefit).")
+    return lines
+
+
+def shipped_fallback(n_old: int, n_new: int) -> str:
+    """Why the SHIPPED guards (50 new pairs, 10 old per new) would make auto fall back to none ('' if not)."""
+    from align.reuse import too_little_evidence
+
+    return too_little_evidence(n_old, n_new, "v2")
+
+
 def write_results(b: Bench, mode: str, results_dir: Path, summary: dict, runs: dict, ran: list,
                   started: float, command: str, hw: str) -> None:
     info = {"old": read(b.p("old.json")), "new": read(b.p("new.json")), "weights": read(b.w("weights.json")),
-            "consistency_max_abs_nats": read(b.p("scores.json"))["consistency_max_abs_nats"]}
-    lines = verdicts(summary)
+            "consistency_max_abs_nats": read(b.p("scores.json"))["consistency_max_abs_nats"], "auto": auto_choice(b)}
+    lines = verdicts(summary) + auto_lines(b, summary, info)
     caveat = ("PLUMBING CHECK ONLY: a tiny random model answers with random bytes and no pair is both-bad; these "
               "numbers say nothing about whether weighting helps." if b.tiny else None)
     data = {"mode": mode, "command": command, "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -627,7 +784,9 @@ def write_results(b: Bench, mode: str, results_dir: Path, summary: dict, runs: d
     md += [markdown_table(summary), "",
            f"Gold = mean gold reward of the policy's samples on {len(eval_tasks(b))} held-out prompts × "
            f"{b.sizes.eval_samples} (T=1); KL = KL(π‖v2) in nats per sequence; ± = 95% t-interval over "
-           f"{b.sizes.seeds} seeds; Δ = paired difference against union. Old pairs (v1): "
+           f"{b.sizes.seeds} seeds; Δ = paired difference against union; the TOST column is the 90% t-interval of Δ "
+           f"(equivalent when inside ±{EQUIV_MARGIN:g}). {b.sizes.arm_batch * b.sizes.arm_accum} pairs per optimizer "
+           f"step in every arm. New pairs (v2): {info['new']['new_pairs']}. Old pairs (v1): "
            f"{info['old']['pairs'] - info['old']['both_bad_dropped']} trainable of {info['old']['pairs']}; "
            f"per-token KL(v1‖v2) on the old responses {w['sequence'].get(f'kl/per_token/{v1}', math.nan):.3f} nats; "
            f"tempered α = {info['weights']['tempered_alpha']}; stored vs re-scored v2 log-probs differ by at most "
@@ -635,9 +794,88 @@ def write_results(b: Bench, mode: str, results_dir: Path, summary: dict, runs: d
     (results_dir / f"iw_reuse_{mode}.md").write_text("\n".join(md))
 
 
+def claim(b: Bench, name: str) -> bool:
+    """True for the one process that creates the claim `name` (os.mkdir is atomic)."""
+    b.w("claims").mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(b.w("claims", name))
+        return True
+    except FileExistsError:
+        return False
+
+
+def work_in_parallel(b: Bench, seeds: list[int], arms: list[str], tokenizer: Any, parent: int = 0) -> None:
+    """A worker of --workers: arm runs, each taken by whichever worker claims it first, seed by seed; the auto arm's
+    runs wait for auto's decision (made meanwhile by the parent) and go first once it is made, so that a run cut
+    short leaves complete (union, auto) pairs of seeds. None when auto chose unweighted reuse (its runs are union's).
+    v2's evaluation of a seed is sampled once, by the first worker that needs it. A worker whose parent is gone stops."""
+    taken: set = set()
+    while True:
+        if parent and os.getppid() != parent:
+            return
+        choice = auto_choice(b)
+        if choice is not None and choice["unweighted"] and "union" in arms:
+            taken |= {(seed, "auto") for seed in seeds}
+        pending = [(seed, arm) for seed in seeds for arm in arms if (seed, arm) not in taken]
+        if not pending:
+            return
+        ready = [j for j in pending if j[1] == "auto"] if choice is not None else []
+        ready += [j for j in pending if j[1] != "auto"]
+        if not ready:  # only auto runs are left and auto has not decided yet
+            time.sleep(10)
+            continue
+        seed, arm = ready[0]
+        taken.add((seed, arm))
+        if not claim(b, f"{arm}-s{seed}"):
+            continue
+        if claim(b, f"v2-s{seed}"):
+            v2_eval(b, seed)
+        while not b.w("v2_eval", f"s{seed}.json").exists():  # another worker is still sampling it
+            if parent and os.getppid() != parent:
+                return
+            time.sleep(5)
+        result = run_arm(b, arm, seed, tokenizer)
+        print(f"[iw_reuse] worker {os.getpid()}: {arm} seed {seed} ({result['cpu_s']:.0f} CPU-s)", flush=True)
+
+
+def override_sizes(sizes: Sizes, items: list[str]) -> Sizes:
+    """`--size field=value` overrides, typed by the field's default (tuples: comma-separated ints)."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in Sizes.__dataclass_fields__:
+            raise ValueError(f"--size {item}: expected FIELD=VALUE with FIELD one of {', '.join(asdict(sizes))}")
+        current = getattr(sizes, name)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value: Any = text.lower() in ("true", "1")
+            elif isinstance(current, tuple):
+                value = tuple(int(x) for x in text.split(",") if x)
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--size {item}: {text!r} is not a valid {type(current).__name__}") from None
+        changes[name] = value
+    return replace(sizes, **changes)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(prog="bench/iw_reuse.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Small sizes: minutes on the embedded model.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="Sizes: default, quick (= --quick) or old_new (old >> new pairs; auto's harm check).")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=VALUE",
+                        help="Override one size (repeatable), e.g. --size n_old=200 --size eval_at=2,4.")
+    parser.add_argument("--only_seeds", default=None,
+                        help="Run only these seeds (e.g. 0,2) and write no results: for parallel processes on a shared "
+                             "cache; a last call without it summarises every seed.")
+    parser.add_argument("--name", default=None, help="Results name: bench/results/iw_reuse_<name>.{md,json}.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Arm runs (and v2's evaluations) in this many processes of --threads threads each; the "
+                             "shared stages run first, in this one.")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Base model spec, or 'tiny' (plumbing only).")
     parser.add_argument("--seeds", type=int, default=None, help="Override the number of seeds.")
     parser.add_argument("--arms", default=",".join(ARMS), help="Comma-separated subset of: " + ", ".join(ARMS))
@@ -649,39 +887,78 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sizes = QUICK if args.quick else DEFAULT
+    preset = args.preset or ("quick" if args.quick else "default")
+    sizes = PRESETS[preset]
     sizes = replace(sizes, seeds=args.seeds or sizes.seeds)
     if args.model == "tiny":  # a random 2-layer model: move it fast enough that the KL interpolation is exercised
         sizes = replace(sizes, v2_lr=0.05, arm_lr=0.3)
+    try:
+        sizes = override_sizes(sizes, args.size)
+    except ValueError as e:
+        parser.error(str(e))
     import torch
 
     torch.set_num_threads(args.threads)
-    arms = [a for a in args.arms.split(",") if a]
-    unknown = set(arms) - set(ARMS)
+    arms = [a for a in ARMS if a in args.arms.split(",")]  # union before auto: auto may reuse union's runs
+    unknown = set(a for a in args.arms.split(",") if a) - set(ARMS)
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}")
-    mode = ("quick" if args.quick else "default") + ("_tiny" if args.model == "tiny" else "")
+    if "oracle" in arms and not sizes.oracle_pairs:
+        parser.error("the oracle arm needs oracle_pairs (this preset does not sample fresh v2 pairs on old prompts)")
+    only = None if args.only_seeds is None else {int(x) for x in args.only_seeds.split(",") if x}
+    mode = args.name or preset + ("_tiny" if args.model == "tiny" else "")
     shared_key = key({"model": args.model, "data_seed": args.data_seed, **{k: getattr(sizes, k) for k in Sizes.SHARED}})
     shared = Path(args.work_dir) / f"{mode}-{shared_key}"
-    b = Bench(sizes, args.model, shared, shared / f"arms-{key(asdict(sizes))}", args.data_seed)
+    b = Bench(sizes, args.model, shared, shared / f"arms-{key({**asdict(sizes), 'seeds': None})}", args.data_seed)
     started, hw, ran = time.time(), hardware(), []
     command = "python bench/iw_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"[iw_reuse] {mode}: work dir {b.work}", flush=True)
     b.work.mkdir(parents=True, exist_ok=True)
     run_stages(b, SHARED_STAGES, b.p, ran)
-    run_stages(b, WORK_STAGES, b.w, ran)
+    run_stages(b, [st for st in WORK_STAGES if st[2] is not stage_auto], b.w, ran)
 
     from align.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(b.p("v2")))
     runs: dict[str, dict[int, dict]] = {}
+    seeds = [seed for seed in range(sizes.seeds) if only is None or seed in only]
+    if args.worker:
+        work_in_parallel(b, seeds, arms, tokenizer, parent=int(os.environ.get("IW_REUSE_PARENT", "0")))
+        return {}
+    procs = []
+    if args.workers > 1:  # the workers start on v2's evaluations and the other arms while auto's pilots run here
+        shutil.rmtree(b.w("claims"), ignore_errors=True)  # claims of an interrupted earlier call
+        argv_list = list(argv if argv is not None else sys.argv[1:])
+        worker = [sys.executable, __file__, *argv_list, "--worker", "--threads", "1"]
+        env = {**os.environ, "IW_REUSE_PARENT": str(os.getpid())}
+        procs = [subprocess.Popen(worker, env=env) for _ in range(args.workers)]
+    try:
+        if "auto" in arms:
+            run_stages(b, [st for st in WORK_STAGES if st[2] is stage_auto], b.w, ran)
+        codes = [proc.wait() for proc in procs]
+    except BaseException:
+        for proc in procs:
+            proc.terminate()
+        raise
+    if any(codes):
+        raise SystemExit(f"iw_reuse: a worker failed (exit codes {codes})")
+    auto_same = bool((auto_choice(b) or {}).get("unweighted"))
     for seed in range(sizes.seeds):
+        if only is not None and seed not in only:
+            continue
         for arm in arms:
+            if arm == "auto" and auto_same and "union" in runs:  # auto chose none: same data, weights and seed
+                runs["auto"] = runs.get("auto", {})
+                runs["auto"][seed] = {**runs["union"][seed], "arm": "auto", "same_as_union": True}
+                continue
             done = b.w("runs", f"{arm}-s{seed}", "trajectory.json").exists()
             runs.setdefault(arm, {})[seed] = result = run_arm(b, arm, seed, tokenizer)
             ran += [] if done else [f"{arm}-s{seed}"]
             points = ", ".join(f"step {p['step']} KL {p['kl']:.2f} gold {p['gold']:.2f}" for p in result["trajectory"])
             print(f"[iw_reuse] {arm} seed {seed} ({result['cpu_s']:.0f} CPU-s): {points}", flush=True)
+    if only is not None:
+        print(f"[iw_reuse] seeds {sorted(only)} done; run again without --only_seeds to summarise", flush=True)
+        return {}
     summary = summarize(runs)
     write_results(b, mode, Path(args.results_dir), summary, runs, ran, started, command, hw)
     print("\n" + (read(Path(args.results_dir) / f"iw_reuse_{mode}.json")["caveat"] or ""))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from align.reuse import AUTO_CANDIDATES
 from tests.bench import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,62 @@ def test_verdict_says_plainly_when_weighting_does_not_beat_unweighted_reuse():
     assert "length_normalized: does NOT beat unweighted reuse" in lines
 
 
+# ---- the equivalence test (TOST at ±0.03 gold) --------------------------------------------------------------------
+
+
+def t4_cdf(t):
+    """Student t CDF with 4 degrees of freedom, in closed form (independent of scipy)."""
+    return 0.5 + 3 / 8 * (t / math.sqrt(1 + t * t / 4)) * (1 - t * t / (12 * (1 + t * t / 4)))
+
+
+def test_tost_on_hand_made_differences_is_equivalent():
+    # mean 0.005, sd = sqrt(5e-4 / 4), se = 0.005; t(0.95, 4) = 2.131847
+    e = iw.equivalence([0.01, -0.01, 0.02, 0.0, 0.005])
+    assert e["n"] == 5 and e["mean"] == pytest.approx(0.005) and e["se"] == pytest.approx(0.005)
+    assert e["half_width"] == pytest.approx(2.131847 * 0.005, rel=1e-6)
+    assert e["ci90"] == pytest.approx([0.005 - 0.010659, 0.005 + 0.010659], abs=1e-6)
+    assert e["p_upper"] == pytest.approx(t4_cdf((0.005 - 0.03) / 0.005), rel=1e-9)  # t = -5: 0.003745
+    assert e["p_lower"] == pytest.approx(1 - t4_cdf((0.005 + 0.03) / 0.005), rel=1e-6)  # t = 7
+    assert e["p"] == pytest.approx(0.0037452, rel=1e-4) and e["equivalent"]
+    assert e["verdict"].startswith("EQUIVALENT within ±0.03")
+    assert e["margin_shown"] == pytest.approx(0.015659, abs=1e-6)
+
+
+def test_tost_not_established_when_the_interval_reaches_past_the_margin():
+    e = iw.equivalence([0.05, -0.04, 0.06, 0.0])  # mean 0.0175, sd 0.0465: 90% CI [-0.037, 0.072]
+    assert not e["equivalent"] and e["p"] > 0.05
+    assert e["ci90"][0] < -0.03 < 0.03 < e["ci90"][1]
+    assert "NOT established" in e["verdict"]
+
+
+def test_tost_says_different_when_the_whole_interval_is_beyond_the_margin():
+    e = iw.equivalence([0.10, 0.11, 0.09])
+    assert not e["equivalent"] and e["ci90"][0] > 0.03 and e["verdict"].startswith("DIFFERENT")
+
+
+def test_tost_edge_cases():
+    same = iw.equivalence([0.0, 0.0, 0.0])  # identical arms: a zero-width interval at 0
+    assert same["equivalent"] and same["ci90"] == [0.0, 0.0] and same["p"] == 0.0
+    assert not iw.equivalence([0.04, 0.04])["equivalent"]  # zero spread, but outside the margin
+    one = iw.equivalence([0.01, None])
+    assert not one["equivalent"] and one["verdict"].startswith("cannot tell")
+
+
+def test_crossing_step_is_the_first_checkpoint_at_or_past_the_matched_kl():
+    t = traj((0, 0.0, 0.5, 0.5), (2, 0.4, 0.6, 0.5), (4, 1.1, 0.7, 0.5), (6, 0.9, 0.7, 0.5))
+    assert iw.crossing_step(t, 1.0) == 4 and iw.crossing_step(t, 0.3) == 2 and iw.crossing_step(t, 2.0) is None
+
+
+def test_size_overrides_are_typed_and_refused_with_the_field_named():
+    s = iw.override_sizes(iw.OLD_NEW, ["n_old=100", "eval_at=1,3", "arm_lr=0.002", "oracle_pairs=true"])
+    assert (s.n_old, s.eval_at, s.arm_lr, s.oracle_pairs) == (100, (1, 3), 0.002, True)
+    with pytest.raises(ValueError, match="n_olds"):
+        iw.override_sizes(iw.OLD_NEW, ["n_olds=1"])
+    with pytest.raises(ValueError, match="not a valid int"):
+        iw.override_sizes(iw.OLD_NEW, ["n_old=many"])
+    assert iw.OLD_NEW.arm_batch * iw.OLD_NEW.arm_accum >= 32 and iw.OLD_NEW.eval_per_family == 0
+
+
 # ---- end to end on a tiny model ------------------------------------------------------------------------------------
 
 
@@ -122,6 +179,29 @@ def test_quick_tiny_runs_end_to_end(quick_tiny):
     assert data["caveat"].startswith("PLUMBING CHECK ONLY")
     md = (root / "results" / "iw_reuse_quick_tiny.md").read_text()
     assert "PLUMBING CHECK ONLY" in md and "--quick --model tiny" in md and "| union |" in md
+    # auto decided through train_dpo's own pilot fits (QUICK lowers its guards so that it does), and its arm trained
+    # on the weights it chose
+    rec = data["info"]["auto"]["auto"]
+    assert rec["choice"] in ("none", *AUTO_CANDIDATES) and rec["reason"] and rec["scores"]
+    shared = next((root / "work").glob("quick_tiny-*"))
+    weights = [json.loads(line)["weight"] for line in (next(shared.glob("arms-*")) / "data" / "auto.jsonl")
+               .read_text().splitlines()]
+    assert len(weights) == data["summary"]["arms"]["auto"]["pairs"]
+    assert sum(weights) / len(weights) == pytest.approx(1, abs=1e-4)
+    assert any(line.startswith("- auto chose") for line in data["verdicts"])
+
+
+def test_auto_that_falls_back_to_none_is_union_by_construction(quick_tiny):
+    root, argv = quick_tiny
+    run_main([*argv, "--arms", "union,auto", "--size", "auto_min_new=1000", "--name", "fallback"])
+    data = json.loads((root / "results" / "iw_reuse_fallback.json").read_text())
+    assert data["info"]["auto"]["auto"]["choice"] == "none" and "1000" in data["info"]["auto"]["auto"]["reason"]
+    assert all(r["same_as_union"] for r in data["runs"]["auto"].values())
+    for seed, r in data["runs"]["auto"].items():
+        assert r["trajectory"] == data["runs"]["union"][seed]["trajectory"]
+    e = data["summary"]["arms"]["auto"]["equiv_k1"]
+    assert e.get("mean") in (None, 0.0)
+    assert any("equivalent by construction" in line or "chose **none**" in line for line in data["verdicts"])
 
 
 def test_rerun_resumes_from_the_cache(quick_tiny):
