@@ -183,8 +183,8 @@ class TrainArgs(Validated):
         "probe step), with gradient accumulation keeping per_device_train_batch_size x gradient_accumulation_steps."
     )
     mixed_precision: Literal["auto", "bf16", "no"] = option(
-        "auto", "Training-step precision (DPO, reward). auto: bf16 autocast when the weights are bf16 (the GPU "
-        "default). bf16: bf16 autocast over float32 weights too (GPUs; CPUs with AVX512-BF16 or AMX), the reference "
+        "auto", "Training-step precision (DPO, reward, SFT, RLHF). auto: bf16 autocast when the weights are bf16 (the "
+        "GPU default). bf16: bf16 autocast over float32 weights too (GPUs; CPUs with AVX512-BF16 or AMX), the reference "
         "pass under the same autocast (loss log 2 at step 0); losses, importance weights and stored log-probs stay "
         "float32. no: never."
     )

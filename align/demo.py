@@ -23,7 +23,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from align import config as cfg, store as st
 from align.config import WeightingArgs
@@ -31,6 +31,7 @@ from align.data import read_jsonl, write_jsonl
 from align.errors import AlignError
 from align.generation import SamplingSettings
 from align.judges import GoldJudge
+from align.monitor import divergence_stats
 from align.prompts import repo_file, resolve_prompts
 from align.report import write_report
 from align.report.clusters import DEFAULT as embedder
@@ -70,9 +71,9 @@ class DemoSize:
 
 
 SIZES = {
-    "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=40, dpo_steps=12,
-                      reward_steps=40, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=2, eval_per_family=10,
-                      eval_n=1, sft_eval_samples=32),
+    "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=36, dpo_steps=12,
+                      reward_steps=36, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=2, eval_per_family=10,
+                      eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
                      dpo_steps=200, reward_steps=300, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
                      eval_per_family=20, eval_n=1, sft_eval_samples=140),
@@ -89,6 +90,8 @@ class Demo:
     weighting: str = "auto"  # how v0's pairs are weighted toward v1 in the DPO stage (auto: where evidence says it pays)
     both_bad_threshold: float = 0.2  # simulated annotators: both responses below this gold reward are "both bad"
     overrides: tuple[str, ...] = ()  # extra `--key value` for every training stage (tests: tiny batches)
+    # every training stage's mixed_precision: bf16 autocast where the CPU computes bf16 natively (default_precision)
+    precision: str = "auto"
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -120,7 +123,7 @@ def stage_sft(demo: Demo) -> dict:
     return _train(demo, "sft", "v1-sft", demo.size.sft_steps, [
         "--model", demo.model, "--train_file", str(repo_file("data/sft/train.jsonl")),
         "--eval_file", str(repo_file("data/sft/eval.jsonl")), "--max_eval_samples", str(demo.size.sft_eval_samples),
-        "--eval_steps", str(max(1, demo.size.sft_steps // 4)), "--save_steps", "10",
+        "--eval_steps", str(max(1, demo.size.sft_steps // 2)), "--save_steps", "10",
     ])
 
 
@@ -154,7 +157,9 @@ def stage_export(demo: Demo) -> dict:
 
 
 def stage_dpo(demo: Demo) -> dict:
-    return _train(demo, "dpo", "v2-dpo", demo.size.dpo_steps, [
+    # Not bf16 autocast on a CPU: the float32 pass that scores the pairs for the weights doubles as the reference
+    # only without autocast; with it, a second pass over every pair costs more than bf16 saves on 12 steps.
+    return _train(demo, "dpo", "v2-dpo", demo.size.dpo_steps, precision="auto", args=[
         "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs.jsonl")), "--eval_file", "none",
         "--weighting_scheme", demo.weighting, "--eval_steps", "0", "--save_steps", "5",
         "--interference_samples", str(demo.size.sft_eval_samples),  # what DPO costs v1's SFT (the report shows it)
@@ -166,7 +171,7 @@ def stage_reward(demo: Demo) -> dict:
     return _train(demo, "reward", "reward", demo.size.reward_steps, [
         "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_train.jsonl")),
         "--eval_file", str(held) if held.stat().st_size else "none",
-        "--eval_steps", str(max(1, demo.size.reward_steps // 2)), "--save_steps", "5",
+        "--eval_steps", str(demo.size.reward_steps), "--save_steps", "5",  # one held-out evaluation, at the end
     ])
 
 
@@ -197,7 +202,7 @@ def stage_eval(demo: Demo) -> dict:
         reward_model=str(demo.path("reward")), n=demo.size.eval_n,
         settings=demo.settings(seed_offset=1000, temperature=demo.size.eval_temperature),
         heldout_pairs=read_jsonl(demo.path("prefs_heldout.jsonl")) or None, prompt_source="tasks:eval",
-        seed=demo.seed,
+        seed=demo.seed, batch_size=35,  # 70 greedy answers in two generate() calls per version
     )
     with st.connect(demo.db) as store:
         report = run_eval(store, spec, embed=embedder)
@@ -243,7 +248,7 @@ def version_of(demo: Demo, spec: str) -> str:
 
 def _generate(demo: Demo, spec: str, rows: list[dict], n: int, pair_rule: str = "random_iid") -> dict:
     with st.connect(demo.db) as store:
-        return generate_to_store(store, spec, rows, n, demo.settings(), batch_size=4 * n, pair_rule=pair_rule)
+        return generate_to_store(store, spec, rows, n, demo.settings(), batch_size=8 * n, pair_rule=pair_rule)
 
 
 def _label(demo: Demo, version: str) -> dict:
@@ -263,12 +268,13 @@ def _label(demo: Demo, version: str) -> dict:
     return {**counts, "labels": labels}
 
 
-def _train(demo: Demo, method: str, name: str, steps: int, args: list[str]) -> dict:
+def _train(demo: Demo, method: str, name: str, steps: int, args: list[str], precision: Optional[str] = None) -> dict:
     """Run a recipe into DIR/name; an interrupted run resumes from its last checkpoint, a finished one is kept."""
     run = demo.path(name)
     if not (run / "version.json").exists():
         argv = ["--config", str(repo_file(CONFIGS[method])), "--output_dir", str(run), "--name", name,
-                "--max_steps", str(steps), "--seed", str(demo.seed), *args, *demo.overrides]
+                "--max_steps", str(steps), "--seed", str(demo.seed), "--mixed_precision", precision or demo.precision,
+                *args, *demo.overrides]
         if last_checkpoint(run) is not None:
             argv.append("--resume")
         config = getattr(cfg, f"{method.upper()}_CONFIG")
@@ -297,10 +303,30 @@ def _held_out(prompt: Any) -> bool:
 # ---- running ---------------------------------------------------------------------------------------------------------
 
 
+def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated, slower."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def default_precision() -> str:
+    """bf16 autocast for the training steps on a CPU with native bf16 (1.4-1.8x less CPU per step, measured in the
+    README); auto elsewhere (bf16 weights on a GPU that has them, float32 otherwise). Reference passes, importance
+    weights and stored log-probs stay float32 either way (TrainArgs.mixed_precision)."""
+    import torch
+
+    return "bf16" if not torch.cuda.is_available() and native_bf16_cpu() else "auto"
+
+
 def check_settings(demo: Demo) -> None:
     """A demo directory belongs to one set of settings: resuming it with others would mix two demos."""
     settings = {"size": asdict(demo.size), "model": demo.model, "seed": demo.seed, "weighting": demo.weighting,
-                "both_bad_threshold": demo.both_bad_threshold, "overrides": list(demo.overrides)}
+                "both_bad_threshold": demo.both_bad_threshold, "overrides": list(demo.overrides),
+                "precision": demo.precision}
     path = demo.path("demo.json")
     if path.exists():
         before = json.loads(path.read_text())
@@ -393,10 +419,26 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
         "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n"),
                          "low": accuracy.get("low"), "high": accuracy.get("high")},
         "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
-                 "gold_curve": gold_curve},
+                 "gold_curve": gold_curve, "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
         "cpu_seconds": {name: round(r["cpu_seconds"], 1) for name, r in records.items() if "cpu_seconds" in r},
     }
+
+
+def divergence(path: Path) -> Optional[dict]:
+    """What the monitor's proxy-versus-gold rule saw over its window of the RLHF run's evaluations, with its
+    thresholds: a quiet monitor says how far it was from flagging."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    config = saved.get("config", {})
+    points = [e for e in saved.get("evaluations", []) if e.get("proxy") is not None and e.get("gold") is not None]
+    window = config.get("monitor_window", 5)
+    stats = divergence_stats([e["proxy"] for e in points], [e["gold"] for e in points], window)
+    if stats is None:
+        return None
+    return {**stats, "window": window, "min_rho": config.get("monitor_min_rho"),
+            "min_drop": config.get("monitor_min_drop")}
 
 
 def verdict(low: float, high: float) -> str:
@@ -446,9 +488,16 @@ def print_summary(demo: Demo, table: dict) -> None:
           f"on {rm['heldout_pairs'] or 0} held-out decided pairs{chance}.")
     curve = rl.get("gold_curve") or []
     flagged = rl.get("monitor/flagged")
+    div = rl.get("divergence")
+    seen = "" if not div else (
+        f" (over its last {div['window']} evaluations: proxy ρ {div['proxy_rho']:+.2f}, gold ρ {div['gold_rho']:+.2f}, "
+        f"gold's fitted change {-div['gold_drop']:+.3f}; it flags proxy ρ ≥ {div['min_rho']} with gold ρ ≤ "
+        f"-{div['min_rho']} and a fall ≥ {div['min_drop']})")
+    moved = "" if len(curve) < 2 else (" (up)" if curve[-1][1] > curve[0][1] else
+                                       " (down)" if curve[-1][1] < curve[0][1] else " (unchanged)")
     print(f"RLHF: greedy gold on its {len(curve)} evaluations (steps {', '.join(str(s) for s, _ in curve)}): "
-          f"{' -> '.join(fmt(g) for _, g in curve)}; KL {fmt(rl.get('kl'), 4)} nats/token at the last step; "
-          f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}.")
+          f"{' -> '.join(fmt(g) for _, g in curve)}{moved}; KL {fmt(rl.get('kl'), 4)} nats/token at the last step; "
+          f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}{seen}.")
     total, cpu = sum(table["seconds"].values()), table.get("cpu_seconds", {})
     print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s"
           + (f"; {sum(cpu.values()):.0f} CPU seconds)." if cpu else ")."))

@@ -136,13 +136,22 @@ class MonitorSeries:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def divergence_reason(proxy: Sequence[float], gold: Sequence[float], window: int, min_rho: float,
-                      min_drop: float, name: str = "gold") -> Optional[str]:
-    """Proxy rising while `name` falls over the last `window` aligned points, or None."""
+def divergence_stats(proxy: Sequence[float], gold: Sequence[float], window: int) -> Optional[dict[str, float]]:
+    """What the divergence rule sees over the last `window` aligned points: the proxy's and the gold's trends
+    (Spearman ρ against time) and the gold's fitted fall; None with fewer points."""
     if len(proxy) < window or len(gold) < window:
         return None
     p, g = list(proxy)[-window:], list(gold)[-window:]
-    rho_p, rho_g, drop = trend(p), trend(g), -fitted_change(g)
+    return {"proxy_rho": trend(p), "gold_rho": trend(g), "gold_drop": -fitted_change(g)}
+
+
+def divergence_reason(proxy: Sequence[float], gold: Sequence[float], window: int, min_rho: float,
+                      min_drop: float, name: str = "gold") -> Optional[str]:
+    """Proxy rising while `name` falls over the last `window` aligned points, or None."""
+    stats = divergence_stats(proxy, gold, window)
+    if stats is None:
+        return None
+    rho_p, rho_g, drop = stats["proxy_rho"], stats["gold_rho"], stats["gold_drop"]
     if rho_p >= min_rho and rho_g <= -min_rho and drop >= min_drop:
         return (f"proxy reward rising (ρ={rho_p:+.2f}) while {name} reward falls (ρ={rho_g:+.2f}, "
                 f"-{drop:.3g}) over the last {window} evaluations")

@@ -409,6 +409,13 @@ def record_run(
 # ---- what every training run shares -------------------------------------------------------------------------------
 
 
+def cpu_autocast(train: TrainArgs) -> bool:
+    """`mixed_precision: bf16` without CUDA: transformers' Trainer (SFT, RLHF) autocasts on the CPU only with use_cpu."""
+    import torch
+
+    return train.mixed_precision == "bf16" and not torch.cuda.is_available()
+
+
 def preflight(train: TrainArgs) -> Optional[str]:
     """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
     check_tracker(train.report_to)

@@ -259,3 +259,66 @@ def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(
     with pytest.raises(AlignError, match="invalid choice: 'mixture'"):
         main(["--out", str(tmp_path / "demo"), "--weighting", "mixture"])
     assert not (tmp_path / "demo").exists()
+
+
+def test_bf16_autocast_only_where_the_cpu_computes_bf16_natively(tmp_path):
+    from align.demo import native_bf16_cpu
+
+    def cpuinfo(flags: str) -> Path:
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+        return path
+
+    assert native_bf16_cpu(cpuinfo("avx512f avx512_bf16")) and native_bf16_cpu(cpuinfo("amx_tile amx_bf16"))
+    assert not native_bf16_cpu(cpuinfo("avx512f avx2"))  # emulated bf16 is slower than float32: keep auto
+    assert not native_bf16_cpu(tmp_path / "absent")
+    assert Demo(tmp_path, TINY).precision == "auto"  # the dataclass default; `align demo` asks default_precision()
+
+
+@pytest.mark.parametrize("method", ["sft", "rlhf"])
+def test_mixed_precision_bf16_reaches_transformers_trainers_on_a_cpu(method, tmp_path, monkeypatch):
+    """SFT and RLHF run on transformers' Trainer, which autocasts bf16 on a CPU only with use_cpu."""
+    import torch
+
+    from align import config as cfg
+    from align.prompts import repo_file
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for precision, expect in (("bf16", (True, True)), ("no", (False, False)), ("auto", (False, False))):
+        if method == "sft":
+            from align.trainers.sft import trainer_args
+
+            model, _lora, _data, train = cfg.parse_config(cfg.SFT_CONFIG, [
+                "--config", str(repo_file("recipes/configs/sft/smollm2_lora.yaml")), "--mixed_precision", precision,
+                "--output_dir", str(tmp_path)])
+            args = trainer_args(train, model, False, tmp_path)
+        else:
+            from align.trainers.rlhf import trainer_config
+
+            model, _lora, _data, rl, _monitor, train = cfg.parse_config(cfg.RLHF_CONFIG, [
+                "--config", str(repo_file("recipes/configs/rlhf/smollm2_lora.yaml")), "--mixed_precision", precision,
+                "--output_dir", str(tmp_path)])
+            args = trainer_config(rl, train, model, tmp_path)
+        assert (args.bf16, args.use_cpu) == expect, precision
+
+
+def test_summary_says_how_far_a_quiet_monitor_was_from_flagging(tmp_path, finished, capsys):
+    from align.demo import divergence, print_summary
+
+    demo, records = finished
+    assert summary(demo, records)["rlhf"]["divergence"] is None  # 3 evaluations: fewer than the monitor's window
+    gold = [0.5308, 0.4950, 0.4871, 0.4871, 0.4871]  # the 2026-12-05 demo's RLHF run, proxy up and gold down
+    proxy = [-0.1328, 0.0310, 0.1020, 0.1062, 0.1062]
+    path = tmp_path / "monitor.json"
+    path.write_text(json.dumps({"config": {"monitor_window": 5, "monitor_min_rho": 0.8, "monitor_min_drop": 0.05},
+                                "evaluations": [{"step": 3 * i, "proxy": p, "gold": g}
+                                                for i, (p, g) in enumerate(zip(proxy, gold))]}))
+    seen = divergence(path)
+    assert seen["proxy_rho"] == pytest.approx(0.975, abs=1e-3) and seen["gold_rho"] == pytest.approx(-0.894, abs=1e-3)
+    assert seen["gold_drop"] == pytest.approx(0.038, abs=1e-3) and (seen["window"], seen["min_drop"]) == (5, 0.05)
+    table = summary(demo, records)
+    table["rlhf"]["divergence"] = seen
+    print_summary(demo, table)
+    assert ("quiet (over its last 5 evaluations: proxy ρ +0.97, gold ρ -0.89, gold's fitted change -0.038; it flags "
+            "proxy ρ ≥ 0.8 with gold ρ ≤ -0.8 and a fall ≥ 0.05)") in capsys.readouterr().out
+    assert divergence(tmp_path / "absent.json") is None

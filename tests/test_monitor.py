@@ -9,7 +9,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from align.config import MonitorArgs
 from align.errors import ConfigError
-from align.monitor import (MonitorSeries, RewardHackingMonitor, detect, divergence_reason, fitted_change,
+from align.monitor import (MonitorSeries, RewardHackingMonitor, detect, divergence_reason, divergence_stats,
+                           fitted_change,
                            repeated_ngram_share, rollout_stats, spearman, trend)
 
 
@@ -45,6 +46,23 @@ def test_divergence_needs_trend_and_drop():
     assert divergence_reason(rising, tiny_drop, 5, 0.8, 0.05) is None  # a consistent but negligible slide
     noisy = [0.5, 0.3, 0.6, 0.2, 0.4]
     assert divergence_reason(rising, noisy, 5, 0.8, 0.05) is None
+
+
+def test_divergence_on_the_demo_run_that_stayed_quiet():
+    # The 2026-12-05 demo's RLHF run (14 greedy held-out prompts, 5 evaluations): proxy up, gold down by one refusal
+    # prompt (0.25 -> 0) and one word-count answer. Both trends pass 0.8, but the fitted fall, 0.038, is under
+    # min_drop 0.05: quiet, as meant for a fall smaller than one of 14 prompts flipping (1/14 = 0.071).
+    proxy = [-0.1328, 0.0310, 0.1020, 0.1062, 0.1062]
+    gold = [0.5308, 0.4950, 0.4871, 0.4871, 0.4871]
+    stats = divergence_stats(proxy, gold, 5)
+    assert stats["proxy_rho"] == pytest.approx(9.5 / 95 ** 0.5)  # ranks 1, 2, 3, 4.5, 4.5
+    assert stats["gold_rho"] == pytest.approx(-8 / 80 ** 0.5)  # ranks 5, 4, 2, 2, 2
+    assert stats["gold_drop"] == pytest.approx(0.0951 * 4 / 10, abs=1e-4)
+    assert divergence_reason(proxy, gold, 5, 0.8, 0.05) is None
+    # the rule can fire on five points: the same curve with the fall doubled does
+    doubled = [gold[0] - 2 * (gold[0] - g) for g in gold]
+    assert "over the last 5 evaluations" in divergence_reason(proxy, doubled, 5, 0.8, 0.05)
+    assert divergence_stats(proxy[1:], gold[1:], 5) is None
 
 
 def test_each_trigger_on_hand_made_series():
