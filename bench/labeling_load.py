@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -102,7 +103,7 @@ class Session:
     """One browser tab's connection: a login cookie, a session hash, and the app's endpoint ids."""
 
     def __init__(self, client: httpx.AsyncClient, fn_ids: dict[str, int]):
-        self.client, self.fn_ids = client, fn_ids
+        self.client, self.fn_ids, self.owned = client, fn_ids, True
         self.session_hash = uuid.uuid4().hex[:11]
 
     async def vote(self, pair_id: int, choice: str) -> int | None:
@@ -136,31 +137,41 @@ class Session:
 
 
 class JsonSession:
-    """A program's session on the JSON API: one request per vote, the next item in the answer."""
+    """A program's session on the JSON API: one request per vote, the next item in the answer. Every session
+    shares one pooled client (`shared_client`): the login travels as the session cookie of each request, which
+    is what nginx routes on, so the client needs no connection per annotator."""
 
-    def __init__(self, client: httpx.AsyncClient):
-        self.client = client
+    def __init__(self, client: httpx.AsyncClient, token: str):
+        self.client, self.owned = client, False
+        self.headers = {"cookie": f"align_session={token}"}
 
     async def vote(self, pair_id: int, choice: str) -> int | None:
-        reply = await self.client.post("/api/v1/vote", json={"pair_id": pair_id, "choice": choice})
+        reply = await self.client.post("/api/v1/vote", json={"pair_id": pair_id, "choice": choice},
+                                       headers=self.headers)
         if reply.status_code in (403, 409):
             raise CallError(reply.json().get("error"))
         reply.raise_for_status()
         return reply.json()["next"]["pair_id"]
 
     async def next(self) -> int | None:
-        reply = await self.client.get("/api/v1/item")
+        reply = await self.client.get("/api/v1/item", headers=self.headers)
         reply.raise_for_status()
         return reply.json()["pair_id"]
 
 
+def shared_client(base_url: str, connections: int = 256) -> httpx.AsyncClient:
+    """One keep-alive connection pool for all JSON sessions (a lighter client than one connection each)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits)
+
+
 async def open_session(base_url: str, token: str, client_kind: str, gate: asyncio.Semaphore, config: dict):
     """A session on a login made beforehand, and its first pair."""
-    client = httpx.AsyncClient(base_url=base_url, timeout=120, cookies={"align_session": token})
     async with gate:
         if client_kind == "json":
-            session = JsonSession(client)
+            session = JsonSession(config["client"], token)
         else:
+            client = httpx.AsyncClient(base_url=base_url, timeout=120, cookies={"align_session": token})
             if "fn_ids" not in config:  # one page load is enough: every process serves the same app
                 page = (await client.get("/config")).json()
                 config["fn_ids"] = {d["api_name"]: d["id"] for d in page["dependencies"] if d.get("api_name")}
@@ -193,38 +204,53 @@ async def annotator(session, name: str, pair_id: int | None, deadline: float, th
 
 
 async def drive(base_url: str, users: list[tuple[str, str]], duration: float, think: float, client_kind: str,
-                cpu: "ServerCpu") -> tuple[Stats, float, float]:
-    """Open every session first, then let them all vote for `duration` seconds; (stats, seconds, server CPU s)."""
+                cpu: "ServerCpu", db_cpu: "ServerCpu") -> tuple[Stats, float, dict[str, float]]:
+    """Open every session first, then let them all vote for `duration` seconds; (stats, seconds, CPU seconds of
+    the server, the database server and this client)."""
     gate, config = asyncio.Semaphore(16), {}
-    sessions = await asyncio.gather(*(open_session(base_url, token, client_kind, gate, config)
-                                      for _, token in users))
-    stats = Stats()
-    cpu_before = cpu.seconds()
-    started = time.monotonic()
+    if client_kind == "json":
+        config["client"] = shared_client(base_url)
     try:
-        await asyncio.gather(*(annotator(session, name, item, started + duration, think, stats, seed=i)
-                               for i, ((name, _), (session, item)) in enumerate(zip(users, sessions))))
-        elapsed, cpu_used = time.monotonic() - started, cpu.seconds() - cpu_before
+        sessions = await asyncio.gather(*(open_session(base_url, token, client_kind, gate, config)
+                                          for _, token in users))
+        stats = Stats()
+        before = {"server": cpu.seconds(), "database": db_cpu.seconds(), "client": time.process_time()}
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(annotator(session, name, item, started + duration, think, stats, seed=i)
+                                   for i, ((name, _), (session, item)) in enumerate(zip(users, sessions))))
+            elapsed = time.monotonic() - started
+            after = {"server": cpu.seconds(), "database": db_cpu.seconds(), "client": time.process_time()}
+        finally:
+            await asyncio.gather(*(session.client.aclose() for session, _ in sessions if session.owned))
     finally:
-        await asyncio.gather(*(session.client.aclose() for session, _ in sessions))
-    return stats, elapsed, cpu_used
+        if "client" in config:
+            await config["client"].aclose()
+    return stats, elapsed, {key: after[key] - before[key] for key in before}
 
 
 class ServerCpu:
-    """CPU seconds (user + system) used so far by the server's processes: a root process and its children."""
+    """CPU seconds (user + system) used so far by the server's processes: a root process and its children; or,
+    with `name`, every process of that name (the database server's, which may serve others too)."""
 
-    def __init__(self, pid: int | None):
+    def __init__(self, pid: int | None, name: str | None = None):
         try:
             import psutil
         except ImportError:
             psutil = None
+        self.psutil, self.name = psutil, name
         self.root = psutil.Process(pid) if psutil is not None and pid is not None else None
 
+    def processes(self) -> list:
+        if self.name is not None and self.psutil is not None:
+            return [p for p in self.psutil.process_iter(["name"]) if p.info["name"] == self.name]
+        return [] if self.root is None else [self.root, *self.root.children(recursive=True)]
+
     def seconds(self) -> float:
-        if self.root is None:
+        if self.root is None and (self.name is None or self.psutil is None):
             return float("nan")
         total = 0.0
-        for process in [self.root, *self.root.children(recursive=True)]:
+        for process in self.processes():
             try:
                 times = process.cpu_times()
                 total += times.user + times.system
@@ -289,9 +315,11 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
     users = prepare_store(db, n_annotators, n_pairs, votes_required)
     port = free_port() if workers == 1 else free_port_range(workers)
     stop, pid = start_server(db, port, in_process, workers)
+    database = ServerCpu(None, "postgres") if db.startswith("postgres") else ServerCpu(None)
     try:
         stats, elapsed, cpu_used = asyncio.run(
-            drive(f"http://127.0.0.1:{port}", users, duration, think, client, ServerCpu(None if in_process else pid))
+            drive(f"http://127.0.0.1:{port}", users, duration, think, client, ServerCpu(None if in_process else pid),
+                  database)
         )
     finally:
         stop()
@@ -302,8 +330,10 @@ def run_load(n_annotators: int = 100, duration: float = 60.0, think: float = 10.
         annotators=n_annotators, seconds=elapsed, acked=len(stats.acked), refused=stats.refused,
         failed=stats.failed, votes_per_s=len(stats.acked) / elapsed if elapsed else 0.0,
         p50_ms=1000 * q[49], p95_ms=1000 * q[94], backend=db.split(":", 1)[0].split("+")[0], workers=workers,
-        client=client, cpu_ms_per_vote=1000 * cpu_used / len(stats.acked) if stats.acked else math_nan(),
+        client=client, **{f"{key}_cpu_ms_per_vote": 1000 * used / len(stats.acked) if stats.acked else math_nan()
+                          for key, used in cpu_used.items()},
     )
+    result["cpu_ms_per_vote"] = result["server_cpu_ms_per_vote"]
     if workdir is not None:
         workdir.cleanup()
     return result
@@ -338,6 +368,25 @@ def lease_latency(db: str | None, n_pairs: int, n_leases: int = 300) -> dict:
             "lease_cpu_ms": 1000 * statistics.median(cpu)}
 
 
+@contextlib.contextmanager
+def fresh_schema(url: str):
+    """The URL of a new, empty schema in the PostgreSQL database of `url`; dropped afterwards."""
+    from sqlalchemy import create_engine
+
+    from align.store.db import parse_url
+
+    admin = create_engine(parse_url(url), isolation_level="AUTOCOMMIT")
+    schema = f"lease_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        yield admin.url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+
+
 def math_nan() -> float:
     return float("nan")
 
@@ -346,7 +395,8 @@ def summary_line(r: dict) -> str:
     return (f"labeling load: {r['annotators']} annotators, {r['seconds']:.0f} s, {r['backend']}, "
             f"{r['workers']} process(es), {r['client']} client: "
             f"{r['votes_per_s']:.1f} votes/s, vote round trip p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
-            f"server CPU {r['cpu_ms_per_vote']:.1f} ms/vote; "
+            f"server CPU {r['cpu_ms_per_vote']:.1f} ms/vote (database {r['database_cpu_ms_per_vote']:.1f}, "
+            f"client {r['client_cpu_ms_per_vote']:.1f}); "
             f"acknowledged {r['acked']}, stored {r['stored']}, lost {r['lost']}, duplicated {r['duplicated']}, "
             f"pairs over k {r['over_k']}, refused {r['refused']}, failed {r['failed']}")
 
@@ -369,10 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("page", "json"), default="page",
                         help="page: the page's own protocol (Gradio queue); json: the JSON API (lighter)")
     parser.add_argument("--in_process", "--in-process", action="store_true", help="run the server in this process")
-    parser.add_argument("--lease_pairs", default="",
-                        help="also time lease_next_pair on fresh stores of these many pairs, e.g. 300,30000")
+    parser.add_argument("--lease_pairs", default="30000",
+                        help="also time lease_next_pair on fresh stores of these many pairs, e.g. 300,30000 "
+                        "(default 30000; '' for none)")
     parser.add_argument("--lease_db", default=None,
-                        help="EMPTY stores for the lease timing, comma-separated, one per size (default: temp SQLite)")
+                        help="EMPTY stores for the lease timing, comma-separated, one per size (default: a fresh "
+                        "schema in --db's database when it is PostgreSQL, else a temporary SQLite file)")
     args = parser.parse_args(argv)
     ok = True
     if args.annotators > 0:
@@ -385,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(dbs) != len(sizes):
         parser.error("--lease_db needs one empty store per --lease_pairs size")
     for n_pairs, lease_db in zip(sizes, dbs):
-        print(lease_line(lease_latency(lease_db, n_pairs)), flush=True)
+        if lease_db is None and (args.db or "").startswith("postgres"):
+            with fresh_schema(args.db) as url:
+                print(lease_line(lease_latency(url, n_pairs)), flush=True)
+        else:
+            print(lease_line(lease_latency(lease_db, n_pairs)), flush=True)
     return 0 if ok else 1
 
 

@@ -57,24 +57,30 @@ def api_router(labeling: Labeling, logins, candidates=None) -> APIRouter:
         except LabelingError as error:
             return JSONResponse({"error": str(error)}, status_code=409)
 
-    def answered(user: str, event_id: int, message: str) -> dict[str, Any]:
-        return {"event_id": event_id, "next": labeling.next_item(user, message).as_json()}
+    def answered(user: str, done: tuple[int, Any]) -> dict[str, Any]:
+        event_id, item = done
+        return {"event_id": event_id, "next": item.as_json()}
 
     def vote(user: str, body: dict[str, Any]) -> dict[str, Any]:
         reasons = body.get("reasons") or {}
         if not isinstance(reasons, dict):
             raise Rejected("reasons must be an object: {\"left\": [...], \"right\": [...]}")
-        event = labeling.vote(user, body.get("pair_id"), str(body.get("choice", "")), body.get("strength", "slightly"),
-                              reasons.get("left"), reasons.get("right"), body.get("rationale") or "")
-        return answered(user, event, "Saved.")
+        return answered(user, labeling.vote_and_next(
+            user, body.get("pair_id"), str(body.get("choice", "")), body.get("strength", "slightly"),
+            reasons.get("left"), reasons.get("right"), body.get("rationale") or "", message="Saved.",
+        ))
 
+    def undo(user: str, body: dict[str, Any]) -> dict[str, Any]:
+        event_id = labeling.undo(user, body.get("pair_id"))
+        return answered(user, (event_id, labeling.next_item(user, "Undone.")))
+
+    # A vote, skip or flag and the next lease are one transaction (Labeling.answer).
     actions = {
         "vote": vote,
-        "skip": lambda user, body: answered(user, labeling.skip(user, body.get("pair_id")), "Skipped."),
-        "flag": lambda user, body: answered(
-            user, labeling.flag(user, body.get("pair_id"), body.get("reason"), body.get("note") or ""), "Flagged."
-        ),
-        "undo": lambda user, body: answered(user, labeling.undo(user, body.get("pair_id")), "Undone."),
+        "skip": lambda user, body: answered(user, labeling.skip_and_next(user, body.get("pair_id"), "Skipped.")),
+        "flag": lambda user, body: answered(user, labeling.flag_and_next(
+            user, body.get("pair_id"), body.get("reason"), body.get("note") or "", "Flagged.")),
+        "undo": undo,
     }
 
     if candidates is not None:

@@ -343,8 +343,9 @@ def wire(demo, labeling: Labeling, sessions: Sessions, ui: Screens, responders, 
 
     def make_vote(choice: str):
         def on_vote(pair_id, strength, reasons_left, reasons_right, rationale, request: gr.Request):
-            labeling.vote(request.username, pair_id, choice, strength, reasons_left, reasons_right, rationale)
-            return item_values(labeling.next_item(request.username, f"Saved: {SAVED[choice]}."))
+            _, item = labeling.vote_and_next(request.username, pair_id, choice, strength, reasons_left, reasons_right,
+                                             rationale, message=f"Saved: {SAVED[choice]}.")
+            return item_values(item)
         return on_vote
 
     vote_inputs = [c["pair_id"], c["strength"], c["reasons_left"], c["reasons_right"], c["rationale"]]
@@ -353,12 +354,11 @@ def wire(demo, labeling: Labeling, sessions: Sessions, ui: Screens, responders, 
                                   **fast)
 
     def on_skip(pair_id, request: gr.Request):
-        labeling.skip(request.username, pair_id)
-        return item_values(labeling.next_item(request.username, "Skipped."))
+        return item_values(labeling.skip_and_next(request.username, pair_id, "Skipped.")[1])
 
     def on_flag(pair_id, reason, note, request: gr.Request):
-        labeling.flag(request.username, pair_id, reason, note)
-        return item_values(labeling.next_item(request.username, "Flagged for review. Thank you."))
+        return item_values(labeling.flag_and_next(request.username, pair_id, reason, note,
+                                                  "Flagged for review. Thank you.")[1])
 
     def on_undo(pair_id, request: gr.Request):
         labeling.undo(request.username, pair_id)

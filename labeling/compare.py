@@ -209,7 +209,7 @@ def store_comparison(
     response_a, response_b = add_responses(store, rows)
     pair_id = add_comparison_pair(store, prompt_id, response_a, response_b, user, left_is,
                                   [r.version["name"] for r in responders])
-    lease_pair(store, pair_id, user, labeling.config.lease_seconds)
+    lease_pair(store, pair_id, user, labeling.config.lease_seconds, left=left_is)
     return pair_id, {"a": response_a, "b": response_b}
 
 

@@ -4,24 +4,27 @@ Every public method takes the logged-in user's name (the app reads it from `gr.R
 the user's role in the store itself, so hidden buttons are never the only guard. Rules:
 - the queue is the store's lease table: `lease_next_pair` hands each pair to k annotators, a refresh gets the
   same pair back, and a vote, skip or flag for a pair not leased to the user is rejected;
-- the left/right order is a function of (pair, annotator) recomputed from the database, never sent by the
+- the left/right order is fixed in the database when a pair is first leased to an annotator, never sent by the
   client: a hash of the pair sets the order of its first annotator and each later annotator gets the opposite
   order of the one before (counterbalancing); the order shown is stored with every event (`left`);
+- a vote, skip or flag and the next lease are one transaction of a few statements (`Labeling.answer`), and a
+  pair's texts are cached per process (they never change), so a vote costs little server CPU;
 - screen choices (left/right) are mapped back to response order (a/b) before anything is stored.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from time import monotonic
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import bindparam, case, func, select, text
 
 from align.errors import AlignError, DataError
 from align.store import (
@@ -30,10 +33,8 @@ from align.store import (
     Store,
     User,
     Vote,
-    add_vote,
     export_preferences,
     get_pair,
-    has_live_lease,
     lease_next_pair,
     release_lease,
     set_gold,
@@ -42,7 +43,10 @@ from align.store import (
     write_jsonl,
 )
 from align.store.clock import utcnow
-from align.store.votes import human_vote_count, in_effect
+from align.store.leases import Lease, cached_assignment_mode, finish_live_lease, lease_in, shown_order
+from align.store.schema import Prompt, Response
+from align.store.slots import lock_annotator
+from align.store.votes import append_leased_event, check_event, human_vote_count, in_effect
 from labeling.render import bidi, prompt_markdown, safe_markdown
 
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
@@ -111,28 +115,75 @@ class Progress:
         )
 
 
+class PairText:
+    """A pair's prompt and responses, which never change once stored: cached per process (`Labeling.pair_text`);
+    the display markdown is rendered on first use, once per process."""
+
+    def __init__(self, pair_id: int, messages: list[dict[str, Any]], responses: dict[str, tuple[int, str]]):
+        self.pair_id, self.responses = pair_id, responses
+        self.messages = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in messages]
+        self._markdown: dict[str, str] = {}
+
+    @functools.cached_property
+    def prompt_markdown(self) -> str:
+        return prompt_markdown(self.messages)
+
+    def markdown(self, side: str) -> str:
+        """Response `side` ("a" or "b") as safe display markdown."""
+        if side not in self._markdown:
+            self._markdown[side] = bidi(safe_markdown(self.responses[side][1]))
+        return self._markdown[side]
+
+
 @dataclass
 class Item:
-    """One screen: a pair (or none left), with the sides as safe markdown in screen order."""
+    """One screen: a pair (or none left), with the sides in screen order; `left_is` ("a" or "b") is the response
+    on the left. The display markdown (prompt, left, right) is rendered only when read (the JSON API never does)."""
 
     pair_id: int | None
-    prompt: str = ""
-    left: str = ""
-    right: str = ""
-    left_is: str | None = None  # "a" or "b": which response is on the left
+    left_is: str | None = None
     progress: Progress = field(default_factory=Progress)
     message: str = ""
-    # The same item as data, for the JSON API: the prompt's messages and the responses in screen order.
-    messages: list[dict[str, str]] = field(default_factory=list)
-    responses: list[dict[str, Any]] = field(default_factory=list)
+    text: PairText | None = None
+
+    @property
+    def right_is(self) -> str | None:
+        return None if self.left_is is None else "b" if self.left_is == "a" else "a"
+
+    @property
+    def prompt(self) -> str:
+        return self.text.prompt_markdown if self.text else ""
+
+    @property
+    def left(self) -> str:
+        return self.text.markdown(self.left_is) if self.text else ""
+
+    @property
+    def right(self) -> str:
+        return self.text.markdown(self.right_is) if self.text else ""
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt's messages, raw."""
+        return self.text.messages if self.text else []
+
+    @property
+    def responses(self) -> list[dict[str, Any]]:
+        """The responses in screen order, raw: position, response ("a"/"b"), id, text."""
+        if not self.text:
+            return []
+        return [{"position": position, "response": side, "id": self.text.responses[side][0],
+                 "text": self.text.responses[side][1]}
+                for position, side in (("left", self.left_is), ("right", self.right_is))]
 
     def as_json(self) -> dict[str, Any]:
         """Named fields for programs (see the README's JSON API section): raw texts, not display markdown."""
+        responses = self.responses
         return {
             "pair_id": self.pair_id,
             "prompt": self.messages,
-            "responses": self.responses,
-            "shown_order": [r["response"] for r in self.responses],
+            "responses": responses,
+            "shown_order": [r["response"] for r in responses],
             "progress": {"mine_today": self.progress.mine_today, "mine_total": self.progress.mine_total,
                          "target": self.progress.target, "pairs_done": self.progress.pairs_done,
                          "pairs_total": self.progress.pairs_total},
@@ -155,22 +206,40 @@ def load_guidelines(version: str | None = None, directory: Path = GUIDELINES_DIR
     return version, found[version].read_text(encoding="utf-8")
 
 
-def shown_order(pair_id: int, rank: int) -> str:
-    """Which response ("a" or "b") goes left for the pair's `rank`-th annotator (0-based, in lease order).
-
-    A hash of the pair id (blake2b: stable across processes, unlike hash()) picks the first annotator's order,
-    so across pairs "a" is left half the time; each later annotator gets the opposite of the one before.
-    """
-    first = hashlib.blake2b(f"pair:{pair_id}".encode(), digest_size=8).digest()[0] & 1
-    return "a" if (first + rank) % 2 == 0 else "b"
-
-
 def to_response_choice(screen_choice: str, left: str) -> str:
     """Map a screen choice (left/right/tie/both_bad) to response order (a/b/tie/both_bad)."""
     if screen_choice not in SCREEN_CHOICES:
         raise Rejected(f"unknown choice {screen_choice!r}; expected one of {', '.join(SCREEN_CHOICES)}")
     right = "b" if left == "a" else "a"
     return {"left": left, "right": right}.get(screen_choice, screen_choice)
+
+
+PAIR_TEXT_CACHE = 4096  # pairs whose texts each process keeps (a few MB)
+SOFT_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+
+
+@functools.cache
+def mine_statement():
+    """(effective human votes of :who, those answered since :midnight)."""
+    today = func.coalesce(func.sum(case((Vote.answered_at >= bindparam("midnight"), 1), else_=0)), 0)
+    return select(func.count(Vote.id), today).where(
+        Vote.annotator == bindparam("who"), Vote.kind == "vote", Vote.source == "human", in_effect()
+    )
+
+
+@functools.cache
+def pair_text_statement():
+    """A pair's prompt and both responses, one query."""
+    a, b = Response.__table__.alias("response_a"), Response.__table__.alias("response_b")
+    return (
+        select(Prompt.text.label("prompt"), Prompt.messages, a.c.id.label("a_id"), a.c.text.label("a_text"),
+               b.c.id.label("b_id"), b.c.text.label("b_text"))
+        .select_from(Pair)
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(a, a.c.id == Pair.response_a_id)
+        .join(b, b.c.id == Pair.response_b_id)
+        .where(Pair.id == bindparam("pair"))
+    )
 
 
 class Labeling:
@@ -188,6 +257,8 @@ class Labeling:
         # (1, 2, 5, 10, 25 ms...). Queueing this process's writers on a mutex wakes each one as soon as the
         # previous commits, which keeps vote latency flat under load. PostgreSQL locks rows and needs none.
         self.writing = threading.Lock() if store.dialect == "sqlite" else contextlib.nullcontext()
+        self._texts: OrderedDict[int, PairText] = OrderedDict()  # pair id -> texts, least recently used first
+        self._texts_lock = threading.Lock()
 
     # ---- identity -------------------------------------------------------------------------------------------
 
@@ -213,6 +284,10 @@ class Labeling:
         self._roles[user] = (now, (row[0], row[1]))
         return row[0], row[1]
 
+    def remember_account(self, user: str, role: str, target: int | None) -> None:
+        """The role and target of a user just read with their login (server.Logins), for `account`."""
+        self._roles[user] = (monotonic(), (role, target))
+
     def require(self, user: str | None, roles: tuple[str, ...]) -> str:
         role = self.role(user)
         if role not in roles:
@@ -222,37 +297,61 @@ class Labeling:
     # ---- the queue ------------------------------------------------------------------------------------------
 
     def next_item(self, user: str | None, message: str = "") -> Item:
-        """The pair leased to the user (the same one on a refresh or in a second tab), or a new lease."""
+        """The pair leased to the user (the same one on a refresh or in a second tab), or a new lease: one
+        transaction (the user's progress, the lease)."""
         self.require(user, ANNOTATE_ROLES)
-        progress = self.progress(user)
-        pair_id = None
+        with self.writing, self.store.write() as session:
+            if self.store.dialect == "postgresql":
+                # A lease alone is soft state (after a crash the pair is simply offered again): no need to wait
+                # for the WAL to reach the disk. Votes do wait.
+                session.execute(SOFT_COMMIT)
+            lock_annotator(session, user)
+            progress, lease = self.lease_for(session, user)
+        return self.item(user, lease, progress, message)
+
+    def lease_for(self, session, user: str) -> tuple[Progress, Lease | None]:
+        """In the caller's transaction (after `lock_annotator`): the user's progress and, unless they reached their
+        target, their lease (held, handed on or new)."""
+        progress = self.progress(user, session)
         if progress.target_reached:
-            done = f"You reached your target of {progress.target} votes. Thank you!"
-        else:
-            done = "Nothing left to label for you right now. Thank you!"
-            with self.writing:
-                pair_id = lease_next_pair(self.store, user, lease_seconds=self.config.lease_seconds)
-        if pair_id is None:
+            return progress, None
+        now = utcnow()
+        mode = cached_assignment_mode(self.store, session)
+        return progress, lease_in(session, user, now, now + timedelta(seconds=self.config.lease_seconds), mode)
+
+    def item(self, user: str, lease: Lease | None, progress: Progress, message: str = "") -> Item:
+        if lease is None:
+            if progress.target_reached:
+                done = f"You reached your target of {progress.target} votes. Thank you!"
+            else:
+                done = "Nothing left to label for you right now. Thank you!"
             return Item(None, progress=progress, message=" ".join(m for m in (message, done) if m))
-        pair = get_pair(self.store, pair_id)
-        left, _ = self.shown(user, pair_id)
-        right = "b" if left == "a" else "a"
-        responses = [{"position": position, "response": side, "id": pair[f"response_{side}"]["id"],
-                      "text": pair[f"response_{side}"]["text"]} for position, side in (("left", left), ("right", right))]
-        return Item(
-            pair_id=pair_id,
-            prompt=prompt_markdown(pair["prompt"]),
-            left=bidi(safe_markdown(responses[0]["text"])),
-            right=bidi(safe_markdown(responses[1]["text"])),
-            left_is=left,
-            progress=progress,
-            message=message,
-            messages=[{"role": str(m.get("role", "")), "content": str(m.get("content", ""))} for m in pair["prompt"]],
-            responses=responses,
-        )
+        left = lease.left or self.shown(user, lease.pair_id)[0]
+        return Item(lease.pair_id, left_is=left, progress=progress, message=message,
+                    text=self.pair_text(lease.pair_id))
+
+    def pair_text(self, pair_id: int) -> PairText:
+        """The pair's prompt and responses, from this process's cache (they never change) or one query."""
+        with self._texts_lock:
+            text = self._texts.get(pair_id)
+            if text is not None:
+                self._texts.move_to_end(pair_id)
+                return text
+        with self.store.read() as session:
+            row = session.execute(pair_text_statement(), {"pair": pair_id}).first()
+        if row is None:
+            raise Rejected(f"no pair with id {pair_id}")
+        messages = row.messages or [{"role": "user", "content": row.prompt}]
+        text = PairText(pair_id, messages, {"a": (row.a_id, row.a_text), "b": (row.b_id, row.b_text)})
+        with self._texts_lock:
+            self._texts[pair_id] = text
+            while len(self._texts) > PAIR_TEXT_CACHE:
+                self._texts.popitem(last=False)
+        return text
 
     def shown(self, user: str, pair_id: int) -> tuple[str, datetime | None]:
-        """(response shown on the left, when the pair was shown) for this user, from the database alone."""
+        """(response shown on the left, when the pair was shown) for this user, recomputed from the database: for
+        leases made before schema v6, which did not store the side (`Assignment.shown_left`)."""
         with self.store.read() as session:
             pair = session.get(Pair, pair_id)
             if pair is None:
@@ -279,18 +378,6 @@ class Labeling:
 
     # ---- answers --------------------------------------------------------------------------------------------
 
-    def leased_pair(self, user: str, pair_id: Any) -> int:
-        try:
-            pair_id = int(pair_id)
-        except (TypeError, ValueError):
-            raise Rejected("no pair on screen; reload the page") from None
-        if not has_live_lease(self.store, user, pair_id):
-            raise Rejected(
-                f"pair {pair_id} is not leased to you (the lease expired, or you answered it in another tab); "
-                "reload to get your current pair"
-            )
-        return pair_id
-
     def vote(
         self,
         user: str | None,
@@ -302,6 +389,23 @@ class Labeling:
         rationale: str | None = "",
     ) -> int:
         """Record a vote on the leased pair; returns the vote's id."""
+        return self.vote_and_next(user, pair_id, screen_choice, strength, reasons_left, reasons_right, rationale,
+                                  lease_next=False)[0]
+
+    def vote_and_next(
+        self,
+        user: str | None,
+        pair_id: Any,
+        screen_choice: str,
+        strength: str | int = "slightly",
+        reasons_left: list[str] | None = None,
+        reasons_right: list[str] | None = None,
+        rationale: str | None = "",
+        message: str = "",
+        lease_next: bool = True,
+    ) -> tuple[int, Item | None]:
+        """Record a vote on the leased pair and lease the next one, in one transaction: (the vote's id, the next
+        item with `message`; None without `lease_next`)."""
         self.require(user, ANNOTATE_ROLES)
         if screen_choice not in SCREEN_CHOICES:
             raise Rejected(f"unknown choice {screen_choice!r}; expected one of {', '.join(SCREEN_CHOICES)}")
@@ -313,14 +417,14 @@ class Labeling:
         rationale = self.limited("rationale", rationale)
         self.check_rationale(screen_choice, level, rationale)
         reasons = self.check_reasons(reasons_left, reasons_right)
-        pair_id = self.leased_pair(user, pair_id)
-        left, shown_at = self.shown(user, pair_id)
-        right = "b" if left == "a" else "a"
-        return self.record(
-            pair_id, user, kind="vote", choice=to_response_choice(screen_choice, left), strength=level,
-            rationale=rationale or None, left=left, shown_at=shown_at,
-            reasons={left: reasons[0], right: reasons[1]} if any(reasons) else None,
-        )
+
+        def event(left: str) -> dict[str, Any]:
+            right = "b" if left == "a" else "a"
+            return {"choice": to_response_choice(screen_choice, left), "strength": level,
+                    "rationale": rationale or None,
+                    "reasons": {left: reasons[0], right: reasons[1]} if any(reasons) else None}
+
+        return self.answer(user, pair_id, "vote", event, message, lease_next)
 
     def limited(self, what: str, text: Any) -> str:
         """The stripped text, refused with a message when longer than `config.max_text_bytes`."""
@@ -348,35 +452,60 @@ class Labeling:
         return picked
 
     def skip(self, user: str | None, pair_id: Any) -> int:
+        return self.skip_and_next(user, pair_id, lease_next=False)[0]
+
+    def skip_and_next(self, user: str | None, pair_id: Any, message: str = "",
+                      lease_next: bool = True) -> tuple[int, Item | None]:
         self.require(user, ANNOTATE_ROLES)
-        pair_id = self.leased_pair(user, pair_id)
-        left, shown_at = self.shown(user, pair_id)
-        return self.record(pair_id, user, kind="skip", left=left, shown_at=shown_at)
+        return self.answer(user, pair_id, "skip", lambda left: {}, message, lease_next)
 
     def flag(self, user: str | None, pair_id: Any, reason: str | None, note: str | None = "") -> int:
         """Flag the leased pair for reviewers (unsafe, private data, broken) and move on."""
+        return self.flag_and_next(user, pair_id, reason, note, lease_next=False)[0]
+
+    def flag_and_next(self, user: str | None, pair_id: Any, reason: str | None, note: str | None = "",
+                      message: str = "", lease_next: bool = True) -> tuple[int, Item | None]:
         self.require(user, ANNOTATE_ROLES)
         if reason not in FLAG_REASONS:
             raise Rejected(f"choose why you flag this item: {', '.join(FLAG_REASONS)}")
-        pair_id = self.leased_pair(user, pair_id)
-        left, shown_at = self.shown(user, pair_id)
         note = self.limited("flag note", note)
         flag_reason = f"{reason}: {note}" if note else reason
-        vote_id = self.record(pair_id, user, kind="flag", left=left, shown_at=shown_at, flag_reason=flag_reason)
-        # A flag is no answer, so the store keeps the lease; the flagger never gets the pair again either way.
-        with self.writing:
-            release_lease(self.store, user, pair_id)
-        return vote_id
+        # A flag is no answer: the lease is given back (released) and the slot opens for someone else; the flagger
+        # never gets the pair again (the queue passes over pairs they voted on, skipped or flagged).
+        return self.answer(user, pair_id, "flag", lambda left: {"flag_reason": flag_reason}, message, lease_next)
 
-    def record(self, pair_id: int, user: str, **fields: Any) -> int:
+    def answer(self, user: str, pair_id: Any, kind: str, event, message: str = "",
+               lease_next: bool = True) -> tuple[int, Item | None]:
+        """One transaction: end the user's live lease of the pair (refused if there is none), append the event
+        (`event(left)` gives its kind-specific columns), move the pair's slot, and lease the next pair."""
         try:
-            with self.writing:
-                return add_vote(
-                    self.store, pair_id, user, fields.pop("choice", None),
-                    guidelines_version=self.config.guidelines_version, source="human", **fields,
-                )
-        except DataError as error:  # e.g. already answered in another tab
+            pair_id = int(pair_id)
+        except (TypeError, ValueError):
+            raise Rejected("no pair on screen; reload the page") from None
+        now = utcnow()
+        progress = lease = None
+        try:
+            with self.writing, self.store.write() as session:
+                lock_annotator(session, user)
+                held = finish_live_lease(session, pair_id, user, "released" if kind == "flag" else "done", now)
+                if held is None:
+                    raise Rejected(
+                        f"pair {pair_id} is not leased to you (the lease expired, or you answered it in another "
+                        "tab); reload to get your current pair"
+                    )
+                left = held.left or self.shown(user, pair_id)[0]
+                row = {"pair_id": pair_id, "annotator": user, "kind": kind, "choice": None, "strength": None,
+                       "rationale": None, "reasons": None, "left": left,
+                       "guidelines_version": self.config.guidelines_version, "shown_at": held.leased_at,
+                       "answered_at": now, "supersedes_id": None, "flag_reason": None, "source": "human",
+                       "created_at": now, **event(left)}
+                check_event(kind, user, row["choice"], row["strength"] or 1, left, None)
+                event_id = append_leased_event(session, row)
+                if lease_next:
+                    progress, lease = self.lease_for(session, user)
+        except DataError as error:  # e.g. a NUL character in the rationale
             raise Rejected(str(error)) from error
+        return event_id, (self.item(user, lease, progress, message) if lease_next else None)
 
     def undo(self, user: str | None, current_pair_id: Any = None) -> int:
         """Take back the user's last vote or skip (a superseding event); its pair is shown again next."""
@@ -399,14 +528,14 @@ class Labeling:
 
     # ---- progress -------------------------------------------------------------------------------------------
 
-    def progress(self, user: str) -> Progress:
-        midnight = datetime.combine(utcnow().date(), time())
-        today = func.coalesce(func.sum(case((Vote.answered_at >= midnight, 1), else_=0)), 0)
-        mine = select(func.count(Vote.id), today).where(
-            Vote.annotator == user, Vote.kind == "vote", Vote.source == "human", in_effect()
-        )
-        with self.store.read() as session:
-            total, today_count = session.execute(mine).one()
+    def progress(self, user: str, session=None) -> Progress:
+        """The user's votes today and in all (in `session` if given, so a vote just made counts), the project's."""
+        params = {"who": user, "midnight": datetime.combine(utcnow().date(), time())}
+        if session is None:
+            with self.store.read() as session:
+                total, today_count = session.execute(mine_statement(), params).one()
+        else:
+            total, today_count = session.execute(mine_statement(), params).one()
         done, pairs = self.project_progress()
         return Progress(mine_today=int(today_count), mine_total=int(total), pairs_done=done, pairs_total=pairs,
                         target=self.account(user)[1])

@@ -33,7 +33,7 @@ from align.store.users import (
     end_sessions,
     login_wait,
     record_failure,
-    session_user,
+    session_account,
     start_session,
     throttle_keys,
     verify_user,
@@ -113,8 +113,8 @@ class SecurityHeaders:
 class Logins:
     """Sessions (in the store, cached briefly per process), the throttled password check, and the login page."""
 
-    def __init__(self, store, settings: ServerSettings):
-        self.store, self.settings = store, settings
+    def __init__(self, store, settings: ServerSettings, on_account=None):
+        self.store, self.settings, self.on_account = store, settings, on_account
         self.cache: dict[str, tuple[float, str | None]] = {}
         self.check_gate = asyncio.Semaphore(1)  # one scrypt check at a time per process: a flood gets one core
         self.waiting = 0  # logins waiting for the gate; past MAX_WAITING_LOGINS new ones are turned away
@@ -136,8 +136,10 @@ class Logins:
         cached = self.cache.get(token)
         if cached is not None and now - cached[0] < self.settings.session_cache_seconds:
             return cached[1]
-        found = session_user(self.store, token)
+        found = session_account(self.store, token)
         user = found[0] if found else None
+        if found and self.on_account is not None:
+            self.on_account(*found)  # the role and target come with the login: the handler need not read them
         if len(self.cache) > 100_000:
             self.cache.clear()
         self.cache[token] = (now, user)
@@ -217,7 +219,7 @@ def create_server(demo, settings: ServerSettings | None = None, *, head: str = "
     from labeling.api import api_router
 
     settings = settings or ServerSettings()
-    logins = Logins(demo.labeling.store, settings)
+    logins = Logins(demo.labeling.store, settings, on_account=demo.labeling.remember_account)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.logins, app.state.labeling = logins, demo.labeling
 

@@ -560,3 +560,21 @@ def test_concurrent_add_responses_create_no_duplicates(store_url):
     assert all(ids == returned[0] for ids in returned) and len(returned[0]) == 50
     with connect(store_url) as store:
         assert count(store, Response) == 10 + 50
+
+
+def test_migration_to_v6_adds_the_shown_side_and_the_held_slot_index(store_url):
+    """A v5 store (no assignment.shown_left, no ix_lease_slot_held_by) gets both; its old leases keep NULL."""
+    with connect(store_url) as store:
+        filled = fill_store(store, n_prompts=1, samples=2)
+        [pair] = make_pairs(store, filled["version_id"], votes_required=2)
+        assert lease_next_pair(store, "ann") == pair
+        with store.write() as session:
+            session.execute(text("DROP INDEX ix_lease_slot_held_by"))
+            session.execute(text("ALTER TABLE assignment DROP COLUMN shown_left"))
+    set_schema_version(store_url, 5)
+    with connect(store_url) as store, store.read() as session:
+        inspector = inspect(session.connection())
+        assert "shown_left" in {c["name"] for c in inspector.get_columns("assignment")}
+        assert "ix_lease_slot_held_by" in {i["name"] for i in inspector.get_indexes("lease_slot")}
+        assert session.scalars(select(Assignment.shown_left)).all() == [None]
+        assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == str(SCHEMA_VERSION)

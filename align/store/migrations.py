@@ -22,7 +22,7 @@ from align.store.clock import utcnow
 from align.store.schema import Assignment, Base, LeaseSlot, Meta, Pair, Vote
 from align.store.votes import in_effect
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def upgrade_to_v2(connection: Connection) -> None:
@@ -70,9 +70,18 @@ def upgrade_to_v5(connection: Connection) -> None:
     Base.metadata.tables["generation_job"].create(connection, checkfirst=True)
 
 
+def upgrade_to_v6(connection: Connection) -> None:
+    """The side shown on the left, stored with each lease (Assignment.shown_left; older leases keep NULL and the
+    app recomputes their side as before), and an index for the slot an annotator holds."""
+    if "shown_left" not in {column["name"] for column in inspect(connection).get_columns("assignment")}:
+        connection.execute(text("ALTER TABLE assignment ADD COLUMN shown_left VARCHAR(1)"))
+    held_by = next(index for index in LeaseSlot.__table__.indexes if index.name == "ix_lease_slot_held_by")
+    held_by.create(connection, checkfirst=True)
+
+
 # MIGRATIONS[v] upgrades a database from version v-1 to v, inside the caller's transaction.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: upgrade_to_v2, 3: upgrade_to_v3, 4: upgrade_to_v4,
-                                                   5: upgrade_to_v5}
+                                                   5: upgrade_to_v5, 6: upgrade_to_v6}
 
 
 def ensure_schema(store: Store) -> int:

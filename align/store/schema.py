@@ -168,6 +168,9 @@ class Assignment(Base):
     leased_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     lease_expires_at: Mapped[datetime] = mapped_column(DateTime)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    # The response shown on the left to this annotator ("a" or "b"), fixed when the pair is first leased to them,
+    # so the side recorded with a vote is the side that was shown (NULL on leases made before schema v6).
+    shown_left: Mapped[str | None] = mapped_column(String(1))
 
 
 class LeaseSlot(Base):
@@ -186,6 +189,9 @@ class LeaseSlot(Base):
         Index("ix_lease_slot_held_expiry", "expires_at",
               sqlite_where=text("state = 'held'"), postgresql_where=text("state = 'held'")),
         Index("ix_lease_slot_annotator", "annotator", "state"),
+        # The slot an annotator holds (a refresh), in the order the lease query takes it: one index probe.
+        Index("ix_lease_slot_held_by", "annotator", "expires_at", "id",
+              sqlite_where=text("state = 'held'"), postgresql_where=text("state = 'held'")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

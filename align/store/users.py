@@ -130,6 +130,20 @@ def session_user(store: Store, token: str | None, now: datetime | None = None) -
     return (row[0], row[1]) if row else None
 
 
+def session_account(store: Store, token: str | None, now: datetime | None = None) -> tuple[str, str, int | None] | None:
+    """(user name, role, target) of a live session token, else None: one query for the app's every request."""
+    if not token:
+        return None
+    now = utc(now) or utcnow()
+    with store.read() as session:
+        row = session.execute(
+            select(LoginSession.user_name, User.role, User.target)
+            .join(User, User.name == LoginSession.user_name)
+            .where(LoginSession.token_hash == token_hash(token), LoginSession.expires_at > now)
+        ).first()
+    return (row[0], row[1], row[2]) if row else None
+
+
 def end_sessions(store: Store, name: str) -> int:
     """Log the user out everywhere: every session of theirs ends; returns how many."""
     with store.write() as session:

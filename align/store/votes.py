@@ -10,17 +10,18 @@ most. The votes that count ("effective votes") are the kind "vote" rows in effec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from align.errors import DataError
 from align.store.clock import utc, utcnow
 from align.store.db import Store
-from align.store.schema import VOTE_CHOICES, VOTE_KINDS, Assignment, Pair, Vote
+from align.store.schema import VOTE_CHOICES, VOTE_KINDS, Assignment, LeaseSlot, Pair, Vote
 from align.store.slots import claim_slot, open_slot
 
 ANSWER_KINDS = ("vote", "skip")  # one per annotator and pair; flags are side notes and may come on top
@@ -112,6 +113,48 @@ def add_vote(
         if kind in ANSWER_KINDS:
             finish_lease(session, pair_id, annotator)
         return vote.id
+
+
+def append_leased_event(session: Session, row: dict[str, Any]) -> int:
+    """In the caller's transaction, which has just ended the annotator's live lease of the pair (leases.
+    finish_live_lease): append the event `row` (the columns of `add_vote`'s Vote, checked by the caller with
+    `check_event`) and move the annotator's held slot: filled by a human vote, opened again by a skip or a flag.
+    Two statements; the lease stands for the checks add_vote makes (nobody answers a pair twice: answering ends
+    the lease, and a pair answered once is never leased again)."""
+    event_id = session.execute(insert_event_statement(), row).scalar_one()
+    human_vote = row["kind"] == "vote" and row["source"] == "human"
+    moved = session.execute(slot_move_statement(), {
+        "pair": row["pair_id"], "who": row["annotator"], "to_state": "filled" if human_vote else "open",
+        "to_who": row["annotator"] if human_vote else None,
+    })
+    if moved.rowcount == 0 and human_vote:  # no held slot (a lease older than the slots): take a free one
+        claim_slot(session, row["pair_id"], row["annotator"], "filled", row["answered_at"])
+    return event_id
+
+
+@functools.cache
+def insert_event_statement():
+    return insert(Vote.__table__).returning(Vote.__table__.c.id)
+
+
+@functools.cache
+def slot_move_statement():
+    """UPDATE the annotator's held slot of the pair to :to_state (held by :to_who), one index lookup."""
+    slots = LeaseSlot.__table__
+    held = slots.alias("held_slot")
+    mine = (
+        select(held.c.id)
+        .where(held.c.pair_id == bindparam("pair"), held.c.annotator == bindparam("who"), held.c.state == "held")
+        .order_by(held.c.slot)
+        .limit(1)
+        .scalar_subquery()
+    )
+    # The outer conditions repeat the inner ones: on PostgreSQL a concurrent change to the row (another annotator
+    # taking over an expired lease) is re-checked against them after the row lock is granted.
+    still_mine = (slots.c.id == mine, slots.c.annotator == bindparam("who"), slots.c.state == "held")
+    return update(slots).where(*still_mine).values(
+        state=bindparam("to_state"), annotator=bindparam("to_who"), expires_at=None
+    )
 
 
 def move_slot(session: Session, event: Vote, target: Vote | None) -> None:
