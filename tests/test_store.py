@@ -578,3 +578,33 @@ def test_migration_to_v6_adds_the_shown_side_and_the_held_slot_index(store_url):
         assert "ix_lease_slot_held_by" in {i["name"] for i in inspector.get_indexes("lease_slot")}
         assert session.scalars(select(Assignment.shown_left)).all() == [None]
         assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == str(SCHEMA_VERSION)
+
+
+def test_postgres_connections_are_pinged_only_after_sitting_idle(store, monkeypatch):
+    """No ping (a round trip) per transaction; a connection idle past PING_AFTER_IDLE_SECONDS is pinged, and a dead
+    one is replaced before use instead of failing the request."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has no server connection to lose")
+    from align.store import db
+
+    pings = []
+    real_ping = store.engine.dialect.do_ping
+    monkeypatch.setattr(store.engine.dialect, "do_ping", lambda connection: pings.append(1) or real_ping(connection))
+    for _ in range(3):
+        with store.read() as session:
+            session.execute(text("SELECT 1"))
+    assert pings == []
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    with store.read() as session:
+        session.execute(text("SELECT 1"))
+    assert pings == [1]
+    with store.read() as session:  # kill this connection from the server side; the next checkout replaces it
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
+    from sqlalchemy import create_engine
+
+    other = create_engine(store.engine.url, isolation_level="AUTOCOMMIT")  # not a connection of the pool
+    with other.connect() as admin:
+        assert admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    other.dispose()
+    with store.read() as session:
+        assert session.execute(text("SELECT pg_backend_pid()")).scalar() != pid

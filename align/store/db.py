@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -117,10 +118,35 @@ def build_engine(url: URL) -> Engine:
     if url.get_backend_name() == "sqlite":
         engine = sqlite_engine(url)
     else:
-        # pre_ping: a long-lived labeling app must survive the server closing idle connections.
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url)
+        ping_idle_connections(engine)
     event.listen(engine, "before_execute", _refuse_nul)
     return engine
+
+
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
+def ping_idle_connections(engine: Engine) -> None:
+    """A long-lived labeling app must survive the server closing idle connections (or restarting). SQLAlchemy's
+    pool_pre_ping pings on every checkout, a round trip per transaction; here only a connection idle for
+    PING_AFTER_IDLE_SECONDS is pinged before use (a dead one is replaced, as pre_ping would), and a busy one is
+    used as it is."""
+
+    def checked_in(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checked_out(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # the pool replaces the connection and tries again
+            raise DisconnectionError(f"an idle connection was closed: {first_line(error)}") from error
+
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
 
 
 def _refuse_nul(_conn, clause, multiparams, params, _options) -> None:
