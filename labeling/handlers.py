@@ -378,19 +378,10 @@ class Labeling:
 
     # ---- answers --------------------------------------------------------------------------------------------
 
-    def vote(
-        self,
-        user: str | None,
-        pair_id: Any,
-        screen_choice: str,
-        strength: str | int = "slightly",
-        reasons_left: list[str] | None = None,
-        reasons_right: list[str] | None = None,
-        rationale: str | None = "",
-    ) -> int:
-        """Record a vote on the leased pair; returns the vote's id."""
-        return self.vote_and_next(user, pair_id, screen_choice, strength, reasons_left, reasons_right, rationale,
-                                  lease_next=False)[0]
+    def vote(self, user: str | None, pair_id: Any, screen_choice: str, *details: Any, **options: Any) -> int:
+        """Record a vote on the leased pair (the arguments of `vote_and_next`: strength, reasons left and right,
+        rationale); returns the vote's id."""
+        return self.vote_and_next(user, pair_id, screen_choice, *details, lease_next=False, **options)[0]
 
     def vote_and_next(
         self,
