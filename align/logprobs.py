@@ -165,11 +165,17 @@ class LinearTokenLogps(torch.autograd.Function):
         w = weight.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         log_norm = torch.empty_like(out)
+        # One chunk only (a short batch): its probabilities are kept for the backward, which would otherwise rebuild
+        # the same chunk there, so the peak is the same and one head matmul and exp are saved.
+        ctx.probs = None
+        keep = hidden.shape[0] <= chunk and any(ctx.needs_input_grad[:3])
         with torch.no_grad():
             for s in range(0, hidden.shape[0], chunk):
                 z = _head_logits(hidden[s:s + chunk].to(dtype), w, bias, temperature)
                 log_norm[s:s + chunk] = torch.logsumexp(z, dim=-1)
                 out[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - log_norm[s:s + chunk]
+                if keep:
+                    ctx.probs = torch.exp(z.sub_(log_norm[:, None]))
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -186,9 +192,11 @@ class LinearTokenLogps(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h, g = hidden[s:s + chunk].to(dtype), grad[s:s + chunk].to(log_norm.dtype)
             with torch.no_grad():
-                z = _head_logits(h, w, bias, tau)
+                probs, ctx.probs = ctx.probs, None  # used once: a second backward (retain_graph) rebuilds them
+                if probs is None:
+                    probs = torch.exp(_head_logits(h, w, bias, tau).sub_(log_norm[s:s + chunk, None]))
                 # d/dz (z_y - logsumexp z) = onehot(y) - softmax(z); times the incoming gradient and 1/τ.
-                dz = torch.exp(z.sub_(log_norm[s:s + chunk, None])).mul_(-g[:, None])
+                dz = probs.mul_(-g[:, None])
                 dz.scatter_add_(-1, targets[s:s + chunk, None], g[:, None])
                 if tau != 1.0:
                     dz.div_(tau)

@@ -47,10 +47,13 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
     `align_segments`: (q_start, q_end, kv_spans, mask) in order, covering [0, N); queries q_start..q_end attend to
     the concatenated key/value spans, causally (mask None: the spans are the query span itself) or where `mask`
-    (q_len × kv_len, bool) is true. Without it: transformers' SDPA attention, unchanged.
+    (q_len × kv_len, bool) is true. Without it, a row of whole sequences (`sequence_segments`: TRL's padding-free
+    SFT batches) is attended sequence by sequence; anything else is transformers' SDPA attention, unchanged.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if align_segments is None and attention_mask is None:
+        align_segments = sequence_segments(query, key, kwargs)
     if align_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -64,6 +67,29 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                         is_causal=mask is None)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def sequence_segments(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> Optional[list[tuple]]:
+    """Causal spans of a padding-free row of whole sequences (TRL's `padding_free` collator, SFT packing): from
+    `cu_seq_lens_q` (the boundaries flash-attention's varlen kernels read) or, without it, from where the position
+    ids restart. None unless the row (batch 1, no cache: queries = keys) holds two or more sequences."""
+    n = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != n:
+        return None
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is not None:
+        cuts = [int(c) for c in bounds.tolist()]
+    else:
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.shape[-1] != n:
+            return None
+        starts = (positions.reshape(-1) == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            return None
+        cuts = starts + [n]
+    if len(cuts) < 3 or cuts[0] != 0 or cuts[-1] != n:
+        return None
+    return [(a, b, ((a, b),), None) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def _no_mask(*args, attention_mask=None, **kwargs):
@@ -87,6 +113,11 @@ def _pretrained(model: Any) -> Any:
     return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
+def attention_implementation(model: Any) -> Optional[str]:
+    """The (possibly PEFT- and DDP-wrapped) model's attention implementation."""
+    return getattr(_pretrained(model).config, "_attn_implementation", None)
+
+
 def supports_packing(model: Any) -> bool:
     """Models whose attention goes through transformers' attention interface (most decoder LMs) and is SDPA today."""
     base = _pretrained(model)
@@ -104,6 +135,22 @@ def use_packed_attention(model: Any) -> Optional[str]:
     previous = base.config._attn_implementation
     base.set_attn_implementation(ATTENTION)
     return previous
+
+
+# Attention implementations that attend a padding-free row sequence by sequence on their own: flash-attention's
+# varlen kernels read the boundaries from the position ids (or `cu_seq_lens_*`), flex attention gets a block mask.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def sequence_packing_attention(model: Any) -> tuple[bool, Optional[str]]:
+    """For padding-free rows of whole sequences (SFT): (whether the model attends them exactly and without an N × N
+    mask, the previous implementation to restore or None). flash-attention / flex attention as they are; SDPA is
+    switched to "align_packed" (`sequence_segments`: SDPA sequence by sequence, CPU included); anything else
+    (eager, ...) is not, since transformers would build a dense mask over the whole row."""
+    if attention_implementation(model) in VARLEN_ATTENTION:
+        return True, None
+    previous = use_packed_attention(model)
+    return previous is not None, previous
 
 
 def restore_attention(model: Any, previous: Optional[str]) -> None:

@@ -222,6 +222,29 @@ def test_linear_token_logps_gradcheck_with_bias():
                                rtol=1e-6, atol=1e-6)  # token_logps works in float32
 
 
+def test_linear_token_logps_one_chunk_keeps_probabilities_exactly():
+    """One chunk: the forward's probabilities serve the backward (no second head matmul); gradcheck passes, the
+    gradients equal the many-chunk path's, and a second backward (retain_graph) rebuilds them and agrees."""
+    from align.logprobs import linear_token_logps
+
+    torch.manual_seed(5)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(lambda h, w: linear_token_logps(h, w, None, targets, 0.8, chunk=7), (hidden, weight))
+    grads = {}
+    for chunk in (7, 2):
+        out = linear_token_logps(hidden, weight, None, targets, 0.8, chunk=chunk)
+        first = torch.autograd.grad((out * torch.arange(1.0, 8.0, dtype=out.dtype)).sum(), (hidden, weight),
+                                    retain_graph=True)
+        second = torch.autograd.grad((out * torch.arange(1.0, 8.0, dtype=out.dtype)).sum(), (hidden, weight))
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        grads[chunk] = first
+    for a, b in zip(grads[7], grads[2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # the head gradient accumulates in float32
+
+
 def test_chunked_path_only_where_the_head_is_plain(monkeypatch):
     """A soft-capped model (or one not known to use its plain head) gets the full-logits path; forcing the chunked
     path there is an error, not a silent wrong value. The head's forward is restored after each call."""

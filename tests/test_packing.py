@@ -139,3 +139,81 @@ def test_training_runs_padding_free_equal_padded_runs(tiny_model_dir, tmp_path):
     assert len(losses[True][0]) == len(losses[True][1]) == 3
     for ours, padded in zip(losses[True], losses[False]):
         assert ours == pytest.approx(padded, rel=1e-4)
+
+
+# --- SFT: TRL's padding-free rows of whole sequences -----------------------------------------------------------------
+
+
+def _sft_features(n=4, vocab=300, seed=5):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer = rng.randint(2, 9), rng.randint(1, 12)
+        ids = [rng.randrange(1, vocab) for _ in range(prompt + answer)]
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def test_sft_padding_free_rows_equal_padded_loss_and_gradients(monkeypatch):
+    """TRL's padding-free collator (one row, restarting position ids, `cu_seq_lens_*`) under "align_packed": the
+    loss and every LoRA gradient equal the padded batch's, and attention runs sequence by sequence (no query span
+    longer than the longest sequence, so no N x N mask over the row)."""
+    from transformers.integrations import sdpa_attention
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _lora_lm()
+    model.train()
+    features = _sft_features()
+    padded_batch = DataCollatorForLanguageModeling(pad_token_id=0)(features)
+    packed_batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(features)
+    assert packed_batch["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    loss = lambda m, b: [m(**b).loss]  # noqa: E731 - mean NLL over the labelled tokens, shifted inside
+    padded = _run(model, padded_batch, loss)
+    previous = packing.use_packed_attention(model)
+    spans = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda module, q, *a, **kw: spans.append(q.shape[2]) or real(module, q, *a, **kw))
+    packed = _run(model, packed_batch, loss)
+    _assert_same(padded, packed)
+    longest = max(len(f["input_ids"]) for f in features)
+    assert spans and max(spans) == longest and len(spans) == 2 * len(features)  # 2 layers x 4 sequences
+    # Without cu_seq_lens the restarting position ids give the same spans.
+    spans.clear()
+    no_bounds = {k: v for k, v in packed_batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    _assert_same(padded, _run(model, no_bounds, loss))
+    assert max(spans) == longest
+    packing.restore_attention(model, previous)
+
+
+def test_sequence_segments_only_for_packed_rows():
+    q = torch.zeros(1, 2, 6, 4)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert packing.sequence_segments(q, q, {"position_ids": positions}) == [
+        (0, 3, ((0, 3),), None), (3, 5, ((3, 5),), None), (5, 6, ((5, 6),), None)]
+    assert packing.sequence_segments(q, q, {"cu_seq_lens_q": torch.tensor([0, 4, 6])}) == [
+        (0, 4, ((0, 4),), None), (4, 6, ((4, 6),), None)]
+    assert packing.sequence_segments(q, q, {"position_ids": torch.arange(6)[None]}) is None  # one sequence: SDPA
+    assert packing.sequence_segments(q, q[:, :, :1], {"position_ids": positions}) is None  # a cache: not a row
+    assert packing.sequence_segments(torch.zeros(2, 2, 6, 4), torch.zeros(2, 2, 6, 4),
+                                     {"position_ids": positions.expand(2, -1)}) is None  # padded rows
+
+
+def test_sft_padding_free_by_default_and_its_fallback(tiny_model_dir, tmp_path, caplog):
+    """padding_free is on by default; the model trains on "align_packed" and is saved with its own kernel. An
+    attention that cannot attend packed sequences without a dense mask (eager) gets padded batches, with a warning."""
+    from align.config import LoraArgs, ModelArgs, SFTDataArgs
+    from align.models import load_model
+    from align.trainers.sft import padding_free_batches
+
+    assert SFTDataArgs().padding_free
+    model, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    assert padding_free_batches(model, SFTDataArgs()) == (True, "sdpa")
+    assert model.config._attn_implementation == packing.ATTENTION
+    packing.restore_attention(model, "sdpa")
+    assert padding_free_batches(model, SFTDataArgs(padding_free=False)) == (False, None)
+    eager, _ = load_model(ModelArgs(model=str(tiny_model_dir), attn_implementation="eager"))
+    with caplog.at_level("WARNING"):
+        assert padding_free_batches(eager, SFTDataArgs()) == (False, None)
+    assert "padding_free: LlamaForCausalLM's attention (eager) cannot attend packed sequences" in caplog.text
+    assert padding_free_batches(eager, SFTDataArgs(padding_free=False, packing=True)) == (False, None)

@@ -72,3 +72,49 @@ def test_full_fine_tuning_saves_merged_model(tiny_model_dir, chat_files, tmp_pat
     train_sft(model, lora, data, train)
     assert (out / "merged" / "model.safetensors").is_file()
     assert not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_loss_over_labelled_tokens_equals_trl(tiny_model_dir, tmp_path, padding_free):
+    """Our SFT loss (the head over the assistant tokens only) equals TRL's fused-head loss on the same batch, with
+    and without a token count from gradient accumulation, and so do every LoRA gradient."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from align import packing
+    from align.config import LoraArgs, ModelArgs
+    from align.logprobs import plain_head
+    from align.models import apply_lora, load_model
+    from align.trainers.sft import sft_trainer_class
+
+    model, tokenizer = load_model(ModelArgs(model=str(tiny_model_dir)))
+    model = apply_lora(model, LoraArgs(lora_r=4, lora_alpha=8))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    rows = [{"input_ids": list(range(5 + i, 25 + 3 * i)), "labels": [-100] * (6 + i) + list(range(11 + 2 * i, 25 + 3 * i))}
+            for i in range(3)]
+    if padding_free:
+        packing.use_packed_attention(model)
+    trainer = sft_trainer_class()(model=model, args=SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False,
+                                                               padding_free=padding_free, max_length=None),
+                                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(rows)
+    assert plain_head(trainer.model) is not None  # ours is the chunked path, not TRL's loss again
+    results = {}
+    for name, compute in (("ours", trainer.compute_loss), ("trl", lambda *a, **k: SFTTrainer.compute_loss(trainer, *a, **k))):
+        for count in (None, torch.tensor(50)):
+            trainer.model.zero_grad(set_to_none=True)
+            loss = compute(trainer.model, dict(batch), num_items_in_batch=count)
+            loss.backward()
+            results[name, count is None] = (loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                                            if p.grad is not None})
+    for count in (True, False):
+        (ours, our_grads), (theirs, their_grads) = results["ours", count], results["trl", count]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert our_grads.keys() == their_grads.keys() and our_grads
+        for n, g in their_grads.items():
+            torch.testing.assert_close(our_grads[n], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+    assert not torch.equal(results["ours", True][0], results["ours", False][0])  # the token count is used

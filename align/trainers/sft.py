@@ -12,12 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
+
 from align import runs
 from align.config import LoraArgs, ModelArgs, SFTDataArgs, TrainArgs, save_config, to_dict
 from align.data import SFTSet, data_record, load_sft, open_split, template_markers, tokenize_sft_row
 from align.errors import DataError
+from align.logprobs import plain_head, score_tokens
 from align.models import apply_lora, load_model, resolve_dtype, save_trained
 from align.overfit import GapTracker
+from align.packing import attention_implementation, restore_attention, sequence_packing_attention
 from align.publish import finish_tracker, push
 
 log = logging.getLogger(__name__)
@@ -50,11 +54,10 @@ def build_dataset(sft_set: SFTSet, tokenizer: Any, max_length: int):
 
 
 def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: Path,
-                 data_args: Optional[SFTDataArgs] = None) -> Any:
-    """Our config, translated once into TRL's SFTConfig (so TRL's names stay out of our configs)."""
+                 data_args: Optional[SFTDataArgs] = None, padding_free: Optional[bool] = None) -> Any:
+    """Our config, translated once into TRL's SFTConfig (so TRL's names stay out of our configs). `padding_free`:
+    what the model's attention allows (`padding_free_batches`); None: as configured."""
     from trl import SFTConfig
-
-    import torch
 
     evaluate = has_eval and train.eval_steps > 0
     dtype = resolve_dtype(model_args.dtype)
@@ -91,11 +94,61 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_num_workers=train.dataloader_num_workers,
         packing=bool(data_args and data_args.packing),
-        padding_free=bool(data_args and data_args.padding_free),
+        padding_free=bool(data_args and data_args.padding_free) if padding_free is None else padding_free,
         # Rows are already truncated by build_dataset; packing needs the length it packs to.
         max_length=data_args.max_length if data_args and data_args.packing else None,
         dataset_num_proc=None,
     )
+
+
+def sft_trainer_class() -> Any:
+    """TRL's SFTTrainer, its loss taken over the labelled tokens only.
+
+    TRL's fused LM head scores every position off Triton devices (CPU included: prompt tokens and, in padded
+    batches, padding too) and computes each token's entropy and top-1 hit for its logs. Here the head runs over
+    the assistant tokens only, through `align.logprobs.score_tokens` (chunked, no (B, T, V) logits): the same loss,
+    sum of -log p over the labelled tokens / TRL's token count, to float round-off (tests/test_sft.py). Whatever
+    else TRL's loss supports (label smoothing, a compute_loss_func, DFT, MoE auxiliary losses, a head that is not a
+    plain linear layer) goes to TRL's own compute_loss. The `entropy` and `mean_token_accuracy` logs are TRL's only.
+    """
+    from trl import SFTTrainer
+
+    class AlignSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+                    or self.aux_loss_enabled or self.args.loss_type != "nll" or plain_head(model) is None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            forward = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+            scored = score_tokens(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                  chunked=True, **forward)
+            count = scored.mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -scored.logps.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+            if self.model.training:  # TRL's running token count (the num_tokens log)
+                seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(
+                    inputs["position_ids"].shape[1], device=loss.device)
+                self._total_train_tokens += self.accelerator.gather_for_metrics(seen).sum().item() // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return AlignSFTTrainer
+
+
+def padding_free_batches(model: Any, data_args: SFTDataArgs) -> tuple[bool, Optional[str]]:
+    """(padding_free for TRL, the attention implementation to restore after training or None).
+
+    TRL's padding-free collator concatenates a micro-batch into one row with restarting position ids; the model must
+    then attend each sequence alone. SDPA is switched to "align_packed", which does that span by span (exact, no
+    N x N mask; align/packing.py), flash-attention and flex attention do it themselves. Other kernels: padded rows
+    (packing, which TRL always runs padding-free, keeps transformers' block mask)."""
+    if not (data_args.padding_free or data_args.packing):
+        return False, None
+    ok, previous = sequence_packing_attention(model)
+    if not ok and data_args.padding_free:
+        log.warning("padding_free: %s's attention (%s) cannot attend packed sequences without a full mask; using "
+                    "padded batches", type(model).__name__, attention_implementation(model))
+    return ok and data_args.padding_free, previous
 
 
 @runs.guard_run
@@ -110,8 +163,6 @@ def train_sft(
     """Run SFT end to end and return the run directory. `extra_callbacks` are transformers TrainerCallbacks."""
     from accelerate import PartialState
     from transformers import set_seed
-    from trl import SFTTrainer
-
     state = PartialState()
     repo = runs.preflight(train)  # push_to_hub: token and network checked before any training
     with state.main_process_first():  # one rank probes and creates the run directory
@@ -128,10 +179,11 @@ def train_sft(
     if state.is_main_process:
         save_config(out / "config.yaml", model_args, lora_args, data_args, train)
 
+    padding_free, attention = padding_free_batches(model, data_args)
     gaps = GapTracker(train.overfit_window)
-    trainer = SFTTrainer(
+    trainer = sft_trainer_class()(
         model=model,
-        args=trainer_args(train, model_args, eval_ds is not None, out, data_args),
+        args=trainer_args(train, model_args, eval_ds is not None, out, data_args, padding_free),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -146,6 +198,7 @@ def train_sft(
         metrics.update(trainer.evaluate())
     finish_tracker(train.report_to)
     metrics.update(gaps.summary())
+    restore_attention(trainer.model, attention)  # the saved config names the model's own kernel
     # Every rank: gathers the full weights when they are sharded (FSDP2, ZeRO-3).
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
