@@ -595,7 +595,10 @@ class RLHFArgs(InterferenceArgs):
         None, "A second, held-out reward-model run: its reward on the evaluation answers is logged as "
         "eval/judge_reward and watched by the monitor (none: off)."
     )
-    use_vllm: bool = option(False, "Generate rollouts with vLLM (TRL colocate mode; needs vllm and a GPU).")
+    engine: Literal["hf", "vllm"] = option(
+        "hf", "What samples the rollouts: hf (transformers' generate) or vllm (TRL's colocate mode; the 'vllm' extra "
+        "and a CUDA GPU). The log-probs the loss uses are the policy's own, teacher-forced, either way; the gold "
+        "evaluations always use hf.")
 
     def validate(self) -> None:
         self.validate_interference()

@@ -57,6 +57,9 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     if align_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    varlen = flash_varlen(query)
+    if varlen is not None:  # CUDA, half precision, flash-attn installed: every span in one kernel call
+        return varlen_attention(varlen, query, key, value, align_segments, dropout, scaling), None
     outputs = []
     for q0, q1, spans, mask in align_segments:
         k = key[:, :, spans[0][0]:spans[0][1]] if len(spans) == 1 else torch.cat(
@@ -67,6 +70,52 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
                                         is_causal=mask is None)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
+
+
+def flash_varlen(query: torch.Tensor) -> Optional[Any]:
+    """flash-attn's `flash_attn_varlen_func` where it can run these queries (CUDA, float16/bfloat16, the package
+    installed), else None: then the spans go through SDPA one by one (CPU, and CUDA without flash-attn)."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_layout(segments: Sequence[tuple], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """The spans as variable-length sequences: (key/value row index, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k). Segment i's queries are rows q0..q1 of the packed row (the segments cover it in order), its keys
+    and values the concatenated spans. Every segment's mask is causal aligned to the bottom right, query j seeing
+    the keys up to kv_len - q_len + j (a whole sequence: q = kv; a rejected response: the prompt, then itself
+    causally), which is what flash-attention's causal varlen kernel computes when q_len < kv_len."""
+    kv_rows: list[int] = []
+    cu_q, cu_k = [0], [0]
+    for q0, q1, spans, _ in segments:
+        if q0 != cu_q[-1]:
+            raise ValueError("packed segments must cover the row in order")
+        for a, b in spans:
+            kv_rows += range(a, b)
+        cu_q.append(q1)
+        cu_k.append(len(kv_rows))
+    as_tensor = lambda v, dtype: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+    lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    return (as_tensor(kv_rows, torch.long), as_tensor(cu_q, torch.int32), as_tensor(cu_k, torch.int32),
+            max(lengths_q), max(lengths_k))
+
+
+def varlen_attention(kernel: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     segments: Sequence[tuple], dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    """(1, H, N, hd) queries, (1, KV, N, hd) keys/values -> (1, N, H, hd) through one varlen kernel call
+    (`kernel`: flash_attn_varlen_func's signature; grouped key/value heads are the kernel's to broadcast)."""
+    rows, cu_q, cu_k, max_q, max_k = varlen_layout(segments, query.device)
+    q = query[0].transpose(0, 1)  # (N, H, hd)
+    k = key[0].transpose(0, 1).index_select(0, rows)
+    v = value[0].transpose(0, 1).index_select(0, rows)
+    out = kernel(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    return out[None]
 
 
 def sequence_segments(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> Optional[list[tuple]]:

@@ -217,3 +217,61 @@ def test_sft_padding_free_by_default_and_its_fallback(tiny_model_dir, tmp_path, 
         assert padding_free_batches(eager, SFTDataArgs()) == (False, None)
     assert "padding_free: LlamaForCausalLM's attention (eager) cannot attend packed sequences" in caplog.text
     assert padding_free_batches(eager, SFTDataArgs(padding_free=False, packing=True)) == (False, None)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract in plain torch (float32, CPU): per sequence, causal aligned bottom-right,
+    grouped key/value heads broadcast."""
+    assert causal and dropout_p == 0.0
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        assert qs.shape[0] <= max_q and ks.shape[0] <= max_k
+        groups = qs.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
+        n, m = qs.shape[0], ks.shape[0]
+        mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        o = torch.nn.functional.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1),
+                                                             vs.transpose(0, 1), attn_mask=mask, scale=softmax_scale)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sft"])
+def test_varlen_kernel_layout_gives_the_padded_values(monkeypatch, kind):
+    """The CUDA path (one flash-attention varlen call over every span) with the kernel's contract computed in torch:
+    DPO's packed pairs (rejected spans attend to their prompt) and SFT's padding-free rows give the padded log-probs
+    and gradients. Here flash-attn itself cannot run (no CUDA): only its inputs, the layout, are tested."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _lora_lm()
+    model.train()
+    calls = []
+    monkeypatch.setattr(packing, "flash_varlen", lambda query: calls.append(query.shape) or _reference_varlen)
+    if kind == "dpo":
+        features = _features(seed=7)
+        fn = lambda m, b: list(completion_logps(m, b).values())  # noqa: E731 - log-probs and lengths
+        padded, packed = PreferenceCollator(0)(features), packing.PackedPreferenceCollator(0)(features)
+    else:
+        features = _sft_features(seed=8)
+        fn = lambda m, b: [m(**b).loss]  # noqa: E731
+        padded = DataCollatorForLanguageModeling(pad_token_id=0)(features)
+        packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(features)
+    expected = _run(model, padded, fn)
+    assert not calls  # padded batches never take the varlen path
+    previous = packing.use_packed_attention(model)
+    _assert_same(expected, _run(model, packed, fn))
+    assert len(calls) == 2  # one kernel call per layer
+    packing.restore_attention(model, previous)
+
+
+def test_varlen_layout_and_where_it_applies():
+    segments = [(0, 7, ((0, 7),), None), (7, 10, ((0, 4), (7, 10)), torch.ones(3, 7, dtype=torch.bool))]
+    rows, cu_q, cu_k, max_q, max_k = packing.varlen_layout(segments, "cpu")
+    assert rows.tolist() == list(range(7)) + [0, 1, 2, 3, 7, 8, 9]
+    assert cu_q.tolist() == [0, 7, 10] and cu_k.tolist() == [0, 7, 14] and (max_q, max_k) == (7, 7)
+    assert cu_q.dtype == cu_k.dtype == torch.int32
+    with pytest.raises(ValueError, match="in order"):
+        packing.varlen_layout(segments[::-1], "cpu")
+    assert packing.flash_varlen(torch.zeros(1, 2, 3, 4)) is None  # CPU: the SDPA spans
+    assert packing.flash_varlen(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)) is None

@@ -78,6 +78,37 @@ def test_unknown_version_lists_known_versions(built, tmp_path, capsys):
     assert report["versions"][0]["name"] in err  # the known versions are listed
 
 
+def test_eval_engine_vllm_without_vllm_is_one_line_before_anything_is_stored(built, tmp_path, capsys, monkeypatch):
+    """`align eval --engine vllm` where vLLM cannot run (here: not installed, or no CUDA): the one line
+    `align generate --engine vllm` prints, exit 2, no prompt stored; with vLLM usable the option reaches the sampler."""
+    from sqlalchemy import func, select
+
+    from align import store as st
+    from align.commands import main
+    from align.generation import vllm_missing
+    from align.report import compare
+
+    _, report, url, _ = built
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "A prompt only this test uses.", "family": "arithmetic",
+                                   "gold": {"a": 1, "b": 1, "op": "+", "answer": 2}}) + "\n")
+    with st.connect(url) as store, store.read() as session:
+        before = session.execute(select(func.count(st.Prompt.id))).scalar()
+    argv = ["eval", "--models", report["versions"][0]["name"], "--prompts", str(prompts), "--db", url,
+            "--out", str(tmp_path / "out"), "--engine", "vllm", "--no_clusters"]
+    missing = vllm_missing()
+    if missing:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and missing in err and err.count("\n") == 1 and "Traceback" not in err
+        with st.connect(url) as store, store.read() as session:
+            assert session.execute(select(func.count(st.Prompt.id))).scalar() == before
+        assert not (tmp_path / "out").exists()
+        # Past the up-front check, the option reaches the sampler: its vLLM engine refuses with the same line.
+        monkeypatch.setattr(compare, "vllm_missing", lambda: None)
+        assert main(argv) == 2 and missing in capsys.readouterr().err
+
+
 def test_empty_prompt_set_is_an_error(tmp_path, built):
     from align import store as st
     from align.prompts import resolve_prompts

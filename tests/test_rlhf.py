@@ -129,9 +129,26 @@ def test_config_errors(tiny_model_dir, reward_run, prompts_file, tmp_path):
         RLHFArgs(num_generations=1)
     with pytest.raises(ConfigError, match="kl_target needs a start beta > 0"):
         RLHFArgs(beta=0.0, kl_target=0.1)
-    import importlib.util
+    from align.generation import vllm_missing
 
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        rl = RLHFArgs(reward_model=str(reward_run), num_generations=2, use_vllm=True)
-        with pytest.raises(ConfigError, match="use_vllm: true needs the vllm package and a GPU"):
+    missing = vllm_missing()
+    if missing:  # here: no vLLM or no CUDA; the same one line as `align generate --engine vllm`, before any loading
+        rl = RLHFArgs(reward_model=str(reward_run), num_generations=2, engine="vllm")
+        with pytest.raises(ConfigError, match=r"^engine vllm: vLLM (is not installed|needs a CUDA GPU)") as caught:
             train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, tmp_path / "b", rl=rl))
+        assert str(caught.value) == missing and "\n" not in missing
+        assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="engine"):
+        RLHFArgs(engine="sglang")
+
+
+def test_engine_reaches_trl_config(tmp_path):
+    """engine vllm asks TRL for vLLM rollouts, colocated; hf for transformers' generate."""
+    from align.config import ModelArgs, TrainArgs
+    from align.trainers.rlhf import trainer_config
+
+    train = TrainArgs(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none")
+    hf = trainer_config(RLHFArgs(num_generations=2), train, ModelArgs(dtype="float32"), tmp_path)
+    assert hf.use_vllm is False
+    vllm = trainer_config(RLHFArgs(num_generations=2, engine="vllm"), train, ModelArgs(dtype="float32"), tmp_path)
+    assert vllm.use_vllm is True and vllm.vllm_mode == "colocate"

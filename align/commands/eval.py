@@ -58,7 +58,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding (temperature 0).")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="Sequences sampled at once; 0: from memory.")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers' batched generate; "
+                        "vllm: vLLM (the 'vllm' extra, CUDA only).")
     parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the intervals.")
     parser.add_argument("--side_by_side", type=int, default=8, help="Prompts shown side by side.")
     parser.add_argument("--no_clusters", action="store_true", help="Skip the embedding clusters of failures.")
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> None:
     spec = EvalSpec(models=models, prompt_rows=rows, judges=judges, reward_model=reward_model, settings=settings,
                     n=args.n, reference=args.reference, heldout_pairs=heldout, batch_size=args.batch_size,
                     n_boot=args.bootstrap, side_by_side=args.side_by_side, prompt_source=args.prompts, seed=args.seed,
-                    credit_pairs=args.credit_pairs)
+                    credit_pairs=args.credit_pairs, engine=args.engine)
     with st.connect(args.db) as store:
         report = run_eval(store, spec, embed=None if args.no_clusters else "minilm")
     report.update(title=f"align eval: {len(models)} version(s) on {args.prompts}", command=command_line())

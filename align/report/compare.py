@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from align import store as st
 from align.errors import AlignError
-from align.generation import SamplingSettings
+from align.generation import SamplingSettings, vllm_missing
 from align.judges import GoldJudge, RewardJudge
 from align.report import artifacts, clusters, stats
 from align.report.credit import eval_credit
@@ -49,6 +49,7 @@ class EvalSpec:
     prompt_source: str = ""
     seed: int = 0
     credit_pairs: int = 3  # labelled pairs whose tokens are coloured by credit (0: off)
+    engine: str = "hf"  # what samples: "hf" (transformers' generate) or "vllm" (align.generation.VllmEngine)
 
 
 # ---- versions and samples --------------------------------------------------------------------------------------
@@ -110,6 +111,9 @@ def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT
         raise AlignError("the prompt set is empty: give a JSONL with at least one prompt (or a larger --per_family)")
     if len(spec.models) < 1:
         raise AlignError("--models needs at least one model version")
+    missing = vllm_missing() if spec.engine == "vllm" else None
+    if missing:  # before anything is stored or loaded
+        raise AlignError(missing)
     prompt_ids = list(dict.fromkeys(st.add_prompts(store, spec.prompt_rows)))
     prompts = load_prompts(store, prompt_ids)
     judges = _make_judges(spec)
@@ -123,7 +127,8 @@ def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT
     reference = register(store, spec.reference) if spec.reference else versions[0]
 
     for v in versions:
-        generate_to_store(store, v.name, spec.prompt_rows, spec.n, spec.settings, spec.batch_size, pair_rule=None)
+        generate_to_store(store, v.name, spec.prompt_rows, spec.n, spec.settings, spec.batch_size, pair_rule=None,
+                          engine=spec.engine)
     samples = {v.name: load_samples(store, v.id, prompt_ids, spec.n, spec.settings) for v in versions}
     for name in names:
         missing = [p for p in prompt_ids if p not in samples[name]]

@@ -21,7 +21,6 @@ without a value model to train and hold in memory (Ahmadian et al. 2024).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import statistics
@@ -36,7 +35,7 @@ from align.config import (LoraArgs, ModelArgs, MonitorArgs, PromptDataArgs, RLHF
 from align.data import as_messages
 from align.errors import ConfigError, DataError
 from align.evaluate import answer_tasks, gold_summary, stratified
-from align.generation import SamplingSettings
+from align.generation import SamplingSettings, vllm_missing
 from align.models import apply_lora, load_model, resolve_dtype, save_trained
 from align.monitor import RewardHackingMonitor, push_audit_pairs, rollout_stats
 from align.prompts import read_prompts
@@ -223,20 +222,20 @@ def trainer_config(rl: RLHFArgs, train: TrainArgs, model_args: ModelArgs, out: P
         report_to=[train.report_to] if train.report_to in ("wandb", "trackio") else "none", run_name=out.resolve().name,
         dataloader_pin_memory=torch.cuda.is_available(), dataloader_num_workers=train.dataloader_num_workers,
         num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
-        top_p=1.0, top_k=0, beta=rl.beta, use_vllm=rl.use_vllm, remove_unused_columns=False, log_completions=False,
+        top_p=1.0, top_k=0, beta=rl.beta, use_vllm=rl.engine == "vllm", remove_unused_columns=False, log_completions=False,
     )
-    if rl.use_vllm:
+    if rl.engine == "vllm":
         common["vllm_mode"] = "colocate"
     return (RLOOConfig if rl.algorithm == "rloo" else GRPOConfig)(**common)
 
 
 def check_setup(rl: RLHFArgs, monitor: MonitorArgs, train: TrainArgs) -> int:
     """Refuse what cannot run, before loading anything; return the completions per optimizer step (all processes)."""
-    import torch
     from accelerate import PartialState
 
-    if rl.use_vllm and (importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()):
-        raise ConfigError("use_vllm: true needs the vllm package and a GPU; install vllm or set use_vllm: false")
+    missing = vllm_missing() if rl.engine == "vllm" else None
+    if missing:
+        raise ConfigError(missing)
     if monitor.audit_db and not (monitor.monitor and monitor.monitor_top_k):
         raise ConfigError("audit_db needs the monitor on (monitor: true) and monitor_top_k > 0")
     if train.early_stopping_patience:
