@@ -273,7 +273,9 @@ def attention_segments(batch: dict, device: Any) -> list[tuple]:
             continue
         n = q1 - q0
         own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        out.append((q0, q1, spans, torch.cat([torch.ones(n, prompt, dtype=torch.bool, device=device), own], dim=1)))
+        # (1, 1, q, kv): SDPA's mask shape (a one-token span takes transformers' grouped-query path, which needs it)
+        out.append((q0, q1, spans, torch.cat([torch.ones(n, prompt, dtype=torch.bool, device=device), own],
+                                             dim=1)[None, None]))
     return out
 
 

@@ -12,6 +12,8 @@
 # vLLM side of the generation benchmark runs only where it is already installed; so do ZeRO-3 (deepspeed) and
 # QLoRA (bitsandbytes), each skipped with a line saying why. Steps, in order (--only takes a comma list of them):
 #   install     pip install the carried wheels, then print versions and the GPU
+#   packing     bench/packing_check.py: padding-free against padded (DPO pairs, SFT rows) on the Qwen2.5-0.5B shape
+#               in bf16: values, gradients, time, and which kernel ran (flash-attention varlen where installed)
 #   throughput  bench/throughput.py sft, dpo, reward on the Qwen2.5-0.5B shape: ours vs TRL, MFU, peak memory
 #   generation  bench/generation.py: align's batched sampling vs a naive loop (+ vLLM where installed)
 #   fsdp2       a 2-step DPO run under accelerate launch with recipes/accelerate/fsdp2.yaml (1 process)
@@ -24,7 +26,7 @@
 # benchmarks' own result files next to it.
 set -u
 
-STEPS_ALL="install throughput generation fsdp2 zero3 qlora memory"
+STEPS_ALL="install packing throughput generation fsdp2 zero3 qlora memory"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="$ROOT/.whl"
 OUTFILE=""
@@ -92,7 +94,7 @@ RESULTS="$(dirname "$OUTFILE")"
 WORK="${TMPDIR:-/tmp}/gpu_check.$$"
 TOTAL=$((MINUTES * 60))
 # Seconds per step, in proportion to what each needs on an H100 (throughput: three methods x two trainers).
-declare -A SHARE=([install]=4 [throughput]=40 [generation]=20 [fsdp2]=9 [zero3]=9 [qlora]=9 [memory]=2)
+declare -A SHARE=([install]=4 [packing]=4 [throughput]=40 [generation]=16 [fsdp2]=9 [zero3]=9 [qlora]=9 [memory]=2)
 declare -A LIMIT
 for step in $STEPS_ALL; do LIMIT[$step]=$((TOTAL * ${SHARE[$step]} / 93)); done
 LIMIT[throughput]=$((LIMIT[throughput] / 3))  # per method
@@ -114,6 +116,8 @@ for step in $STEPS_ALL; do  # in this order, whatever the order of --only
 'import torch, transformers, accelerate, trl, peft, datasets; print(torch.cuda.get_device_name(0), \"torch\", \
 torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__, \"accelerate\", \
 accelerate.__version__, \"trl\", trl.__version__, \"peft\", peft.__version__)' && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv" ;;
+        packing)
+            add packing "$PYTHON bench/packing_check.py --shape qwen2.5-0.5b" ;;
         throughput)
             for method in sft dpo reward; do
                 add "throughput-$method" "$PYTHON bench/throughput.py --method $method --shape qwen2.5-0.5b --warmup 2 \
@@ -142,7 +146,7 @@ done
 if [ "$DRY" = 1 ]; then
     echo "dry run: ${#NAMES[@]} commands, results to $OUTFILE, wheels from $WHEELS, ${MINUTES} min in all"
     [ -d "$WHEELS" ] || echo "note: $WHEELS does not exist here; run --download-wheels on the CPU machine first"
-    for f in bench/throughput.py bench/generation.py recipes/accelerate/fsdp2.yaml recipes/accelerate/zero3.yaml; do
+    for f in bench/packing_check.py bench/throughput.py bench/generation.py recipes/accelerate/fsdp2.yaml recipes/accelerate/zero3.yaml; do
         [ -f "$ROOT/$f" ] || die "missing $f"
     done
     for i in "${!NAMES[@]}"; do

@@ -18,13 +18,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_lists_every_step_within_ten_minutes(tmp_path):
-    """All nine commands, in order, each with a time limit; the limits add up to at most the 10-minute budget; the
+    """All ten commands, in order, each with a time limit; the limits add up to at most the 10-minute budget; the
     results file goes where --out says; nothing runs (no results file is written)."""
     out = tmp_path / "res" / "gpu_check.md"
     done = run("--dry-run", "--out", str(out), "--wheels", str(tmp_path / "wheels"))
     assert done.returncode == 0, done.stderr
     steps = re.findall(r"^\[([a-z0-9-]+)\] limit (\d+) s", done.stdout, flags=re.M)
-    assert [name for name, _ in steps] == ["install", "throughput-sft", "throughput-dpo", "throughput-reward",
+    assert [name for name, _ in steps] == ["install", "packing", "throughput-sft", "throughput-dpo", "throughput-reward",
                                            "generation", "fsdp2", "zero3", "qlora", "memory"]
     assert sum(int(limit) for _, limit in steps) <= 600
     assert f"results to {out}" in done.stdout and "run --download-wheels" in done.stdout
@@ -58,3 +58,18 @@ def test_wheel_step_downloads_the_versions_this_checkout_uses(tmp_path):
     assert f"pip download --dest {tmp_path / 'w'} --only-binary=:all:" in done.stdout
     for name, module in (("trl", trl), ("peft", peft), ("datasets", datasets)):
         assert f"{name}=={module.__version__}" in done.stdout
+
+
+def test_packing_check_runs_and_passes_on_cpu():
+    """The GPU check's padding-free step, on the tests' tiny model in float32: packed equals padded for DPO pairs and
+    SFT rows (values and gradients), fewer tokens computed, and the kernel it reports is the CPU one."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from packing_check import main
+
+    r = main(["--shape", "tiny", "--repeats", "1"])
+    assert r["passed"] and r["kernel"] == "SDPA span by span" and r["dtype"] == "float32"
+    for name in ("dpo", "sft"):
+        assert r[name]["values_max_rel"] < 1e-5 and r[name]["grads_rel"] < 1e-5
+        assert r[name]["tokens"][1] < r[name]["tokens"][0]

@@ -76,6 +76,19 @@ def test_packed_dpo_logps_and_gradients_equal_padded(checkpointing):
     assert model.get_base_model().config._attn_implementation == "sdpa"
 
 
+def test_one_token_responses_packed_equal_padded():
+    """A response of one token (an immediate end of turn) is a one-query span: with grouped key/value heads it takes
+    transformers' single-query SDPA path, which needs a 4-D mask."""
+    model = _lora_lm()
+    features = _features(n=3, seed=9)
+    features[0]["rejected_ids"], features[1]["chosen_ids"] = features[0]["rejected_ids"][:1], features[1]["chosen_ids"][:1]
+    fn = lambda m, b: [v for k, v in completion_logps(m, b).items() if k.endswith("_logps")]  # noqa: E731
+    expected = _run(model, PreferenceCollator(0)(features), fn)
+    previous = packing.use_packed_attention(model)
+    _assert_same(expected, _run(model, packing.PackedPreferenceCollator(0)(features), fn))
+    packing.restore_attention(model, previous)
+
+
 def test_packed_attention_is_sdpa_without_segments():
     """After the switch, a padded forward (generation, padded scoring) gives exactly the SDPA logits."""
     model = _lora_lm().eval()
