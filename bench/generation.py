@@ -286,7 +286,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     runs = {name: runs[name] for name in sides}
     print(f"[generation] {len(prompts)} prompts × {n} samples, {', '.join(runs)} in turns, {args.rounds} rounds ...",
           flush=True)
-    times, samples, cpu = measure(runs, prompts, prompts[:max(1, b // n)], args.rounds, cuda)
+    # The warm-up: one small call per side (at most 16 sequences), not a whole batch from memory, which can be the
+    # whole prompt set and would double the run for nothing measured.
+    times, samples, cpu = measure(runs, prompts, prompts[:max(1, min(b, 16) // n)], args.rounds, cuda)
     tolerance = TOLERANCE.get(dtype, TOLERANCE["bfloat16"])
     exactness = {}
     for name in (k for k in runs if k != "naive"):
