@@ -109,14 +109,15 @@ def sft_trainer_class() -> Any:
     the assistant tokens only, through `align.logprobs.score_tokens` (chunked, no (B, T, V) logits): the same loss,
     sum of -log p over the labelled tokens / TRL's token count, to float round-off (tests/test_sft.py). Whatever
     else TRL's loss supports (label smoothing, a compute_loss_func, DFT, MoE auxiliary losses, a head that is not a
-    plain linear layer) goes to TRL's own compute_loss. The `entropy` and `mean_token_accuracy` logs are TRL's only.
+    plain linear layer, a head sharded by FSDP or ZeRO-3) goes to TRL's own compute_loss. The `entropy` and `mean_token_accuracy` logs are TRL's only.
     """
     from trl import SFTTrainer
 
     class AlignSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
-                    or self.aux_loss_enabled or self.args.loss_type != "nll" or plain_head(model) is None):
+                    or self.aux_loss_enabled or self.args.loss_type != "nll" or plain_head(model) is None
+                    or self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded heads: TRL gathers them
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             forward = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
             scored = score_tokens(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
