@@ -3,7 +3,7 @@
     python bench/iw_reuse.py                        # default sizes (budget below), embedded SmolLM2-135M-Instruct
     python bench/iw_reuse.py --quick                # ~12 CPU-minutes: a first, underpowered look
     python bench/iw_reuse.py --quick --model tiny   # ~25 CPU-s, tiny random model: plumbing only, NOT efficacy (CI)
-    python bench/iw_reuse.py --preset old_new --arms union,auto --threads 2 --workers 2
+    python bench/iw_reuse.py --preset old_new --arms union,auto --threads 1 --workers 2
                                                     # the harm check of `weighting_scheme: auto` (README): old >> new
 
 The old_new preset is the harm check of `auto` on a real model: every train prompt is used (420 old, 40 new), 32
@@ -282,6 +282,19 @@ def score_file(spec: str, path: Path, with_collision: bool, rows: Optional[list[
     return {k: v.tolist() for k, v in scores.items()}
 
 
+def loadable(old: list[dict], new: list[dict], path: Path) -> tuple[list[dict], list[dict]]:
+    """(old, new) without the pairs the loader drops (an empty response, two identical ones), written to `path` as
+    old + new: row i of the file is then pair i of every scoring, weighting and training run on it."""
+    from align.data import write_jsonl
+    from align.preference import load_preferences
+
+    write_jsonl(old + new, path)
+    kept = {int(r.where.rsplit(":", 1)[1]) - 1 for r in load_preferences(path).rows}
+    old, new = [r for i, r in enumerate(old) if i in kept], [r for j, r in enumerate(new) if len(old) + j in kept]
+    write_jsonl(old + new, path)
+    return old, new
+
+
 def stage_scores(b: Bench) -> None:
     """The pool (old + new) scored under v2 (the static target, with WPO's collision terms) and its new responses
     under v1, so each response has its log-prob under both samplers (mixture); plus a consistency check."""
@@ -289,7 +302,7 @@ def stage_scores(b: Bench) -> None:
 
     old, new = read_jsonl(b.p("old.jsonl")), read_jsonl(b.p("new.jsonl"))
     v1, v2 = read(b.p("old.json"))["version"], read(b.p("new.json"))["version"]
-    write_jsonl(old + new, b.p("pool.jsonl"))
+    old, new = loadable(old, new, b.p("pool.jsonl"))
     target = score_file(str(b.p("v2")), b.p("pool.jsonl"), with_collision=True)
     new_idx = list(range(len(old), len(old) + len(new)))
     under_v1 = score_file(str(b.p("v1")), b.p("pool.jsonl"), False, new_idx) if new_idx else {}
@@ -304,7 +317,8 @@ def stage_scores(b: Bench) -> None:
             row["gen_logps_by_version"] = {v1: [under_v1["chosen_logps"][j], under_v1["rejected_logps"][j]], v2: stored}
             drift += [abs(a - c) for a, c in zip(t, stored)]
     write_jsonl(rows, b.p("pool.jsonl"))
-    write(b.p("scores.json"), {"target_v2": target, "consistency_max_abs_nats": max(drift, default=0.0)})
+    write(b.p("scores.json"), {"target_v2": target, "consistency_max_abs_nats": max(drift, default=0.0),
+                               "pool_old": len(old), "pool_new": len(new)})
 
 
 SHARED_STAGES: list[tuple[str, str, Callable[[Bench], None]]] = [
@@ -366,7 +380,8 @@ def stage_auto(b: Bench) -> None:
                       logging_steps=1, eval_steps=0, save_steps=1, seed=b.data_seed, name="v3-auto-decision",
                       report_to="none", precompute_ref=False, weighting_scheme="auto", weighting_clip=s.clip,
                       weighting_min_batch=0, weighting_auto_steps=s.auto_steps,
-                      weighting_auto_min_new=s.auto_min_new, weighting_auto_min_ratio=s.auto_min_ratio))
+                      weighting_auto_min_new=s.auto_min_new, weighting_auto_min_ratio=s.auto_min_ratio,
+                      interference_samples=0, interference_per_family=0))
     saved = read(out / "weights.json")
     rows = read_jsonl(b.p("pool.jsonl"))
     write_jsonl([{**r, "weight": float(w)} for r, w in zip(rows, saved["weights"])], b.w("data", "auto.jsonl"))
@@ -492,7 +507,8 @@ def run_arm(b: Bench, arm: str, seed: int, tokenizer: Any) -> dict:
                       gradient_accumulation_steps=s.arm_accum, learning_rate=s.arm_lr, lr_scheduler_type="constant",
                       warmup_steps=0, beta=s.beta, logging_steps=1, eval_steps=0, save_steps=s.arm_steps,
                       save_total_limit=1, seed=seed, name=f"v3-{arm}-s{seed}", report_to="none",
-                      precompute_ref=False, weighting_scheme="none"), callbacks=[track])
+                      precompute_ref=False, weighting_scheme="none", interference_samples=0,
+                      interference_per_family=0), callbacks=[track])  # the bench measures v3 itself
     diag = read(out / "weights.json")["diagnostics"]
     v1 = read(b.p("old.json"))["version"]
     result = {"arm": arm, "seed": seed, "wall_s": round(time.time() - started, 1),
@@ -726,12 +742,12 @@ def auto_lines(b: Bench, summary: dict, info: dict) -> list[str]:
     """What auto decided and why, whether the shipped guards would have let it decide, where the matched-KL point
     falls in training, and what the harm check can and cannot show."""
     s, lines = b.sizes, []
-    n_old = info["old"]["pairs"] - info["old"]["both_bad_dropped"]
-    n_new = info["new"]["new_pairs"]
+    n_old, n_new = info["pool"]["old"], info["pool"]["new"]
     k1 = summary["kl_common"]
     steps = sorted({x for r in summary["arms"].values() for x in r["cross_steps"] if x is not None})
     if k1 is not None:
-        counts = {st: sum(x == st for r in summary["arms"].values() for x in r["cross_steps"]) for st in steps}
+        own = [r for r in summary["arms"].values() if not r["same_as_union"]]  # auto's copies of union are not runs
+        counts = {st: sum(x == st for r in own for x in r["cross_steps"]) for st in steps}
         per_step = s.arm_batch * s.arm_accum
         where = ", ".join(f"step {st} ({n} runs, {st * per_step} pairs seen)" for st, n in counts.items())
         lines.append(f"- The matched KL {k1:g} is first reached at: {where} (evaluations at steps "
@@ -740,6 +756,11 @@ def auto_lines(b: Bench, summary: dict, info: dict) -> list[str]:
     if auto and auto.get("auto"):
         rec = auto["auto"]
         lines.append(f"- auto chose **{rec['choice']}**: {rec['reason']}.")
+        if rec.get("scores"):
+            lines.append("- auto's candidates, held-out log-likelihood gain over none (nats/pair ± SE): " + "; ".join(
+                f"{c} {v['gain']:+.4f} ± {v['se']:.4f}" + (f" (α {v['alpha']:.2f})" if c == "tempered" else "")
+                for c, v in rec["scores"].items() if c != "none") + (
+                f"; per-version trust {rec['trust']}" if rec.get("trust") else ""))
         shipped = shipped_fallback(n_old, n_new)
         if (s.auto_min_new, s.auto_min_ratio) != (50, 10.0):
             lines.append(f"- auto's guards were LOWERED for this run (weighting_auto_min_new {s.auto_min_new}, "
@@ -748,7 +769,11 @@ def auto_lines(b: Bench, summary: dict, info: dict) -> list[str]:
                             "trained exactly as union." if shipped else
                             "The shipped guards would have let it decide too."))
         e = summary["arms"].get("auto", {}).get("equiv_k1")
-        if e and "half_width" in e:
+        if summary["arms"].get("auto", {}).get("same_as_union"):
+            lines.append("- What this can show: auto chose none, so on these data auto IS union (Δ = 0 in every seed, "
+                         "by construction): it cannot harm here. It measures nothing about what a weighting auto did "
+                         "not choose would cost, and it cannot show that weighting helps (bench/iw_sim.py tests that).")
+        elif e and "half_width" in e:
             lines.append(f"- What this can show: with {e['n']} seeds the 90% CI half-width of auto − union is "
                          f"{e['half_width']:.3f} gold, so equivalence at ±{e['margin']:g} "
                          f"{'IS' if e['equivalent'] else 'is NOT'} established. It cannot show that weighting helps "
@@ -765,8 +790,10 @@ def shipped_fallback(n_old: int, n_new: int) -> str:
 
 def write_results(b: Bench, mode: str, results_dir: Path, summary: dict, runs: dict, ran: list,
                   started: float, command: str, hw: str) -> None:
+    scores = read(b.p("scores.json"))
     info = {"old": read(b.p("old.json")), "new": read(b.p("new.json")), "weights": read(b.w("weights.json")),
-            "consistency_max_abs_nats": read(b.p("scores.json"))["consistency_max_abs_nats"], "auto": auto_choice(b)}
+            "consistency_max_abs_nats": scores["consistency_max_abs_nats"], "auto": auto_choice(b),
+            "pool": {"old": scores.get("pool_old"), "new": scores.get("pool_new")}}
     lines = verdicts(summary) + auto_lines(b, summary, info)
     caveat = ("PLUMBING CHECK ONLY: a tiny random model answers with random bytes and no pair is both-bad; these "
               "numbers say nothing about whether weighting helps." if b.tiny else None)
@@ -781,12 +808,18 @@ def write_results(b: Bench, mode: str, results_dir: Path, summary: dict, runs: d
     v1 = info["old"]["version"]
     md = [f"# iw_reuse ({mode})", "", f"`{command}`", "", f"{data['date']}, {hw}; {data['wall_minutes']} min wall.", ""]
     md += [f"**{caveat}**", ""] if caveat else []
+    if summary.get("seeds_left_out"):
+        done = sorted(next(iter(runs.values())))
+        md += [f"**Results so far: {len(done)} of {b.sizes.seeds} seeds (seed {', '.join(map(str, done))}); left "
+               f"out, not every arm finished: seed {', '.join(map(str, summary['seeds_left_out']))}.**", ""]
     md += [markdown_table(summary), "",
            f"Gold = mean gold reward of the policy's samples on {len(eval_tasks(b))} held-out prompts × "
            f"{b.sizes.eval_samples} (T=1); KL = KL(π‖v2) in nats per sequence; ± = 95% t-interval over "
-           f"{b.sizes.seeds} seeds; Δ = paired difference against union; the TOST column is the 90% t-interval of Δ "
+           f"{len(next(iter(runs.values())))} seeds; Δ = paired difference against union; the TOST column is the "
+           f"90% t-interval of Δ "
            f"(equivalent when inside ±{EQUIV_MARGIN:g}). {b.sizes.arm_batch * b.sizes.arm_accum} pairs per optimizer "
-           f"step in every arm. New pairs (v2): {info['new']['new_pairs']}. Old pairs (v1): "
+           f"step in every arm. Pool trained on: {info['pool']['old']} old (v1) and {info['pool']['new']} new (v2) "
+           f"pairs (pairs with an empty or two identical responses dropped). Old pairs (v1): "
            f"{info['old']['pairs'] - info['old']['both_bad_dropped']} trainable of {info['old']['pairs']}; "
            f"per-token KL(v1‖v2) on the old responses {w['sequence'].get(f'kl/per_token/{v1}', math.nan):.3f} nats; "
            f"tempered α = {info['weights']['tempered_alpha']}; stored vs re-scored v2 log-probs differ by at most "
@@ -808,7 +841,8 @@ def work_in_parallel(b: Bench, seeds: list[int], arms: list[str], tokenizer: Any
     """A worker of --workers: arm runs, each taken by whichever worker claims it first, seed by seed; the auto arm's
     runs wait for auto's decision (made meanwhile by the parent) and go first once it is made, so that a run cut
     short leaves complete (union, auto) pairs of seeds. None when auto chose unweighted reuse (its runs are union's).
-    v2's evaluation of a seed is sampled once, by the first worker that needs it. A worker whose parent is gone stops."""
+    v2's evaluation of a seed is sampled once, by the first worker that needs it. A worker whose parent is gone
+    stops."""
     taken: set = set()
     while True:
         if parent and os.getppid() != parent:
@@ -875,6 +909,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--workers", type=int, default=1,
                         help="Arm runs (and v2's evaluations) in this many processes of --threads threads each; the "
                              "shared stages run first, in this one.")
+    parser.add_argument("--cached_only", action="store_true",
+                        help="Train and sample nothing: summarise the seeds whose runs of every arm have finished "
+                             "(results so far, e.g. after a run was cut short); the others are named as left out.")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Base model spec, or 'tiny' (plumbing only).")
     parser.add_argument("--seeds", type=int, default=None, help="Override the number of seeds.")
@@ -906,14 +943,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if "oracle" in arms and not sizes.oracle_pairs:
         parser.error("the oracle arm needs oracle_pairs (this preset does not sample fresh v2 pairs on old prompts)")
     only = None if args.only_seeds is None else {int(x) for x in args.only_seeds.split(",") if x}
-    mode = args.name or preset + ("_tiny" if args.model == "tiny" else "")
+    cache = preset + ("_tiny" if args.model == "tiny" else "")
+    mode = args.name or cache
     shared_key = key({"model": args.model, "data_seed": args.data_seed, **{k: getattr(sizes, k) for k in Sizes.SHARED}})
-    shared = Path(args.work_dir) / f"{mode}-{shared_key}"
+    shared = Path(args.work_dir) / f"{cache}-{shared_key}"
     b = Bench(sizes, args.model, shared, shared / f"arms-{key({**asdict(sizes), 'seeds': None})}", args.data_seed)
     started, hw, ran = time.time(), hardware(), []
     command = "python bench/iw_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"[iw_reuse] {mode}: work dir {b.work}", flush=True)
     b.work.mkdir(parents=True, exist_ok=True)
+    if args.cached_only:
+        stages = SHARED_STAGES + [st for st in WORK_STAGES if st[2] is not stage_auto or "auto" in arms]
+        missing = [name for name, marker, func in stages if not (b.p if (name, marker, func) in SHARED_STAGES
+                                                                  else b.w)(marker).exists()
+                   and not (func is stage_base and not b.tiny)]
+        if missing:
+            parser.error(f"--cached_only: stage(s) not run yet in {b.work}: {', '.join(missing)}")
     run_stages(b, SHARED_STAGES, b.p, ran)
     run_stages(b, [st for st in WORK_STAGES if st[2] is not stage_auto], b.w, ran)
 
@@ -943,8 +988,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if any(codes):
         raise SystemExit(f"iw_reuse: a worker failed (exit codes {codes})")
     auto_same = bool((auto_choice(b) or {}).get("unweighted"))
+    left_out = []
     for seed in range(sizes.seeds):
         if only is not None and seed not in only:
+            continue
+        needed = [a for a in arms if not (a == "auto" and auto_same and "union" in arms)]
+        if args.cached_only and not all(b.w("runs", f"{a}-s{seed}", "trajectory.json").exists() for a in needed):
+            left_out.append(seed)
             continue
         for arm in arms:
             if arm == "auto" and auto_same and "union" in runs:  # auto chose none: same data, weights and seed
@@ -959,7 +1009,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if only is not None:
         print(f"[iw_reuse] seeds {sorted(only)} done; run again without --only_seeds to summarise", flush=True)
         return {}
+    if not runs:
+        parser.error(f"--cached_only: no seed has finished runs of every arm ({', '.join(arms)}) in {b.work}")
     summary = summarize(runs)
+    summary["seeds_left_out"] = left_out
     write_results(b, mode, Path(args.results_dir), summary, runs, ran, started, command, hw)
     print("\n" + (read(Path(args.results_dir) / f"iw_reuse_{mode}.json")["caveat"] or ""))
     print(markdown_table(summary) + "\n\n" + "\n".join(verdicts(summary)))

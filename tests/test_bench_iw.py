@@ -85,6 +85,22 @@ def test_verdict_says_plainly_when_weighting_does_not_beat_unweighted_reuse():
     assert "length_normalized: does NOT beat unweighted reuse" in lines
 
 
+def test_pool_keeps_only_the_pairs_the_loader_trains_on(tmp_path):
+    """Row i of the pool must be pair i of the scorings: pairs the loader drops leave the file (the old_new run
+    crashed on 1 empty and 7 identical pairs before this)."""
+    def pair(chosen, rejected, tag):
+        return {"prompt": [{"role": "user", "content": f"q{tag}"}], "tag": tag,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    old = [pair("a", "b", "o0"), pair("same", "same", "o1"), pair("c", "d", "o2")]
+    new = [pair("", "e", "n0"), pair("f", "g", "n1")]
+    kept_old, kept_new = iw.loadable(old, new, tmp_path / "pool.jsonl")
+    assert [r["tag"] for r in kept_old] == ["o0", "o2"] and [r["tag"] for r in kept_new] == ["n1"]
+    lines = [json.loads(line)["tag"] for line in (tmp_path / "pool.jsonl").read_text().splitlines()]
+    assert lines == ["o0", "o2", "n1"]
+
+
 # ---- the equivalence test (TOST at ±0.03 gold) --------------------------------------------------------------------
 
 
@@ -202,6 +218,19 @@ def test_auto_that_falls_back_to_none_is_union_by_construction(quick_tiny):
     e = data["summary"]["arms"]["auto"]["equiv_k1"]
     assert e.get("mean") in (None, 0.0)
     assert any("equivalent by construction" in line or "chose **none**" in line for line in data["verdicts"])
+
+
+def test_cached_only_summarises_the_finished_seeds_and_trains_nothing(quick_tiny):
+    root, argv = quick_tiny
+    before = json.loads((root / "results" / "iw_reuse_quick_tiny.json").read_text())
+    run_main([*argv, "--cached_only", "--seeds", "3", "--name", "so_far"])  # seed 2 was never run
+    data = json.loads((root / "results" / "iw_reuse_so_far.json").read_text())
+    assert data["ran_now"] == [] and data["summary"]["seeds_left_out"] == [2]
+    assert data["runs"] == before["runs"] and data["summary"]["arms"] == before["summary"]["arms"]
+    assert "Results so far: 2 of 3 seeds" in (root / "results" / "iw_reuse_so_far.md").read_text()
+    with pytest.raises(SystemExit):  # nothing cached in a fresh work dir: refused, nothing trained
+        run_main(["--quick", "--model", "tiny", "--cached_only", "--work_dir", str(root / "empty"),
+                  "--results_dir", str(root / "results")])
 
 
 def test_rerun_resumes_from_the_cache(quick_tiny):
