@@ -4,6 +4,7 @@ benchmark. Screen outputs are read by name through `ItemView.of`."""
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import time
@@ -291,6 +292,27 @@ def test_load_benchmark_loses_and_duplicates_nothing(tmp_path):
     assert result["acked"] > 0 and result["failed"] == 0
     assert result["lost"] == 0 and result["duplicated"] == 0 and result["over_k"] == 0
     assert result["stored"] == result["acked"]
+
+
+def test_load_benchmark_starts_annotators_in_their_steady_state():
+    """Annotators reading 10-30 s (think 20) vote 3 times a minute in the steady state. Starting them all at once
+    gives 2.54 in the first minute (a ramp); the benchmark's stationary start gives the steady 3."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import labeling_load
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def votes_in_a_minute(first) -> float:
+        rng, total = random.Random(0), 0
+        for _ in range(4000):
+            moment = first(rng)
+            while moment < 60:
+                total, moment = total + 1, moment + rng.uniform(10, 30)
+        return total / 4000
+
+    assert votes_in_a_minute(lambda rng: labeling_load.first_pause(rng, 20.0)) == pytest.approx(3.0, abs=0.05)
+    assert votes_in_a_minute(lambda rng: rng.uniform(10, 30)) == pytest.approx(2.54, abs=0.05)
 
 
 def test_side_by_side_tab_streams_two_models_and_takes_the_vote(tmp_path, tiny_model_dir):
