@@ -149,3 +149,23 @@ def test_base_model_without_chat_template(tiny_model_dir, tmp_path, caplog):
         load_tokenizer(str(base), "bogus")
     out = run("sft", base, tmp_path, tmp_path / "run", data=None)
     assert version(out)["metrics"]["global_step"] == 1
+
+
+def test_wheel_ships_every_data_file_the_packages_read(tmp_path):
+    """A pip-installed align finds its guidelines, the Rank tab's script and the nginx config (`align label
+    --nginx`): every non-Python file inside the packages is in the wheel built from this tree."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("align-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    data = {path.relative_to(root).as_posix() for package in ("align", "labeling")
+            for path in (root / package).rglob("*")
+            if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts}
+    assert "labeling/deploy/nginx.conf" in data
+    assert data - shipped == set()
