@@ -160,8 +160,15 @@ def test_wheel_ships_every_data_file_the_packages_read(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / "tree"  # a copy: a build/ folder left in the checkout would ship stale files
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            tree.mkdir(exist_ok=True)
+            shutil.copy(root / name, tree / name)
+    for package in ("align", "labeling"):
+        shutil.copytree(root / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(root)], check=True, capture_output=True)
+                    str(tmp_path), str(tree)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("align-*.whl")
     shipped = set(zipfile.ZipFile(wheel).namelist())
     data = {path.relative_to(root).as_posix() for package in ("align", "labeling")
