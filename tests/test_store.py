@@ -50,7 +50,7 @@ from align.store.users import (
     start_session,
     throttle_keys,
 )
-from tests.db import fill_store
+from tests.db import BACKENDS, fill_store
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
 
@@ -580,11 +580,11 @@ def test_migration_to_v6_adds_the_shown_side_and_the_held_slot_index(store_url):
         assert session.scalar(select(Meta.value).where(Meta.key == "schema_version")) == str(SCHEMA_VERSION)
 
 
+@pytest.mark.parametrize("store_url", [b for b in BACKENDS if b.id == "postgresql"], indirect=True)
 def test_postgres_connections_are_pinged_only_after_sitting_idle(store, monkeypatch):
     """No ping (a round trip) per transaction; a connection idle past PING_AFTER_IDLE_SECONDS is pinged, and a dead
-    one is replaced before use instead of failing the request."""
-    if store.dialect != "postgresql":
-        pytest.skip("SQLite has no server connection to lose")
+    one is replaced before use instead of failing the request. (PostgreSQL only: SQLite has no server connection.)"""
+    assert store.dialect == "postgresql"
     from align.store import db
 
     pings = []
