@@ -205,7 +205,7 @@ def activation_bytes_per_token(shape: Shape, act: int, checkpointing: bool, lora
 
 def estimate(
     shape: Shape, method: str = "sft", mode: str = "lora", batch: int = 8, max_length: int = 1024,
-    gradient_checkpointing: bool = False, dtype: str = "bfloat16", lora_r: int = 16, lora_dropout: float = 0.05,
+    gradient_checkpointing: bool = False, dtype: str = "bfloat16", lora_r: int = 16, lora_dropout: float = 0.0,
     precompute_ref: bool = True, model: str = "",
 ) -> Estimate:
     """Peak GPU memory terms for one training micro-batch of `batch` sequences (SFT, RLHF) or pairs (DPO, reward)."""

@@ -269,3 +269,21 @@ def test_auto_batch_without_a_gpu_keeps_the_batch_and_says_why(caplog):
     with caplog.at_level(logging.WARNING):
         same = auto_batch(make_accelerator(train, torch.float32), tiny_model(), None, train, "dpo", 128)
     assert same is train and "auto_batch needs a CUDA GPU" in caplog.text
+
+
+def test_estimates_default_to_the_training_runs_lora_settings(capsys):
+    """`align memory` with no LoRA flags estimates what `align sft|dpo|reward` would run: the same rank and dropout
+    (a dropout mask per adapted layer is an activation term, so a stale default over-estimates)."""
+    import inspect
+
+    from align.commands import main
+    from align.config import LoraArgs
+
+    defaults = inspect.signature(estimate).parameters
+    assert defaults["lora_r"].default == LoraArgs.lora_r and defaults["lora_dropout"].default == LoraArgs.lora_dropout
+    assert main(["memory", "--model", "qwen2.5-0.5b", "--method", "sft", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    trained = estimate(SHAPES["qwen2.5-0.5b"], lora_r=LoraArgs.lora_r, lora_dropout=LoraArgs.lora_dropout,
+                       model="qwen2.5-0.5b")
+    with_dropout = estimate(SHAPES["qwen2.5-0.5b"], lora_r=LoraArgs.lora_r, lora_dropout=0.05, model="qwen2.5-0.5b")
+    assert cli["peak"] == trained.peak < with_dropout.peak

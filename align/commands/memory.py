@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), default=None, help="Say which accelerate config fits.")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="As in training (LoraArgs): none by default.")
     parser.add_argument("--no_precompute_ref", action="store_true", help="DPO: reference forward every step.")
     parser.add_argument("--json", action="store_true", help="Print the terms as JSON.")
     args = parser.parse_args(argv)
