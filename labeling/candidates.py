@@ -14,7 +14,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from align.jobs import STORE_PROMPTS, check_request
-from align.store.jobs import get_job, list_jobs, submit_job
+from align.store.jobs import list_jobs, queue_job
 from align.store.pairs import PAIR_RULES
 from labeling.handlers import REVIEW_ROLES, Labeling, Rejected
 from labeling.render import escape_text
@@ -40,10 +40,10 @@ class Candidates:
             checked = check_request(self.labeling.store, **request)
         except Exception as error:  # AlignError (or a value of the wrong type): one line for the reviewer
             raise Rejected(" ".join(str(error).split())) from None
-        job_id = submit_job(self.labeling.store, user, **checked)
+        job = queue_job(self.labeling.store, user, **checked)
         if self.worker is not None:
             self.worker.wake()
-        return public(get_job(self.labeling.store, job_id))
+        return public(job)
 
     def jobs(self, user: Optional[str], limit: int = 20) -> list[dict[str, Any]]:
         self.labeling.require(user, REVIEW_ROLES)

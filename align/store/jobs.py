@@ -34,6 +34,14 @@ def submit_job(store: Store, requested_by: str, models: list[str], settings: dic
                prompts: dict[str, Any], samples_per_prompt: int, pair_rule: str = "random_iid",
                votes_required: int = 3) -> int:
     """Queue a generation job; return its id. The caller has checked the request (align.jobs.check_request)."""
+    return queue_job(store, requested_by, models, settings, prompts, samples_per_prompt, pair_rule,
+                     votes_required)["id"]
+
+
+def queue_job(store: Store, requested_by: str, models: list[str], settings: dict[str, Any],
+              prompts: dict[str, Any], samples_per_prompt: int, pair_rule: str = "random_iid",
+              votes_required: int = 3) -> dict[str, Any]:
+    """Queue a generation job; return its row as queued (a worker may claim it the moment this commits)."""
     if not models:
         raise AlignError("a generation job needs at least one model version")
     with store.write() as session:
@@ -42,7 +50,7 @@ def submit_job(store: Store, requested_by: str, models: list[str], settings: dic
                             votes_required=votes_required, done=0, attempts=0, created_at=utcnow())
         session.add(job)
         session.flush()
-        return job.id
+        return as_dict(job)
 
 
 def waiting(store: Store, now: datetime | None = None, stale_seconds: float = STALE_SECONDS) -> bool:
