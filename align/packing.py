@@ -279,10 +279,6 @@ def attention_segments(batch: dict, device: Any) -> list[tuple]:
     return out
 
 
-def is_packed(batch: dict) -> bool:
-    return "segments" in batch
-
-
 def forward_kwargs(batch: dict) -> dict[str, Any]:
     """What the model's forward needs for a packed row (no attention mask: the spans replace it)."""
     device = batch["input_ids"].device

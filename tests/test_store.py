@@ -46,7 +46,7 @@ from align.store.users import (
     end_sessions,
     login_wait,
     record_failure,
-    session_user,
+    session_account,
     start_session,
     throttle_keys,
 )
@@ -467,13 +467,13 @@ def test_sessions_expire_and_end_everywhere(store):
     add_user(store, "ann", "correct horse battery")
     first = start_session(store, "ann", hours=12, now=T0)
     second = start_session(store, "ann", hours=1, now=T0)
-    assert session_user(store, first, now=T0 + timedelta(hours=11))[0] == "ann"
-    assert session_user(store, second, now=T0 + timedelta(minutes=61)) is None  # expired
-    assert session_user(store, "not a token", now=T0) is None and session_user(store, None) is None
+    assert session_account(store, first, now=T0 + timedelta(hours=11))[0] == "ann"
+    assert session_account(store, second, now=T0 + timedelta(minutes=61)) is None  # expired
+    assert session_account(store, "not a token", now=T0) is None and session_account(store, None) is None
     with store.read() as session:
         assert first not in {row.token_hash for row in session.scalars(select(LoginSession))}  # only hashes
     assert end_sessions(store, "ann") == 2
-    assert session_user(store, first, now=T0) is None
+    assert session_account(store, first, now=T0) is None
 
 
 def test_failed_logins_back_off_per_key(store):

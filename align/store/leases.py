@@ -109,11 +109,6 @@ def record_lease(session: Session, pair_id: int, annotator: str, now: datetime, 
     return Lease(pair_id, row.shown_left, row.leased_at)
 
 
-def renew_lease(session: Session, pair_id: int, annotator: str, now: datetime, expires: datetime) -> None:
-    """Make (pair, annotator)'s single assignment row an active lease until `expires`."""
-    record_lease(session, pair_id, annotator, now, expires)
-
-
 # ---- the statements of the hot path, built once (building a statement costs more than running it) -----------
 
 _SLOT, _ASSIGNMENT = LeaseSlot.__table__, Assignment.__table__
@@ -259,7 +254,7 @@ def undo_last_vote(store: Store, annotator: str, lease_seconds: int = 600, now: 
         reopen_vote_slot(session, target)
         expires = now + timedelta(seconds=lease_seconds)
         claim_slot(session, target.pair_id, annotator, "held", now, expires)
-        renew_lease(session, target.pair_id, annotator, now, expires)
+        record_lease(session, target.pair_id, annotator, now, expires)
         return undo.id
 
 
@@ -309,6 +304,6 @@ def slot_states(store: Store, pair_id: int) -> list[tuple[str, str | None]]:
 
 __all__ = [
     "QUEUE_ORDER", "Lease", "assignment_mode", "cached_assignment_mode", "finish_live_lease", "has_live_lease",
-    "lease_in", "lease_next_pair", "lease_pair", "record_lease", "release_lease", "renew_lease",
+    "lease_in", "lease_next_pair", "lease_pair", "record_lease", "release_lease",
     "set_assignment_mode", "shown_order", "slot_of", "slot_states", "undo_last_vote",
 ]

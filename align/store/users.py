@@ -116,20 +116,6 @@ def start_session(store: Store, name: str, hours: float = 12.0, now: datetime | 
     return token
 
 
-def session_user(store: Store, token: str | None, now: datetime | None = None) -> tuple[str, datetime] | None:
-    """(user name, expiry) of a live session token, else None."""
-    if not token:
-        return None
-    now = utc(now) or utcnow()
-    with store.read() as session:
-        row = session.execute(
-            select(LoginSession.user_name, LoginSession.expires_at).where(
-                LoginSession.token_hash == token_hash(token), LoginSession.expires_at > now
-            )
-        ).first()
-    return (row[0], row[1]) if row else None
-
-
 def session_account(store: Store, token: str | None, now: datetime | None = None) -> tuple[str, str, int | None] | None:
     """(user name, role, target) of a live session token, else None: one query for the app's every request."""
     if not token:
