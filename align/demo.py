@@ -144,8 +144,9 @@ def stage_export(demo: Demo) -> dict:
         rows = st.export_preferences(store)
     if not rows:
         raise AlignError("no labelled pairs in the store")
-    held = [r for r in rows if _held_out(r["prompt"])]
-    train = [r for r in rows if not _held_out(r["prompt"])]
+    held_prompts = held_out_prompts(rows)
+    held = [r for r in rows if _prompt_key(r["prompt"]) in held_prompts]
+    train = [r for r in rows if _prompt_key(r["prompt"]) not in held_prompts]
     write_jsonl(rows, demo.path("prefs.jsonl"))
     write_jsonl(train, demo.path("prefs_train.jsonl"))
     write_jsonl(held, demo.path("prefs_heldout.jsonl"))
@@ -295,9 +296,23 @@ def _trainer(method: str) -> Callable:
     return train
 
 
-def _held_out(prompt: Any) -> bool:
-    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).digest()[0] % 5 == 0
+def _prompt_key(prompt: Any) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def held_out_prompts(rows: list[dict], every: int = 5) -> set[str]:
+    """Keys of the prompts whose pairs the reward model never trains on: one in `every` of each task family's
+    prompts (at least one of a family with two or more), picked in a fixed pseudo-random order (their hashes).
+    Every family is measured (a plain hash split once held out no arithmetic or refusal prompt at all), and all
+    pairs of a prompt fall on one side."""
+    by_family: dict[str, set[str]] = {}
+    for r in rows:
+        by_family.setdefault(str(r.get("family")), set()).add(_prompt_key(r["prompt"]))
+    held: set[str] = set()
+    for keys in by_family.values():
+        count = len(keys) // every if len(keys) >= every else min(1, len(keys) - 1)
+        held.update(sorted(keys)[:count])
+    return held
 
 
 # ---- running ---------------------------------------------------------------------------------------------------------
@@ -417,7 +432,9 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
                   "weight_share_v0": weights.get(f"weights/share/{v0}"), "auto_choice": auto.get("choice"),
                   "auto_reason": auto.get("reason"), "worth": (weights.get("worth") or {}).get("sentence")},
         "reward_model": {"heldout_accuracy": accuracy.get("accuracy"), "heldout_pairs": accuracy.get("n"),
-                         "low": accuracy.get("low"), "high": accuracy.get("high")},
+                         "heldout_prompts": accuracy.get("prompts"), "low": accuracy.get("low"),
+                         "high": accuracy.get("high"),
+                         "by_family": {f: v["accuracy"] for f, v in (accuracy.get("by_family") or {}).items()}},
         "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
                  "gold_curve": gold_curve, "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
@@ -484,8 +501,11 @@ def print_summary(demo: Demo, table: dict) -> None:
               f"{fmt(reuse['weight_share_v0'], 2)} of the weight); overall {fmt(reuse['ess_frac'])}.")
     chance = ("" if rm.get("low") is None else
               ", better than chance beyond noise" if rm["low"] > 0.5 else ", not distinguishable from chance")
+    prompts = f" from {_count(rm['heldout_prompts'], 'prompt')}" if rm.get("heldout_prompts") else ""
+    families = ", ".join(f"{f} {fmt(a, 2)}" for f, a in (rm.get("by_family") or {}).items())
     print(f"Reward model: {fmt(rm['heldout_accuracy'])} accuracy [{fmt(rm.get('low'), 2)}, {fmt(rm.get('high'), 2)}] "
-          f"on {rm['heldout_pairs'] or 0} held-out decided pairs{chance}.")
+          f"on {rm['heldout_pairs'] or 0} held-out decided pairs{prompts}{chance}"
+          + (f" (by task family: {families})." if families else "."))
     curve = rl.get("gold_curve") or []
     flagged = rl.get("monitor/flagged")
     div = rl.get("divergence")

@@ -322,3 +322,28 @@ def test_summary_says_how_far_a_quiet_monitor_was_from_flagging(tmp_path, finish
     assert ("quiet (over its last 5 evaluations: proxy ρ +0.97, gold ρ -0.89, gold's fitted change -0.038; it flags "
             "proxy ρ ≥ 0.8 with gold ρ ≤ -0.8 and a fall ≥ 0.05)") in capsys.readouterr().out
     assert divergence(tmp_path / "absent.json") is None
+
+
+def test_reward_heldout_split_measures_every_family_and_keeps_prompts_whole():
+    from align.demo import _prompt_key, held_out_prompts
+
+    rows = [{"prompt": f"{family} task {i}", "family": family, "pair": j}
+            for family, count in (("a", 11), ("b", 17), ("c", 2), ("d", 1)) for i in range(count) for j in range(3)]
+    held = held_out_prompts(rows)
+    by_family = {f: {_prompt_key(r["prompt"]) for r in rows if r["family"] == f} for f in "abcd"}
+    # one in five of each family's prompts, at least one where there are two, never a family's only prompt
+    assert [len(by_family[f] & held) for f in "abcd"] == [2, 3, 1, 0]
+    assert held == held_out_prompts(list(reversed(rows)))  # the order of the rows does not matter
+    assert [len(by_family[f] & held_out_prompts(rows, every=10)) for f in "abcd"] == [1, 1, 1, 0]
+
+
+def test_export_holds_out_whole_prompts_of_every_family(finished):
+    demo, records = finished
+    read = lambda name: [json.loads(x) for x in demo.path(name).read_text().splitlines()]  # noqa: E731
+    train, held = read("prefs_train.jsonl"), read("prefs_heldout.jsonl")
+    key = lambda r: json.dumps(r["prompt"], sort_keys=True)  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    # 7 families x 2 prompts (v0's and v1's): one of each family's two is held out
+    assert sorted({r["family"] for r in held}) == sorted({r["family"] for r in train}) and len(
+        {key(r) for r in held}) == 7
+    assert records["export"]["result"]["reward_heldout"] == len(held)

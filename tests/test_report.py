@@ -227,7 +227,8 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", rows)
     run = train_reward(*reward_configs(tiny_model_dir, data, data, tmp_path / "rm"))
     spec = EvalSpec(models=built[3], prompt_rows=resolve_prompts("tasks:eval", per_family=1, limit=6),
-                    judges=["gold", "reward"], reward_model=str(run), heldout_pairs=rows[:6], n_boot=100,
+                    judges=["gold", "reward"], reward_model=str(run), n_boot=100,
+                    heldout_pairs=[{**r, "family": "x" if i < 2 else "y"} for i, r in enumerate(rows[:6])],
                     settings=SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0))
     with st.connect(built[2]) as store:  # the samples are already stored: nothing is generated again
         report = run_eval(store, spec, embed=None)
@@ -236,6 +237,11 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
     assert pairs[0]["win_rate"] + pairs[1]["win_rate"] == pytest.approx(1.0)
     acc = report["reward_model_accuracy"]
     assert acc["n"] == 6 and 0 <= acc["accuracy"] <= 1 and acc["source"] == "file"
+    assert acc["prompts"] == len({json.dumps(r["prompt"], sort_keys=True) for r in rows[:6]})
+    families = acc["by_family"]
+    assert {f: v["n"] for f, v in families.items()} == {"x": 2, "y": 4}
+    assert sum(v["n"] * v["accuracy"] for v in families.values()) / 6 == pytest.approx(acc["accuracy"])
+    assert acc["low"] <= acc["accuracy"] <= acc["high"]
     assert report["failures"]["clusters_note"] == "embedding clusters were turned off"
 
 

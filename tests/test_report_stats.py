@@ -68,3 +68,22 @@ def test_kl_estimate():
     assert est["low"] <= est["kl"] <= est["high"] and est["n"] == 3
     same = stats.kl_estimate([-1.0, -2.0], [-1.0, -2.0])
     assert same["kl"] == 0.0 and same["stderr"] == 0.0
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    from align.report.stats import bootstrap, cluster_bootstrap
+
+    values = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    # groups of one: the ordinary bootstrap, draw for draw
+    assert cluster_bootstrap([[v] for v in values], n_boot=500, seed=3) == bootstrap(values, n_boot=500, seed=3)
+    # the same outcomes where each prompt's pairs agree: fewer independent units, a wider interval
+    grouped = [[1.0] * 4, [0.0] * 4, [1.0] * 4, [1.0] * 4, [0.0] * 4]
+    flat = [v for g in grouped for v in g]
+    low, high = cluster_bootstrap(grouped, n_boot=2000, seed=0)
+    flat_low, flat_high = bootstrap(flat, n_boot=2000, seed=0)
+    assert high - low > 1.5 * (flat_high - flat_low)
+    # unequal groups: the pooled mean, not the mean of group means ({[1, 1, 1], [0]} can only give 0, 3/4 or 1)
+    low, high = cluster_bootstrap([[1.0, 1.0, 1.0], [0.0]], n_boot=400, seed=1)
+    assert (low, high) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        cluster_bootstrap([])

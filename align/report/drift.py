@@ -33,6 +33,7 @@ from align.store import export_preferences
 from align.store.versions import loadable_spec
 
 MAX_SUPPORT_PAIRS = 64  # old pairs re-scored under the new version, per version
+SUPPORT_BATCH = 16  # responses per scoring pass (one at a time cost the demo's evaluation ~20 s of its ~220)
 
 _LIST = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
 _FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
@@ -95,13 +96,15 @@ def support(store, new_version, parent, model: Any, tokenizer: Any, max_pairs: i
             and r.get("gen_rejected_logps") is not None][:max_pairs]
     if not rows:
         return f"no labelled pairs of {parent.name}'s answers with stored token ids and log-probs"
+    prompts = [prompt_ids(tokenizer, as_messages(row["prompt"])) for row in rows]
     ratios = {"chosen": [], "rejected": []}
-    for row in rows:
-        prompt = prompt_ids(tokenizer, as_messages(row["prompt"]))
-        for side in ("chosen", "rejected"):
-            ids = row[f"{side}_token_ids"]
-            logps, _ = score_completions(model, [prompt], [ids], None, tokenizer.pad_token_id)
-            ratios[side].append((math.fsum(logps[0]) - row[f"gen_{side}_logps"]) / max(1, len(ids)))
+    for side in ("chosen", "rejected"):
+        for start in range(0, len(rows), SUPPORT_BATCH):
+            batch = rows[start:start + SUPPORT_BATCH]
+            ids = [row[f"{side}_token_ids"] for row in batch]
+            logps, _ = score_completions(model, prompts[start:start + SUPPORT_BATCH], ids, None, tokenizer.pad_token_id)
+            ratios[side] += [(math.fsum(lp) - row[f"gen_{side}_logps"]) / max(1, len(t))
+                             for lp, row, t in zip(logps, batch, ids)]
     shares = support_shares(ratios["chosen"], ratios["rejected"], [parent.name] * len(rows))[parent.name]
     return {**shares, "threshold": OFF_SUPPORT, "chosen_per_token": ratios["chosen"],
             "rejected_per_token": ratios["rejected"]}

@@ -119,9 +119,14 @@ def s_reward(r: dict) -> Optional[str]:
     acc = r.get("reward_model_accuracy")
     if not acc:
         return body + note("Held-out accuracy omitted: " + r.get("notes", {}).get("reward_model_accuracy", ""))
-    return body + "<h3>Accuracy on held-out human pairs</h3>" + table(
-        ["source", "pairs", "accuracy", "95% CI", "ties skipped"],
-        [[acc["source"], acc["n"], acc["accuracy"], f"[{acc['low']:.3f}, {acc['high']:.3f}]", acc["skipped_ties"]]])
+    body += "<h3>Accuracy on held-out human pairs</h3>" + table(
+        ["source", "pairs", "prompts", "accuracy", "95% CI (over prompts)", "ties skipped"],
+        [[acc["source"], acc["n"], acc.get("prompts", "-"), acc["accuracy"], f"[{acc['low']:.3f}, {acc['high']:.3f}]",
+          acc["skipped_ties"]]])
+    families = acc.get("by_family") or {}
+    if families:  # where the reward model can judge and where it guesses: what RLHF against it can improve
+        body += table(["task family", "pairs", "accuracy"], [[f, v["n"], v["accuracy"]] for f, v in families.items()])
+    return body
 
 
 def s_kl(r: dict) -> Optional[str]:

@@ -8,6 +8,7 @@ Inputs share one shape: `samples[version][prompt_id]` is a list of response dict
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections import defaultdict
 from typing import Any, Callable, Optional, Sequence
@@ -117,9 +118,17 @@ def heldout_accuracy(store, judges: Sequence, rows: Optional[list[dict]]) -> dic
     chosen = judge.score_messages(prompts, [r["chosen"] for r in decided])
     rejected = judge.score_messages(prompts, [r["rejected"] for r in decided])
     correct = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
-    low, high = stats.bootstrap(correct)
-    return {"source": source, "n": len(correct), "accuracy": sum(correct) / len(correct), "low": low, "high": high,
-            "skipped_ties": len(rows) - len(decided)}
+    # Pairs of one prompt share its difficulty: the interval resamples prompts, not pairs.
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    for row, ok in zip(decided, correct):
+        by_prompt[json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)].append(ok)
+        if row.get("family"):
+            by_family[str(row["family"])].append(ok)
+    low, high = stats.cluster_bootstrap(list(by_prompt.values()))
+    return {"source": source, "n": len(correct), "prompts": len(by_prompt), "accuracy": sum(correct) / len(correct),
+            "low": low, "high": high, "skipped_ties": len(rows) - len(decided),
+            "by_family": {f: {"n": len(v), "accuracy": sum(v) / len(v)} for f, v in sorted(by_family.items())}}
 
 
 def human_votes(store, versions: Sequence, n_boot: int, seed: int) -> dict | str:

@@ -48,6 +48,21 @@ def bootstrap(values: Sequence[float], stat: Callable[[np.ndarray], float] = np.
     return float(low), float(high)
 
 
+def cluster_bootstrap(groups: Sequence[Sequence[float]], n_boot: int = 1000, seed: int = 0,
+                      level: float = LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled mean of `groups` (e.g. the pairs of one prompt), resampling whole
+    groups: values within a group are not independent, and resampling them one by one would narrow the interval."""
+    sums = np.array([float(np.sum(g)) for g in groups], dtype=np.float64)
+    sizes = np.array([len(g) for g in groups], dtype=np.float64)
+    if not sizes.sum():
+        raise ValueError("cannot bootstrap an empty sample")
+    idx = np.random.default_rng(seed).integers(0, sizes.size, size=(n_boot, sizes.size))
+    stats = sums[idx].sum(axis=1) / np.maximum(sizes[idx].sum(axis=1), 1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def win_rate_summary(outcomes: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
     """{win_rate, low, high, n, wins, ties, losses}; wins/ties/losses count prompts whose outcome is 1/0.5/0
     (a prompt with several samples may fall between them, counted in none)."""
