@@ -626,6 +626,11 @@ class MonitorArgs(Validated):
 
     monitor: bool = option(True, "Watch the run for reward hacking; flags go to metrics and DIR/monitor.json.")
     monitor_stop: bool = option(False, "Stop training when the monitor raises a flag.")
+    monitor_rollback: bool = option(
+        False, "When the monitor has flagged the run, save the policy of the gold evaluation with the highest gold "
+        "reward (the earliest on ties; the starting policy counts) instead of the last one; metrics name the step "
+        "kept (monitor/rollback_step). Needs eval_prompts_file."
+    )
     monitor_window: int = option(5, "Evaluations in the proxy-vs-gold trend window.")
     monitor_min_rho: float = option(
         0.8, "Flag when, over the window, Spearman ρ(step, proxy) ≥ this and ρ(step, gold or judge) ≤ -this ..."

@@ -76,7 +76,7 @@ SIZES = {
                       eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
                      dpo_steps=200, reward_steps=300, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
-                     eval_per_family=20, eval_n=1, sft_eval_samples=140),
+                     eval_per_family=15, eval_n=1, sft_eval_samples=140),
 }
 
 
@@ -178,16 +178,35 @@ def stage_reward(demo: Demo) -> dict:
 
 def stage_rlhf(demo: Demo) -> dict:
     v0_rows, v1_rows = prompt_sets(demo)
-    prompts = demo.path("prompts_rlhf.jsonl")
+    prompts, eval_prompts = demo.path("prompts_rlhf.jsonl"), demo.path("prompts_rlhf_eval.jsonl")
     if not prompts.exists():
         write_jsonl(v0_rows + v1_rows, prompts)
+    if not eval_prompts.exists():
+        write_jsonl(rlhf_eval_tasks(demo.size), eval_prompts)
+    # The monitor judges proxy against gold on its own held-out prompts; when it flags the run, the policy of the
+    # best gold evaluation is saved as v3, not the last one (monitor_rollback). Those prompts are not the final
+    # evaluation's, so choosing among the run's policies by them does not flatter v3 there.
     return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
-        "--prompts_file", str(prompts), "--eval_prompts_file", str(repo_file("data/tasks/eval.jsonl")),
+        "--prompts_file", str(prompts), "--eval_prompts_file", str(eval_prompts),
         "--eval_per_family", str(demo.size.rlhf_eval_per_family), "--eval_steps", str(rlhf_eval_steps(demo.size)),
-        "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
+        "--monitor_rollback", "true", "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
         "--interference_samples", str(demo.size.sft_eval_samples),
     ])
+
+
+def rlhf_eval_tasks(size: DemoSize) -> list[dict]:
+    """The RLHF run's gold-evaluation prompts: the held-out tasks after the final evaluation's, per family."""
+    final = resolve_prompts("tasks:eval", size.eval_per_family)
+    ids = {t["id"] for t in final}
+    tasks = [t for t in resolve_prompts("tasks:eval", size.eval_per_family + size.rlhf_eval_per_family)
+             if t["id"] not in ids]
+    short = sorted(f for f in {t["family"] for t in final}
+                   if sum(t["family"] == f for t in tasks) < size.rlhf_eval_per_family)
+    if short:
+        raise AlignError(f"the task suite's eval split has too few {', '.join(short)} prompts for "
+                         f"{size.eval_per_family} evaluation and {size.rlhf_eval_per_family} RLHF prompts per family")
+    return tasks
 
 
 def rlhf_eval_steps(size: DemoSize) -> int:
@@ -435,7 +454,8 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
                          "heldout_prompts": accuracy.get("prompts"), "low": accuracy.get("low"),
                          "high": accuracy.get("high"),
                          "by_family": {f: v["accuracy"] for f, v in (accuracy.get("by_family") or {}).items()}},
-        "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward")},
+        "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward",
+                                             "monitor/rollback_step", "monitor/dropped/gold_reward")},
                  "gold_curve": gold_curve, "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
         "cpu_seconds": {name: round(r["cpu_seconds"], 1) for name, r in records.items() if "cpu_seconds" in r},
@@ -515,9 +535,14 @@ def print_summary(demo: Demo, table: dict) -> None:
         f"-{div['min_rho']} and a fall ≥ {div['min_drop']})")
     moved = "" if len(curve) < 2 else (" (up)" if curve[-1][1] > curve[0][1] else
                                        " (down)" if curve[-1][1] < curve[0][1] else " (unchanged)")
+    kept = rl.get("monitor/rollback_step")
+    rolled = flagged and kept is not None and curve and kept != curve[-1][0]
     print(f"RLHF: greedy gold on its {len(curve)} evaluations (steps {', '.join(str(s) for s, _ in curve)}): "
-          f"{' -> '.join(fmt(g) for _, g in curve)}{moved}; KL {fmt(rl.get('kl'), 4)} nats/token at the last step; "
-          f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}{seen}.")
+          f"{' -> '.join(fmt(g) for _, g in curve)}{moved}; KL {fmt(rl.get('kl'), 4)} nats/token "
+          f"{'for the policy kept' if rolled else 'at the last step'}; "
+          f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}{seen}"
+          + (f"; so v3 is the policy of step {kept}, its best gold evaluation ({fmt(rl.get('eval/gold_reward'))}), "
+             f"not of step {curve[-1][0]} ({fmt(rl.get('monitor/dropped/gold_reward'))})." if rolled else "."))
     total, cpu = sum(table["seconds"].values()), table.get("cpu_seconds", {})
     print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s"
           + (f"; {sum(cpu.values()):.0f} CPU seconds)." if cpu else ")."))

@@ -251,6 +251,14 @@ def test_every_size_fits_the_task_suite(size, tmp_path):
     from align.demo import rlhf_eval_steps
 
     assert SIZES[size].rlhf_steps // rlhf_eval_steps(SIZES[size]) + 1 >= 5
+    # the RLHF run's own gold evaluations (which pick the policy kept after a flag) use other held-out prompts
+    from align.demo import rlhf_eval_tasks
+
+    rlhf = rlhf_eval_tasks(SIZES[size])
+    assert len(rlhf) == 7 * SIZES[size].rlhf_eval_per_family
+    assert not {t["id"] for t in rlhf} & {t["id"] for t in resolve_prompts("tasks:eval", SIZES[size].eval_per_family)}
+    with pytest.raises(AlignError, match="too few .* prompts for 20 evaluation and 5 RLHF prompts per family"):
+        rlhf_eval_tasks(DemoSize(**{**SIZES[size].__dict__, "eval_per_family": 20, "rlhf_eval_per_family": 5}))
 
 
 def test_a_weighting_scheme_the_demo_cannot_use_is_refused_before_anything_runs(tmp_path):
@@ -347,3 +355,21 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
     assert sorted({r["family"] for r in held}) == sorted({r["family"] for r in train}) and len(
         {key(r) for r in held}) == 7
     assert records["export"]["result"]["reward_heldout"] == len(held)
+
+
+def test_summary_says_which_policy_a_flagged_run_kept(finished, capsys):
+    from align.demo import print_summary
+
+    demo, records = finished
+    table = summary(demo, records)
+    table["rlhf"].update({"monitor/flagged": 1, "monitor/rollback_step": 3, "eval/gold_reward": 0.513,
+                          "monitor/dropped/gold_reward": 0.424, "kl": 0.0011,
+                          "gold_curve": [(0, 0.5), (3, 0.513), (6, 0.49), (9, 0.45), (12, 0.424)]})
+    print_summary(demo, table)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
+    assert "KL 0.0011 nats/token for the policy kept" in line and "FLAGGED the run" in line
+    assert line.endswith("so v3 is the policy of step 3, its best gold evaluation (0.513), not of step 12 (0.424).")
+    table["rlhf"]["monitor/rollback_step"] = 12  # flagged, but the last policy was its best: nothing rolled back
+    print_summary(demo, table)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
+    assert "at the last step" in line and "so v3 is" not in line

@@ -85,6 +85,58 @@ def test_rloo_trains_saves_resumes_and_audits(tiny_model_dir, reward_run, prompt
     assert json.loads((out / "version.json").read_text())["metrics"]["global_step"] == 3
 
 
+class StepProbe(TrainerCallback):
+    """The trainable parameters as each gold evaluation saw them: at the start and at every step's end."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def _snap(self, step, model):
+        self.by_step[step] = {n.replace(".default", ""): p.detach().clone()
+                              for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._snap(state.global_step, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._snap(state.global_step, model)
+
+
+def test_a_flagged_run_saves_the_policy_of_its_best_gold_evaluation(tiny_model_dir, reward_run, prompts_file,
+                                                                     tmp_path, monkeypatch, caplog):
+    import align.monitor
+    from safetensors.torch import load_file
+
+    # A tiny random policy games nothing, so the monitor's rules (tests/test_monitor.py) stay quiet: here the flag
+    # is raised from the second training step on, and what is under test is what the run saves after a flag.
+    monkeypatch.setattr(align.monitor, "detect", lambda series, cfg: ["forced"] if len(series.kl) >= 2 else [])
+    out, probe = tmp_path / "rollback", StepProbe()
+    monitor = MonitorArgs(monitor_rollback=True)
+    train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, out, monitor=monitor, max_steps=3, eval_steps=1,
+                        learning_rate=0.2),
+               extra_callbacks=[probe])
+    metrics = json.loads((out / "version.json").read_text())["metrics"]
+    assert metrics["monitor/flagged"] == 1
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/gold_reward" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    golds = [r["eval/gold_reward"] for r in evals]
+    best = golds.index(max(golds))  # the earliest of the best
+    assert best < 3  # this seed's gold first peaks before the last step: the run rolls back
+    assert metrics["monitor/rollback_step"] == best and metrics["eval/gold_reward"] == golds[best]
+    assert metrics["monitor/dropped/gold_reward"] == golds[-1] and "monitor/dropped/kl" in metrics
+    assert json.loads((out / "rollback" / "best.json").read_text())["step"] == best
+    # the saved adapter holds the weights of that evaluation, not the last step's
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    kept, last = probe.by_step[best], probe.by_step[3]
+    assert saved and all(torch.equal(saved[n], kept[n]) for n in saved)
+    assert any(not torch.equal(saved[n], last[n]) for n in saved)
+    # the shipped configs turn it on: a run without the monitor or gold evaluations is told it does nothing
+    with caplog.at_level("WARNING", logger="align.trainers.rlhf"):
+        train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, tmp_path / "b", max_steps=1,
+                            monitor=MonitorArgs(monitor=False, monitor_rollback=True)))
+    assert "monitor_rollback does nothing here" in caplog.text
+
+
 def test_grpo_runs_a_step(tiny_model_dir, reward_run, prompts_file, tmp_path):
     out = tmp_path / "grpo"
     rl = RLHFArgs(algorithm="grpo", reward_model=str(reward_run), num_generations=2, max_new_tokens=6, beta=0.05)

@@ -172,12 +172,19 @@ class GoldEvaluator:
 
 
 class GoldEvalCallback(TrainerCallback):
-    """Runs the GoldEvaluator before training, every `every` steps, and logs it as its own row (Trainer.log)."""
+    """Runs the GoldEvaluator before training, every `every` steps, and logs it as its own row (Trainer.log).
 
-    def __init__(self, evaluator: GoldEvaluator, every: int):
-        self.evaluator, self.every = evaluator, every
+    With `keep_best` (a directory), it also keeps the trainable weights (the LoRA adapter, or the whole model
+    without LoRA) of the evaluation with the highest gold reward so far, in memory and in that directory, so a
+    resumed run still has them: `rollback(model)` loads them back (monitor_rollback).
+    """
+
+    def __init__(self, evaluator: GoldEvaluator, every: int, keep_best: Optional[Path] = None):
+        self.evaluator, self.every, self.keep_best = evaluator, every, keep_best
         self.trainer: Any = None
         self.last: tuple[int, dict] = (-1, {})
+        self.best: Optional[tuple[int, dict]] = None  # (step, metrics) of the best gold evaluation
+        self.best_weights: dict[str, Any] = {}
 
     def run(self, step: int, model: Any) -> dict[str, float]:
         metrics = self.evaluator(model)
@@ -187,11 +194,50 @@ class GoldEvalCallback(TrainerCallback):
         # The base Trainer.log: TRL's override would fold its pending training metrics into this row.
         Trainer.log(self.trainer, dict(metrics))
         control.should_log = should_log
+        if self.keep_best is not None and (self.best is None
+                                           or metrics["eval/gold_reward"] > self.best[1]["eval/gold_reward"]):
+            self._keep(step, metrics, model)
         return metrics
+
+    def _keep(self, step: int, metrics: dict, model: Any) -> None:
+        from safetensors.torch import save_file
+
+        self.best = (step, dict(metrics))
+        self.best_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if self.trainer is None or self.trainer.is_world_process_zero():
+            self.keep_best.mkdir(parents=True, exist_ok=True)
+            save_file({n: t.contiguous().cpu() for n, t in self.best_weights.items()},
+                      str(self.keep_best / "weights.safetensors"))
+            runs.write_json(self.keep_best / "best.json", {"step": step, "metrics": metrics})
+
+    def _restore(self, step: int) -> None:
+        """A resumed run: the best evaluation up to its checkpoint, from disk (a later one was not saved)."""
+        from safetensors.torch import load_file
+
+        saved = self.keep_best / "best.json" if self.keep_best is not None else None
+        if saved is not None and saved.is_file():
+            best = json.loads(saved.read_text())
+            if best["step"] <= step:
+                self.best = (best["step"], best["metrics"])
+                self.best_weights = load_file(str(self.keep_best / "weights.safetensors"))
+
+    def rollback(self, model: Any) -> Optional[int]:
+        """Load the kept weights into `model`; return their step (None when nothing is kept)."""
+        import torch
+
+        if self.best is None or not self.best_weights:
+            return None
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_weights.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        return self.best[0]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self.run(0, model)
+        else:
+            self._restore(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
@@ -263,6 +309,9 @@ def train_rlhf(
     from trl import GRPOTrainer, RLOOTrainer
 
     samples_per_step = check_setup(rl, monitor_args, train)
+    if monitor_args.monitor_rollback and not (monitor_args.monitor and data_args.eval_prompts_file):
+        log.warning("monitor_rollback does nothing here: it needs the monitor on and gold evaluations "
+                    "(eval_prompts_file); a flagged run would save its last policy")
     repo = runs.preflight(train)
     configs = (model_args, lora_args, data_args, rl, monitor_args, train)
     out = runs.prepare_output_dir(train.output_dir, train.resume)
@@ -296,7 +345,8 @@ def train_rlhf(
         tasks = stratified(load_tasks(data_args.eval_prompts_file), rl.eval_per_family)
         judge = load_reward(rl.judge_reward_model, device, rl) if rl.judge_reward_model else None
         evaluator = GoldEvaluator(tasks, tokenizer, rl.max_new_tokens, train.per_device_eval_batch_size, reward, judge)
-        evaluation = GoldEvalCallback(evaluator, train.eval_steps)
+        evaluation = GoldEvalCallback(evaluator, train.eval_steps,
+                                      out / "rollback" if monitor_args.monitor_rollback and monitor else None)
         own_callbacks.append(evaluation)
 
     trainer_cls = RLOOTrainer if rl.algorithm == "rloo" else GRPOTrainer
@@ -316,6 +366,8 @@ def train_rlhf(
     metrics = final_metrics(trainer, result, evaluation)
     if monitor is not None:
         metrics.update({"monitor/flagged": int(monitor.flagged), "monitor/flags": len(monitor.flags)})
+        if monitor.flagged and evaluation is not None and evaluation.keep_best is not None:
+            metrics.update(rollback(trainer, evaluation, metrics))
     if not trainer.is_world_process_zero():
         return out
     if evaluation is not None:
@@ -331,6 +383,26 @@ def train_rlhf(
     if repo:
         push(out, model_dir, repo)
     return out
+
+
+def rollback(trainer: Any, evaluation: GoldEvalCallback, metrics: dict[str, Any]) -> dict[str, Any]:
+    """monitor_rollback on a flagged run: the policy of the best gold evaluation replaces the last one before it is
+    saved; the returned metrics describe the kept policy and name what was dropped."""
+    last_step, last = evaluation.last
+    step = evaluation.rollback(trainer.model)
+    if step is None or step == last_step:
+        return {"monitor/rollback_step": last_step}
+    kept = evaluation.best[1]
+    log.warning("the monitor flagged the run: saving the policy of step %d (gold %.3f), not of step %d (gold %.3f)",
+                step, kept["eval/gold_reward"], last_step, last.get("eval/gold_reward", float("nan")))
+    dropped = {f"monitor/dropped/{k.split('/', 1)[1]}": v for k, v in last.items()
+               if k in ("eval/gold_reward", "eval/proxy_reward")}
+    kept_kl = {}
+    if "kl" in metrics:  # the KL the training step logged at the kept step (none before the first step)
+        dropped["monitor/dropped/kl"] = metrics["kl"]
+        logged = [row["kl"] for row in trainer.state.log_history if row.get("step") == step and "kl" in row]
+        kept_kl["kl"] = logged[-1] if logged else 0.0
+    return {**kept, **kept_kl, **dropped, "monitor/rollback_step": step}
 
 
 def final_metrics(trainer: Any, result: Any, evaluation: Optional[GoldEvalCallback]) -> dict[str, Any]:
