@@ -595,6 +595,12 @@ class RLHFArgs(InterferenceArgs):
         None, "A second, held-out reward-model run: its reward on the evaluation answers is logged as "
         "eval/judge_reward and watched by the monitor (none: off)."
     )
+    keep_policy: Literal["last", "best_if_flagged", "best"] = option(
+        "last", "Which policy the run saves: last; best_if_flagged: when the reward-hacking monitor flagged the run, "
+        "the policy of the gold evaluation with the highest gold reward (the earliest on ties; the starting policy "
+        "counts); best: that policy always (checkpoint selection on the evaluation prompts: compare the saved model "
+        "on other prompts). Metrics name the step kept (policy/kept_step). Needs eval_prompts_file."
+    )
     engine: Literal["hf", "vllm"] = option(
         "hf", "What samples the rollouts: hf (transformers' generate) or vllm (TRL's colocate mode; the 'vllm' extra "
         "and a CUDA GPU). The log-probs the loss uses are the policy's own, teacher-forced, either way; the gold "
@@ -626,11 +632,6 @@ class MonitorArgs(Validated):
 
     monitor: bool = option(True, "Watch the run for reward hacking; flags go to metrics and DIR/monitor.json.")
     monitor_stop: bool = option(False, "Stop training when the monitor raises a flag.")
-    monitor_rollback: bool = option(
-        False, "When the monitor has flagged the run, save the policy of the gold evaluation with the highest gold "
-        "reward (the earliest on ties; the starting policy counts) instead of the last one; metrics name the step "
-        "kept (monitor/rollback_step). Needs eval_prompts_file."
-    )
     monitor_window: int = option(5, "Evaluations in the proxy-vs-gold trend window.")
     monitor_min_rho: float = option(
         0.8, "Flag when, over the window, Spearman ρ(step, proxy) ≥ this and ρ(step, gold or judge) ≤ -this ..."

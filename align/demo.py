@@ -67,12 +67,12 @@ class DemoSize:
     v1_n: int = 4  # v1's samples per prompt, every pair labelled: n(n-1)/2 pairs per prompt
     eval_temperature: float = 0.0  # the final evaluation: 0 is greedy (one answer per prompt, no sampling noise)
     rlhf_evaluations: int = 5  # greedy gold evaluations in the RLHF run, the start included (the monitor needs 5)
-    rlhf_eval_per_family: int = 2  # held-out prompts per family in each of them
+    rlhf_eval_per_family: int = 5  # held-out prompts per family in each of them (not the final evaluation's)
 
 
 SIZES = {
     "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=36, dpo_steps=12,
-                      reward_steps=36, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=2, eval_per_family=10,
+                      reward_steps=36, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=5, eval_per_family=10,
                       eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
                      dpo_steps=200, reward_steps=300, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
@@ -183,14 +183,14 @@ def stage_rlhf(demo: Demo) -> dict:
         write_jsonl(v0_rows + v1_rows, prompts)
     if not eval_prompts.exists():
         write_jsonl(rlhf_eval_tasks(demo.size), eval_prompts)
-    # The monitor judges proxy against gold on its own held-out prompts; when it flags the run, the policy of the
-    # best gold evaluation is saved as v3, not the last one (monitor_rollback). Those prompts are not the final
-    # evaluation's, so choosing among the run's policies by them does not flatter v3 there.
+    # Gold on held-out prompts of its own, 5 times: the monitor judges proxy against it, and v3 is the policy of the
+    # best of those evaluations (keep_policy best), not the last one. They are not the final evaluation's prompts,
+    # so choosing among the run's policies by them does not flatter v3 there.
     return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
         "--prompts_file", str(prompts), "--eval_prompts_file", str(eval_prompts),
         "--eval_per_family", str(demo.size.rlhf_eval_per_family), "--eval_steps", str(rlhf_eval_steps(demo.size)),
-        "--monitor_rollback", "true", "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
+        "--keep_policy", "best", "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
         "--interference_samples", str(demo.size.sft_eval_samples),
     ])
 
@@ -455,7 +455,7 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
                          "high": accuracy.get("high"),
                          "by_family": {f: v["accuracy"] for f, v in (accuracy.get("by_family") or {}).items()}},
         "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward",
-                                             "monitor/rollback_step", "monitor/dropped/gold_reward")},
+                                             "policy/kept_step", "policy/dropped/gold_reward")},
                  "gold_curve": gold_curve, "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
         "cpu_seconds": {name: round(r["cpu_seconds"], 1) for name, r in records.items() if "cpu_seconds" in r},
@@ -535,14 +535,14 @@ def print_summary(demo: Demo, table: dict) -> None:
         f"-{div['min_rho']} and a fall ≥ {div['min_drop']})")
     moved = "" if len(curve) < 2 else (" (up)" if curve[-1][1] > curve[0][1] else
                                        " (down)" if curve[-1][1] < curve[0][1] else " (unchanged)")
-    kept = rl.get("monitor/rollback_step")
-    rolled = flagged and kept is not None and curve and kept != curve[-1][0]
+    kept = rl.get("policy/kept_step")
+    rolled = kept is not None and bool(curve) and kept != curve[-1][0]
     print(f"RLHF: greedy gold on its {len(curve)} evaluations (steps {', '.join(str(s) for s, _ in curve)}): "
           f"{' -> '.join(fmt(g) for _, g in curve)}{moved}; KL {fmt(rl.get('kl'), 4)} nats/token "
           f"{'for the policy kept' if rolled else 'at the last step'}; "
           f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}{seen}"
-          + (f"; so v3 is the policy of step {kept}, its best gold evaluation ({fmt(rl.get('eval/gold_reward'))}), "
-             f"not of step {curve[-1][0]} ({fmt(rl.get('monitor/dropped/gold_reward'))})." if rolled else "."))
+          + (f"; v3 is the policy of step {kept}, its best gold evaluation ({fmt(rl.get('eval/gold_reward'))}), "
+             f"not of step {curve[-1][0]} ({fmt(rl.get('policy/dropped/gold_reward'))})." if rolled else "."))
     total, cpu = sum(table["seconds"].values()), table.get("cpu_seconds", {})
     print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s"
           + (f"; {sum(cpu.values()):.0f} CPU seconds)." if cpu else ")."))

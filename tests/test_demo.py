@@ -357,19 +357,19 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
     assert records["export"]["result"]["reward_heldout"] == len(held)
 
 
-def test_summary_says_which_policy_a_flagged_run_kept(finished, capsys):
+def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):
     from align.demo import print_summary
 
     demo, records = finished
     table = summary(demo, records)
-    table["rlhf"].update({"monitor/flagged": 1, "monitor/rollback_step": 3, "eval/gold_reward": 0.513,
-                          "monitor/dropped/gold_reward": 0.424, "kl": 0.0011,
+    table["rlhf"].update({"monitor/flagged": 1, "policy/kept_step": 3, "eval/gold_reward": 0.513,
+                          "policy/dropped/gold_reward": 0.424, "kl": 0.0011,
                           "gold_curve": [(0, 0.5), (3, 0.513), (6, 0.49), (9, 0.45), (12, 0.424)]})
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert "KL 0.0011 nats/token for the policy kept" in line and "FLAGGED the run" in line
-    assert line.endswith("so v3 is the policy of step 3, its best gold evaluation (0.513), not of step 12 (0.424).")
-    table["rlhf"]["monitor/rollback_step"] = 12  # flagged, but the last policy was its best: nothing rolled back
+    assert line.endswith("; v3 is the policy of step 3, its best gold evaluation (0.513), not of step 12 (0.424).")
+    table["rlhf"]["policy/kept_step"] = 12  # the last policy was the best: nothing rolled back
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
-    assert "at the last step" in line and "so v3 is" not in line
+    assert "at the last step" in line and "v3 is the policy" not in line

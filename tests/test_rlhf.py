@@ -102,39 +102,52 @@ class StepProbe(TrainerCallback):
         self._snap(state.global_step, model)
 
 
-def test_a_flagged_run_saves_the_policy_of_its_best_gold_evaluation(tiny_model_dir, reward_run, prompts_file,
-                                                                     tmp_path, monkeypatch, caplog):
+def test_keep_policy_saves_the_policy_of_the_best_gold_evaluation(tiny_model_dir, reward_run, prompts_file,
+                                                                   tmp_path, monkeypatch, caplog):
     import align.monitor
     from safetensors.torch import load_file
+
+    def run(name, keep_policy, data_eval=True):
+        out, probe = tmp_path / name, StepProbe()
+        rl = RLHFArgs(reward_model=str(reward_run), num_generations=2, max_new_tokens=6, eval_per_family=1,
+                      kl_target=0.01, kl_horizon=20, length_penalty=0.01, keep_policy=keep_policy)
+        model, lora, data, rl, monitor, train = configs(tiny_model_dir, reward_run, prompts_file, out, rl=rl,
+                                                        max_steps=3, eval_steps=1, learning_rate=0.2)
+        if not data_eval:
+            data = PromptDataArgs(prompts_file=str(prompts_file), eval_prompts_file=None)
+        train_rlhf(model, lora, data, rl, monitor, train, extra_callbacks=[probe])
+        saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        return json.loads((out / "version.json").read_text())["metrics"], out, probe.by_step, saved
 
     # A tiny random policy games nothing, so the monitor's rules (tests/test_monitor.py) stay quiet: here the flag
     # is raised from the second training step on, and what is under test is what the run saves after a flag.
     monkeypatch.setattr(align.monitor, "detect", lambda series, cfg: ["forced"] if len(series.kl) >= 2 else [])
-    out, probe = tmp_path / "rollback", StepProbe()
-    monitor = MonitorArgs(monitor_rollback=True)
-    train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, out, monitor=monitor, max_steps=3, eval_steps=1,
-                        learning_rate=0.2),
-               extra_callbacks=[probe])
-    metrics = json.loads((out / "version.json").read_text())["metrics"]
+    metrics, out, by_step, saved = run("flagged", "best_if_flagged")
     assert metrics["monitor/flagged"] == 1
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/gold_reward" in r]
     assert [r["step"] for r in evals] == [0, 1, 2, 3]
     golds = [r["eval/gold_reward"] for r in evals]
     best = golds.index(max(golds))  # the earliest of the best
     assert best < 3  # this seed's gold first peaks before the last step: the run rolls back
-    assert metrics["monitor/rollback_step"] == best and metrics["eval/gold_reward"] == golds[best]
-    assert metrics["monitor/dropped/gold_reward"] == golds[-1] and "monitor/dropped/kl" in metrics
-    assert json.loads((out / "rollback" / "best.json").read_text())["step"] == best
+    assert metrics["policy/kept_step"] == best and metrics["eval/gold_reward"] == golds[best]
+    assert metrics["policy/dropped/gold_reward"] == golds[-1] and "policy/dropped/kl" in metrics
+    assert json.loads((out / "best_policy" / "best.json").read_text())["step"] == best
     # the saved adapter holds the weights of that evaluation, not the last step's
-    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    kept, last = probe.by_step[best], probe.by_step[3]
-    assert saved and all(torch.equal(saved[n], kept[n]) for n in saved)
-    assert any(not torch.equal(saved[n], last[n]) for n in saved)
-    # the shipped configs turn it on: a run without the monitor or gold evaluations is told it does nothing
-    with caplog.at_level("WARNING", logger="align.trainers.rlhf"):
-        train_rlhf(*configs(tiny_model_dir, reward_run, prompts_file, tmp_path / "b", max_steps=1,
-                            monitor=MonitorArgs(monitor=False, monitor_rollback=True)))
-    assert "monitor_rollback does nothing here" in caplog.text
+    assert saved and all(torch.equal(saved[n], by_step[best][n]) for n in saved)
+    assert any(not torch.equal(saved[n], by_step[3][n]) for n in saved)
+
+    monkeypatch.undo()  # the real rules: quiet on this run
+    metrics, _, by_step, saved = run("quiet", "best_if_flagged")
+    assert metrics["monitor/flagged"] == 0 and "policy/kept_step" not in metrics
+    assert all(torch.equal(saved[n], by_step[3][n]) for n in saved)  # not flagged: the last policy
+    metrics, _, by_step, saved = run("best", "best")  # always the best evaluation's, flagged or not
+    assert metrics["monitor/flagged"] == 0 and metrics["policy/kept_step"] == best
+    assert all(torch.equal(saved[n], by_step[best][n]) for n in saved)
+
+    with caplog.at_level("WARNING", logger="align.trainers.rlhf"):  # nothing to choose among: said, last kept
+        metrics, _, by_step, saved = run("no-eval", "best", data_eval=False)
+    assert "keep_policy best does nothing here" in caplog.text and "policy/kept_step" not in metrics
+    assert all(torch.equal(saved[n], by_step[3][n]) for n in saved)
 
 
 def test_grpo_runs_a_step(tiny_model_dir, reward_run, prompts_file, tmp_path):

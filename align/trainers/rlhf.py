@@ -176,7 +176,7 @@ class GoldEvalCallback(TrainerCallback):
 
     With `keep_best` (a directory), it also keeps the trainable weights (the LoRA adapter, or the whole model
     without LoRA) of the evaluation with the highest gold reward so far, in memory and in that directory, so a
-    resumed run still has them: `rollback(model)` loads them back (monitor_rollback).
+    resumed run still has them: `rollback(model)` loads them back (keep_policy).
     """
 
     def __init__(self, evaluator: GoldEvaluator, every: int, keep_best: Optional[Path] = None):
@@ -309,9 +309,9 @@ def train_rlhf(
     from trl import GRPOTrainer, RLOOTrainer
 
     samples_per_step = check_setup(rl, monitor_args, train)
-    if monitor_args.monitor_rollback and not (monitor_args.monitor and data_args.eval_prompts_file):
-        log.warning("monitor_rollback does nothing here: it needs the monitor on and gold evaluations "
-                    "(eval_prompts_file); a flagged run would save its last policy")
+    if rl.keep_policy != "last" and not data_args.eval_prompts_file:
+        log.warning("keep_policy %s does nothing here: it chooses among gold evaluations (eval_prompts_file); "
+                    "the run saves its last policy", rl.keep_policy)
     repo = runs.preflight(train)
     configs = (model_args, lora_args, data_args, rl, monitor_args, train)
     out = runs.prepare_output_dir(train.output_dir, train.resume)
@@ -346,7 +346,7 @@ def train_rlhf(
         judge = load_reward(rl.judge_reward_model, device, rl) if rl.judge_reward_model else None
         evaluator = GoldEvaluator(tasks, tokenizer, rl.max_new_tokens, train.per_device_eval_batch_size, reward, judge)
         evaluation = GoldEvalCallback(evaluator, train.eval_steps,
-                                      out / "rollback" if monitor_args.monitor_rollback and monitor else None)
+                                      None if rl.keep_policy == "last" else out / "best_policy")
         own_callbacks.append(evaluation)
 
     trainer_cls = RLOOTrainer if rl.algorithm == "rloo" else GRPOTrainer
@@ -366,8 +366,9 @@ def train_rlhf(
     metrics = final_metrics(trainer, result, evaluation)
     if monitor is not None:
         metrics.update({"monitor/flagged": int(monitor.flagged), "monitor/flags": len(monitor.flags)})
-        if monitor.flagged and evaluation is not None and evaluation.keep_best is not None:
-            metrics.update(rollback(trainer, evaluation, metrics))
+    flagged = monitor is not None and monitor.flagged
+    if evaluation is not None and (rl.keep_policy == "best" or (rl.keep_policy == "best_if_flagged" and flagged)):
+        metrics.update(rollback(trainer, evaluation, metrics))
     if not trainer.is_world_process_zero():
         return out
     if evaluation is not None:
@@ -386,23 +387,23 @@ def train_rlhf(
 
 
 def rollback(trainer: Any, evaluation: GoldEvalCallback, metrics: dict[str, Any]) -> dict[str, Any]:
-    """monitor_rollback on a flagged run: the policy of the best gold evaluation replaces the last one before it is
-    saved; the returned metrics describe the kept policy and name what was dropped."""
+    """keep_policy: the policy of the best gold evaluation replaces the last one before it is saved; the returned
+    metrics describe the kept policy and name what was dropped."""
     last_step, last = evaluation.last
     step = evaluation.rollback(trainer.model)
     if step is None or step == last_step:
-        return {"monitor/rollback_step": last_step}
+        return {"policy/kept_step": last_step}
     kept = evaluation.best[1]
-    log.warning("the monitor flagged the run: saving the policy of step %d (gold %.3f), not of step %d (gold %.3f)",
-                step, kept["eval/gold_reward"], last_step, last.get("eval/gold_reward", float("nan")))
-    dropped = {f"monitor/dropped/{k.split('/', 1)[1]}": v for k, v in last.items()
+    log.warning("keep_policy: saving the policy of step %d (gold %.3f), not of step %d (gold %.3f)", step,
+                kept["eval/gold_reward"], last_step, last.get("eval/gold_reward", float("nan")))
+    dropped = {f"policy/dropped/{k.split('/', 1)[1]}": v for k, v in last.items()
                if k in ("eval/gold_reward", "eval/proxy_reward")}
     kept_kl = {}
     if "kl" in metrics:  # the KL the training step logged at the kept step (none before the first step)
-        dropped["monitor/dropped/kl"] = metrics["kl"]
+        dropped["policy/dropped/kl"] = metrics["kl"]
         logged = [row["kl"] for row in trainer.state.log_history if row.get("step") == step and "kl" in row]
         kept_kl["kl"] = logged[-1] if logged else 0.0
-    return {**kept, **kept_kl, **dropped, "monitor/rollback_step": step}
+    return {**kept, **kept_kl, **dropped, "policy/kept_step": step}
 
 
 def final_metrics(trainer: Any, result: Any, evaluation: Optional[GoldEvalCallback]) -> dict[str, Any]:
