@@ -60,6 +60,10 @@ def test_report_opens_offline_and_screenshots(tmp_path_factory, tiny_model_dir):
             assert all(right <= 1366 for _, right in sizes)
             assert page.evaluate("document.documentElement.scrollWidth") <= 1366  # no sideways scrolling
             page.screenshot(path=str(shot), full_page=True)
+            # The section links wrap: a full demo report has 15 of them, wider than a laptop screen on one line.
+            page.set_viewport_size({"width": 480, "height": 900})
+            nav = page.eval_on_selector("nav", "e => [e.scrollWidth, e.clientWidth, e.children.length]")
+            assert nav[2] >= 5 and nav[0] <= nav[1], nav
         finally:
             browser.close()
     external = [u for u in requests if not (u.startswith(("data:", "about:")) or u == url)]
