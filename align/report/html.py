@@ -18,7 +18,8 @@ main{max-width:1160px;margin:0 auto;padding:16px 24px 48px}
 h1{font-size:24px;margin:8px 0 4px}h2{font-size:19px;margin:0 0 10px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
 h3{font-size:15px;margin:14px 0 6px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 18px;margin:14px 0}
-nav{font-size:13px;margin:6px 0 0;display:flex;flex-wrap:wrap;row-gap:2px}nav a{margin-right:12px;color:#0969da;text-decoration:none;white-space:nowrap}
+nav{font-size:13px;margin:6px 0 0;display:flex;flex-wrap:wrap;row-gap:2px}
+nav a{margin-right:12px;color:#0969da;text-decoration:none;white-space:nowrap}
 table{border-collapse:collapse;margin:6px 0;font-size:13px}th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;display:block;margin:6px 0}

@@ -399,10 +399,10 @@ def rollback(trainer: Any, evaluation: GoldEvalCallback, metrics: dict[str, Any]
     dropped = {f"policy/dropped/{k.split('/', 1)[1]}": v for k, v in last.items()
                if k in ("eval/gold_reward", "eval/proxy_reward")}
     kept_kl = {}
-    if "kl" in metrics:  # the KL the training step logged at the kept step (none before the first step)
+    if "kl" in metrics:  # the KL logged at the kept step: 0 at the start, unknown where that step logged none
         dropped["policy/dropped/kl"] = metrics["kl"]
         logged = [row["kl"] for row in trainer.state.log_history if row.get("step") == step and "kl" in row]
-        kept_kl["kl"] = logged[-1] if logged else 0.0
+        kept_kl["kl"] = logged[-1] if logged else 0.0 if step == 0 else None
     return {**kept, **kept_kl, **dropped, "policy/kept_step": step}
 
 

@@ -109,7 +109,8 @@ def sft_trainer_class() -> Any:
     the assistant tokens only, through `align.logprobs.score_tokens` (chunked, no (B, T, V) logits): the same loss,
     sum of -log p over the labelled tokens / TRL's token count, to float round-off (tests/test_sft.py). Whatever
     else TRL's loss supports (label smoothing, a compute_loss_func, DFT, MoE auxiliary losses, a head that is not a
-    plain linear layer, a head sharded by FSDP or ZeRO-3) goes to TRL's own compute_loss. The `entropy` and `mean_token_accuracy` logs are TRL's only.
+    plain linear layer, a head sharded by FSDP or ZeRO-3) goes to TRL's own compute_loss. The `entropy` and
+    `mean_token_accuracy` logs are TRL's only.
     """
     from trl import SFTTrainer
 
