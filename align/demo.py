@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from align import config as cfg, store as st
 from align.config import WeightingArgs
 from align.data import read_jsonl, write_jsonl
+from align.demonstrations import demonstration_candidates, label_candidates
 from align.errors import AlignError
 from align.generation import SamplingSettings
 from align.judges import GoldJudge
@@ -68,14 +69,17 @@ class DemoSize:
     eval_temperature: float = 0.0  # the final evaluation: 0 is greedy (one answer per prompt, no sampling noise)
     rlhf_evaluations: int = 5  # greedy gold evaluations in the RLHF run, the start included (the monitor needs 5)
     rlhf_eval_per_family: int = 5  # held-out prompts per family in each of them (not the final evaluation's)
+    # training tasks per family whose SFT demonstrations the reward model is also compared on (align.demonstrations)
+    demonstrations_per_family: int = 80
+    reward_learning_rate: float = 2e-3
 
 
 SIZES = {
     "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=36, dpo_steps=12,
-                      reward_steps=36, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=5, eval_per_family=10,
+                      reward_steps=60, rlhf_steps=12, rlhf_evaluations=5, rlhf_eval_per_family=5, eval_per_family=10,
                       eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
-                     dpo_steps=200, reward_steps=300, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
+                     dpo_steps=200, reward_steps=300, reward_learning_rate=1e-3, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
                      eval_per_family=15, eval_n=1, sft_eval_samples=140),
 }
 
@@ -139,7 +143,9 @@ def stage_label_v1(demo: Demo) -> dict:
 
 
 def stage_export(demo: Demo) -> dict:
-    """All labelled pairs, and a split by prompt for the reward model: one prompt in five is held out."""
+    """All labelled pairs, and a split by prompt for the reward model: one prompt in five is held out. The reward
+    model also trains on comparisons with the SFT demonstrations of the training prompts (align.demonstrations),
+    voted on by the same simulated annotators; no held-out prompt's demonstration is among them."""
     with st.connect(demo.db) as store:
         rows = st.export_preferences(store)
     if not rows:
@@ -147,14 +153,24 @@ def stage_export(demo: Demo) -> dict:
     held_prompts = held_out_prompts(rows)
     held = [r for r in rows if _prompt_key(r["prompt"]) in held_prompts]
     train = [r for r in rows if _prompt_key(r["prompt"]) not in held_prompts]
+    samples: dict[str, list[str]] = {}
+    for r in train:
+        samples.setdefault(r["prompt"][-1]["content"], []).extend(r[side][-1]["content"] for side in ("chosen", "rejected"))
+    tasks = [t for t in resolve_prompts("tasks:train", demo.size.demonstrations_per_family)
+             if _prompt_key([{"role": "user", "content": t["prompt"]}]) not in held_prompts]
+    judge = GoldJudge(both_bad_threshold=demo.both_bad_threshold)
+    extra = label_candidates(demonstration_candidates(tasks, samples, seed=demo.seed), judge, annotators=3,
+                             seed=demo.seed)
     write_jsonl(rows, demo.path("prefs.jsonl"))
     write_jsonl(train, demo.path("prefs_train.jsonl"))
     write_jsonl(held, demo.path("prefs_heldout.jsonl"))
+    write_jsonl(train + extra, demo.path("prefs_reward.jsonl"))
     labels: dict[str, int] = {}
-    for r in rows:
-        key = f"{r['gen_model_version']}:{r['label']}"
+    for r in rows + extra:
+        key = f"{r.get('kind') or r['gen_model_version']}:{r['label']}"
         labels[key] = labels.get(key, 0) + 1
-    return {"pairs": len(rows), "reward_train": len(train), "reward_heldout": len(held), "labels": labels}
+    return {"pairs": len(rows), "reward_train": len(train) + len(extra), "reward_demonstrations": len(extra),
+            "reward_heldout": len(held), "labels": labels}
 
 
 def stage_dpo(demo: Demo) -> dict:
@@ -170,8 +186,9 @@ def stage_dpo(demo: Demo) -> dict:
 def stage_reward(demo: Demo) -> dict:
     held = demo.path("prefs_heldout.jsonl")
     return _train(demo, "reward", "reward", demo.size.reward_steps, [
-        "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_train.jsonl")),
+        "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_reward.jsonl")),
         "--eval_file", str(held) if held.stat().st_size else "none",
+        "--learning_rate", str(demo.size.reward_learning_rate),
         "--eval_steps", str(demo.size.reward_steps), "--save_steps", "5",  # one held-out evaluation, at the end
     ])
 
