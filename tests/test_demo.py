@@ -8,10 +8,12 @@ import pytest
 
 from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, summary
 from align.errors import AlignError
+from align.prompts import resolve_prompts
+from align.tasks import reference_messages
 
 TINY = DemoSize(v0_per_family=1, v1_per_family=1, n=3, v1_n=3, max_new_tokens=8, sft_steps=2, dpo_steps=2,
                 reward_steps=2, rlhf_steps=2, rlhf_evaluations=3, rlhf_eval_per_family=1, eval_per_family=1, eval_n=1,
-                sft_eval_samples=4)
+                sft_eval_samples=4, demonstrations_per_family=3)
 # A random model answers nothing right: with a both-bad threshold of 0 every pair is a tie, which every stage trains on.
 OVERRIDES = ("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1")
 
@@ -39,7 +41,8 @@ def test_every_stage_leaves_its_result(finished):
     assert records["label-v0"]["result"]["pairs"] == 7 and records["label-v0"]["result"]["votes"] == 21
     assert records["label-v1"]["result"]["pairs"] == 21
     exported = records["export"]["result"]
-    assert exported["pairs"] == 28 and exported["reward_train"] + exported["reward_heldout"] == 28
+    assert exported["pairs"] == 28
+    assert exported["reward_train"] - exported["reward_demonstrations"] + exported["reward_heldout"] == 28
     prefs = [json.loads(line) for line in demo.path("prefs.jsonl").read_text().splitlines()]
     assert {r["gen_model_version"] for r in prefs} == {str(demo.model), "v1-sft"}
     assert (demo.path("report") / "report.html").stat().st_size > 10_000
@@ -235,8 +238,6 @@ def test_same_seed_same_demo_and_auto_weighting_says_why_it_reuses_old_pairs_unw
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_every_size_fits_the_task_suite(size, tmp_path):
-    from align.prompts import resolve_prompts
-
     demo = Demo(tmp_path, SIZES[size], size)
     v0, v1 = prompt_sets(demo)
     families = {r["family"] for r in v0}
@@ -355,6 +356,27 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
     assert sorted({r["family"] for r in held}) == sorted({r["family"] for r in train}) and len(
         {key(r) for r in held}) == 7
     assert records["export"]["result"]["reward_heldout"] == len(held)
+    # the reward model's training file: the training pairs, then comparisons with the demonstrations of the
+    # training tasks (3 per family, one of them held out): none of a held-out prompt, as demonstration or as mismatch
+    reward = read("prefs_reward.jsonl")
+    assert reward[:len(train)] == train
+    extra = reward[len(train):]
+    assert len(extra) == records["export"]["result"]["reward_demonstrations"]
+    kinds = {r["kind"] for r in extra}
+    assert kinds == {"reference", "mismatched"}
+    assert not {key(r) for r in extra} & {key(r) for r in held}
+    held_texts = {json.loads(key(r))[0]["content"] for r in held}
+    references = {t["prompt"]: reference_messages(t)[-1]["content"] for t in resolve_prompts("tasks:train", 3)}
+    only_held = ({ref for prompt, ref in references.items() if prompt in held_texts}
+                 - {ref for prompt, ref in references.items() if prompt not in held_texts})  # a refusal is shared
+    assert only_held and not {r[side][0]["content"] for r in extra for side in ("chosen", "rejected")} & only_held
+    # one mismatch for each of the two training tasks of a family, unless their references are the same text
+    # (two refusals of harmful requests)
+    kept = [t for t in resolve_prompts("tasks:train", 3) if t["prompt"] not in held_texts]
+    expected = sum(any(o["family"] == t["family"] and references[o["prompt"]] != references[t["prompt"]]
+                       for o in kept) for t in kept)
+    assert len(kept) == 14 and 10 <= expected <= 14
+    assert sum(r["kind"] == "mismatched" for r in extra) == expected
 
 
 def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):
