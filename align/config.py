@@ -595,11 +595,14 @@ class RLHFArgs(InterferenceArgs):
         None, "A second, held-out reward-model run: its reward on the evaluation answers is logged as "
         "eval/judge_reward and watched by the monitor (none: off)."
     )
-    keep_policy: Literal["last", "best_if_flagged", "best"] = option(
+    keep_policy: Literal["last", "best_if_flagged", "best", "best_beyond_noise"] = option(
         "last", "Which policy the run saves: last; best_if_flagged: when the reward-hacking monitor flagged the run, "
         "the policy of the gold evaluation with the highest gold reward (the earliest on ties; the starting policy "
         "counts); best: that policy always (checkpoint selection on the evaluation prompts: compare the saved model "
-        "on other prompts). Metrics name the step kept (policy/kept_step). Needs eval_prompts_file."
+        "on other prompts); best_beyond_noise: the best of the evaluations that beat the starting policy beyond noise "
+        "(the 95 percent paired bootstrap interval over prompts of the gain, eval/gold_gain_low, above 0), else the "
+        "starting policy: the best of a few noisy evaluations is often no better on other prompts. Metrics name the "
+        "step kept (policy/kept_step). Needs eval_prompts_file."
     )
     engine: Literal["hf", "vllm"] = option(
         "hf", "What samples the rollouts: hf (transformers' generate) or vllm (TRL's colocate mode; the 'vllm' extra "

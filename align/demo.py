@@ -199,13 +199,14 @@ def stage_rlhf(demo: Demo) -> dict:
     if not eval_prompts.exists():
         write_jsonl(rlhf_eval_tasks(demo.size), eval_prompts)
     # Gold on held-out prompts of its own, 5 times: the monitor judges proxy against it, and v3 is the policy of the
-    # best of those evaluations (keep_policy best), not the last one. They are not the final evaluation's prompts,
-    # so choosing among the run's policies by them does not flatter v3 there.
+    # best of those evaluations that beat the start beyond noise, else v2's (keep_policy best_beyond_noise), not the
+    # last one. They are not the final evaluation's prompts, so choosing by them does not flatter v3 there.
     return _train(demo, "rlhf", "v3-rlhf", demo.size.rlhf_steps, [
         "--model", str(demo.path("v2-dpo")), "--reward_model", str(demo.path("reward")),
         "--prompts_file", str(prompts), "--eval_prompts_file", str(eval_prompts),
         "--eval_per_family", str(demo.size.rlhf_eval_per_family), "--eval_steps", str(rlhf_eval_steps(demo.size)),
-        "--keep_policy", "best", "--save_steps", "3", "--max_new_tokens", str(demo.size.max_new_tokens),
+        "--keep_policy", "best_beyond_noise", "--save_steps", "3",
+        "--max_new_tokens", str(demo.size.max_new_tokens),
         "--interference_samples", str(demo.size.sft_eval_samples),
     ])
 
@@ -453,8 +454,9 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
     accuracy = report.get("reward_model_accuracy") or {}
     rlhf = records.get("rlhf-v3", {}).get("result", {})
     metrics = demo.path("v3-rlhf/metrics.jsonl")
-    gold_curve = [(r["step"], r["eval/gold_reward"]) for r in (read_metrics(metrics) if metrics.exists() else [])
-                  if "eval/gold_reward" in r]
+    evaluations = [r for r in (read_metrics(metrics) if metrics.exists() else []) if "eval/gold_reward" in r]
+    gold_curve = [(r["step"], r["eval/gold_reward"]) for r in evaluations]
+    gain_low = {str(r["step"]): r["eval/gold_gain_low"] for r in evaluations if r.get("eval/gold_gain_low") is not None}
     auto = weights.get("auto") or {}
     return {
         "evaluation": {"prompts": report.get("prompts", {}).get("n"), "n": report.get("settings", {}).get("n"),
@@ -471,7 +473,8 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
                          "by_family": {f: v["accuracy"] for f, v in (accuracy.get("by_family") or {}).items()}},
         "rlhf": {**{k: rlhf.get(k) for k in ("kl", "monitor/flagged", "eval/gold_reward_start", "eval/gold_reward",
                                              "policy/kept_step", "policy/dropped/gold_reward")},
-                 "gold_curve": gold_curve, "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
+                 "gold_curve": gold_curve, "gain_low": gain_low,
+                 "divergence": divergence(demo.path("v3-rlhf/monitor.json"))},
         "seconds": {name: round(r["seconds"], 1) for name, r in records.items()},
         "cpu_seconds": {name: round(r["cpu_seconds"], 1) for name, r in records.items() if "cpu_seconds" in r},
     }
@@ -552,12 +555,23 @@ def print_summary(demo: Demo, table: dict) -> None:
                                        " (down)" if curve[-1][1] < curve[0][1] else " (unchanged)")
     kept = rl.get("policy/kept_step")
     rolled = kept is not None and bool(curve) and kept != curve[-1][0]
+    gains = rl.get("gain_low") or {}
+    if rolled and kept == curve[0][0] and gains:
+        best_step, best_gold = max(curve[1:], key=lambda c: c[1])
+        why = (f"; v3 is the starting policy (v2): no evaluation beat it beyond noise (the best, step {best_step} "
+               f"at {fmt(best_gold)}, has a gain interval from {gains.get(str(best_step), float('nan')):+.3f})")
+    elif rolled:
+        why = (f"; v3 is the policy of step {kept}, its best gold evaluation"
+               + (" that beat the start beyond noise" if gains else "")
+               + f" ({fmt(rl.get('eval/gold_reward'))}), not of step {curve[-1][0]} "
+               f"({fmt(rl.get('policy/dropped/gold_reward'))})")
+    else:
+        why = ""
     print(f"RLHF: greedy gold on its {len(curve)} evaluations (steps {', '.join(str(s) for s, _ in curve)}): "
           f"{' -> '.join(fmt(g) for _, g in curve)}{moved}; KL {fmt(rl.get('kl'), 4)} nats/token "
           f"{'for the policy kept' if rolled else 'at the last step'}; "
           f"reward-hacking monitor {'FLAGGED the run (see v3-rlhf/monitor.json)' if flagged else 'quiet'}{seen}"
-          + (f"; v3 is the policy of step {kept}, its best gold evaluation ({fmt(rl.get('eval/gold_reward'))}), "
-             f"not of step {curve[-1][0]} ({fmt(rl.get('policy/dropped/gold_reward'))})." if rolled else "."))
+          f"{why}.")
     total, cpu = sum(table["seconds"].values()), table.get("cpu_seconds", {})
     print("Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in table["seconds"].items()) + f" (total {total:.0f}s"
           + (f"; {sum(cpu.values()):.0f} CPU seconds)." if cpu else ")."))

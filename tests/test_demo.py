@@ -386,11 +386,24 @@ def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):
     table = summary(demo, records)
     table["rlhf"].update({"monitor/flagged": 1, "policy/kept_step": 3, "eval/gold_reward": 0.513,
                           "policy/dropped/gold_reward": 0.424, "kl": 0.0011,
-                          "gold_curve": [(0, 0.5), (3, 0.513), (6, 0.49), (9, 0.45), (12, 0.424)]})
+                          "gold_curve": [(0, 0.5), (3, 0.513), (6, 0.49), (9, 0.45), (12, 0.424)], "gain_low": {}})
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert "KL 0.0011 nats/token for the policy kept" in line and "FLAGGED the run" in line
     assert line.endswith("; v3 is the policy of step 3, its best gold evaluation (0.513), not of step 12 (0.424).")
+    # keep_policy best_beyond_noise (the demo's): the summary says the kept step beat the start beyond noise...
+    table["rlhf"]["gain_low"] = {"3": 0.004, "6": -0.01, "9": -0.05, "12": -0.08}
+    print_summary(demo, table)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
+    assert line.endswith("; v3 is the policy of step 3, its best gold evaluation that beat the start beyond noise "
+                         "(0.513), not of step 12 (0.424).")
+    # ... or, when none did, that v3 is v2's policy, and how far the best evaluation was from beating it
+    table["rlhf"].update({"policy/kept_step": 0, "eval/gold_reward": 0.5, "kl": 0.0})
+    table["rlhf"]["gain_low"]["3"] = -0.021
+    print_summary(demo, table)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
+    assert line.endswith("; v3 is the starting policy (v2): no evaluation beat it beyond noise (the best, step 3 at "
+                         "0.513, has a gain interval from -0.021).")
     table["rlhf"]["policy/kept_step"] = 12  # the last policy was the best: nothing rolled back
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))

@@ -144,6 +144,17 @@ def test_keep_policy_saves_the_policy_of_the_best_gold_evaluation(tiny_model_dir
     assert metrics["monitor/flagged"] == 0 and metrics["policy/kept_step"] == best
     assert all(torch.equal(saved[n], by_step[best][n]) for n in saved)
 
+    # beyond noise: only an evaluation whose paired gain over the start has an interval above 0 may replace it
+    metrics, out, by_step, saved = run("beyond-noise", "best_beyond_noise")
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/gold_reward" in r]
+    assert "eval/gold_gain_low" not in evals[0] and all("eval/gold_gain_low" in r for r in evals[1:])
+    qualified = [0] + [i for i, r in enumerate(evals) if i and r["eval/gold_gain_low"] > 0]
+    expected = max(qualified, key=lambda i: (evals[i]["eval/gold_reward"], -i))
+    assert metrics["policy/kept_step"] == evals[expected]["step"]
+    assert all(torch.equal(saved[n], by_step[evals[expected]["step"]][n]) for n in saved)
+    start = json.loads((out / "best_policy" / "start.json").read_text())
+    assert start["step"] == 0 and len(start["rewards"]) == 7  # one task per family, paired across evaluations
+
     with caplog.at_level("WARNING", logger="align.trainers.rlhf"):  # nothing to choose among: said, last kept
         metrics, _, by_step, saved = run("no-eval", "best", data_eval=False)
     assert "keep_policy best does nothing here" in caplog.text and "policy/kept_step" not in metrics
@@ -217,3 +228,15 @@ def test_engine_reaches_trl_config(tmp_path):
     assert hf.use_vllm is False
     vllm = trainer_config(RLHFArgs(num_generations=2, engine="vllm"), train, ModelArgs(dtype="float32"), tmp_path)
     assert vllm.use_vllm is True and vllm.vllm_mode == "colocate"
+
+
+def test_gain_beyond_noise_needs_a_paired_gain_whose_interval_is_above_zero():
+    from align.trainers.rlhf import gain_low
+
+    start = [0.0] * 10 + [1.0] * 10
+    assert 0.25 < gain_low([1.0] * 20, start) < 0.5  # half the tasks gained 1, none lost: beyond noise
+    assert gain_low([1.0] + [0.0] * 9 + [1.0] * 10, start) <= 0  # one task of twenty gained: noise
+    assert gain_low([1.0] * 10 + [0.0] * 10, start) < -0.3  # swapped: as many losses as gains
+    assert gain_low(start, start) == 0.0
+    with pytest.raises(ValueError):
+        gain_low([1.0], start)  # evaluations of different task sets are not paired

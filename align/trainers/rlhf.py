@@ -153,6 +153,7 @@ class GoldEvaluator:
         self.tasks, self.tokenizer, self.batch_size = tasks, tokenizer, batch_size
         self.settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
         self.reward, self.judge = reward, judge
+        self.last_rewards: list[float] = []
 
     def __call__(self, model: Any) -> dict[str, float]:
         was_training = model.training
@@ -160,6 +161,7 @@ class GoldEvaluator:
         if was_training:
             model.train()
         summary = gold_summary(rows)
+        self.last_rewards = [r["reward"] for r in rows]  # per task, in task order: paired across evaluations
         metrics = {"eval/gold_reward": summary.pop("all"), **{f"eval/gold/{k}": v for k, v in summary.items()}}
         texts = [r["response"] for r in rows]
         metrics["eval/length"] = statistics.fmean(len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
@@ -179,8 +181,10 @@ class GoldEvalCallback(TrainerCallback):
     resumed run still has them: `rollback(model)` loads them back (keep_policy).
     """
 
-    def __init__(self, evaluator: GoldEvaluator, every: int, keep_best: Optional[Path] = None):
-        self.evaluator, self.every, self.keep_best = evaluator, every, keep_best
+    def __init__(self, evaluator: GoldEvaluator, every: int, keep_best: Optional[Path] = None,
+                 beyond_noise: bool = False):
+        self.evaluator, self.every, self.keep_best, self.beyond_noise = evaluator, every, keep_best, beyond_noise
+        self.start_rewards: Optional[list[float]] = None  # per task, at step 0: what a kept policy must beat
         self.trainer: Any = None
         self.last: tuple[int, dict] = (-1, {})
         self.best: Optional[tuple[int, dict]] = None  # (step, metrics) of the best gold evaluation
@@ -188,14 +192,23 @@ class GoldEvalCallback(TrainerCallback):
 
     def run(self, step: int, model: Any) -> dict[str, float]:
         metrics = self.evaluator(model)
+        rewards = list(self.evaluator.last_rewards)
+        if self.start_rewards is None:
+            self.start_rewards = rewards
+            if self.keep_best is not None and (self.trainer is None or self.trainer.is_world_process_zero()):
+                self.keep_best.mkdir(parents=True, exist_ok=True)
+                runs.write_json(self.keep_best / "start.json", {"step": step, "rewards": rewards})
+        elif self.beyond_noise:
+            metrics["eval/gold_gain_low"] = gain_low(rewards, self.start_rewards)
         self.last = (step, metrics)
         control = self.trainer.control
         should_log = control.should_log  # logging resets it, and the step's training row must still be logged
         # The base Trainer.log: TRL's override would fold its pending training metrics into this row.
         Trainer.log(self.trainer, dict(metrics))
         control.should_log = should_log
-        if self.keep_best is not None and (self.best is None
-                                           or metrics["eval/gold_reward"] > self.best[1]["eval/gold_reward"]):
+        qualifies = not self.beyond_noise or metrics.get("eval/gold_gain_low", 1.0) > 0  # the start always does
+        if self.keep_best is not None and qualifies and (
+                self.best is None or metrics["eval/gold_reward"] > self.best[1]["eval/gold_reward"]):
             self._keep(step, metrics, model)
         return metrics
 
@@ -215,6 +228,9 @@ class GoldEvalCallback(TrainerCallback):
         from safetensors.torch import load_file
 
         saved = self.keep_best / "best.json" if self.keep_best is not None else None
+        start = self.keep_best / "start.json" if self.keep_best is not None else None
+        if start is not None and start.is_file():
+            self.start_rewards = json.loads(start.read_text())["rewards"]
         if saved is not None and saved.is_file():
             best = json.loads(saved.read_text())
             if best["step"] <= step:
@@ -242,6 +258,14 @@ class GoldEvalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
             self.run(state.global_step, model)
+
+
+def gain_low(rewards: Sequence[float], start: Sequence[float], seed: int = 0) -> float:
+    """The lower end of the 95% paired bootstrap interval over tasks of the mean gold gain over the starting policy:
+    above 0 when an evaluation beats the start beyond noise (keep_policy best_beyond_noise)."""
+    from align.report.stats import bootstrap
+
+    return bootstrap([r - s for r, s in zip(rewards, start, strict=True)], seed=seed)[0]
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
@@ -346,7 +370,8 @@ def train_rlhf(
         judge = load_reward(rl.judge_reward_model, device, rl) if rl.judge_reward_model else None
         evaluator = GoldEvaluator(tasks, tokenizer, rl.max_new_tokens, train.per_device_eval_batch_size, reward, judge)
         evaluation = GoldEvalCallback(evaluator, train.eval_steps,
-                                      None if rl.keep_policy == "last" else out / "best_policy")
+                                      None if rl.keep_policy == "last" else out / "best_policy",
+                                      beyond_noise=rl.keep_policy == "best_beyond_noise")
         own_callbacks.append(evaluation)
 
     trainer_cls = RLOOTrainer if rl.algorithm == "rloo" else GRPOTrainer
@@ -367,7 +392,8 @@ def train_rlhf(
     if monitor is not None:
         metrics.update({"monitor/flagged": int(monitor.flagged), "monitor/flags": len(monitor.flags)})
     flagged = monitor is not None and monitor.flagged
-    if evaluation is not None and (rl.keep_policy == "best" or (rl.keep_policy == "best_if_flagged" and flagged)):
+    if evaluation is not None and (rl.keep_policy in ("best", "best_beyond_noise")
+                                   or (rl.keep_policy == "best_if_flagged" and flagged)):
         metrics.update(rollback(trainer, evaluation, metrics))
     if not trainer.is_world_process_zero():
         return out
