@@ -79,8 +79,8 @@ SIZES = {
                       reward_steps=52, rlhf_steps=4, rlhf_evaluations=5, rlhf_eval_per_family=3, eval_per_family=10,
                       eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
-                     dpo_steps=200, reward_steps=300, reward_learning_rate=1e-3, rlhf_steps=150, rlhf_evaluations=11, rlhf_eval_per_family=5,
-                     eval_per_family=15, eval_n=1, sft_eval_samples=140),
+                     dpo_steps=200, reward_steps=300, reward_learning_rate=1e-3, rlhf_steps=150, rlhf_evaluations=11,
+                     rlhf_eval_per_family=5, eval_per_family=15, eval_n=1, sft_eval_samples=140),
 }
 
 
@@ -153,9 +153,10 @@ def stage_export(demo: Demo) -> dict:
     held_prompts = held_out_prompts(rows)
     held = [r for r in rows if _prompt_key(r["prompt"]) in held_prompts]
     train = [r for r in rows if _prompt_key(r["prompt"]) not in held_prompts]
-    samples: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}  # v1's and v0's answers to each training prompt
     for r in train:
-        samples.setdefault(r["prompt"][-1]["content"], []).extend(r[side][-1]["content"] for side in ("chosen", "rejected"))
+        samples.setdefault(r["prompt"][-1]["content"], []).extend(r[side][-1]["content"]
+                                                                  for side in ("chosen", "rejected"))
     tasks = [t for t in resolve_prompts("tasks:train", demo.size.demonstrations_per_family)
              if _prompt_key([{"role": "user", "content": t["prompt"]}]) not in held_prompts]
     judge = GoldJudge(both_bad_threshold=demo.both_bad_threshold)
@@ -456,7 +457,8 @@ def summary(demo: Demo, records: dict[str, dict]) -> dict:
     metrics = demo.path("v3-rlhf/metrics.jsonl")
     evaluations = [r for r in (read_metrics(metrics) if metrics.exists() else []) if "eval/gold_reward" in r]
     gold_curve = [(r["step"], r["eval/gold_reward"]) for r in evaluations]
-    gain_low = {str(r["step"]): r["eval/gold_gain_low"] for r in evaluations if r.get("eval/gold_gain_low") is not None}
+    gain_low = {str(r["step"]): r["eval/gold_gain_low"] for r in evaluations
+                if r.get("eval/gold_gain_low") is not None}
     auto = weights.get("auto") or {}
     return {
         "evaluation": {"prompts": report.get("prompts", {}).get("n"), "n": report.get("settings", {}).get("n"),

@@ -23,7 +23,7 @@ import json
 import random
 from typing import Optional, Sequence
 
-from align.simulate import shown_left
+from align.simulate import annotator_names, vote
 from align.store.export import aggregate
 from align.tasks import reference_messages
 
@@ -63,12 +63,8 @@ def label_candidates(candidates: Sequence[dict], judge, annotators: int = 3, see
     rows = []
     for c, reward_a, reward_b in zip(candidates, scores_a, scores_b):
         key = hashlib.sha256(json.dumps([c["prompt"], c["a"], c["b"]], ensure_ascii=False).encode()).hexdigest()[:16]
-        votes = []
-        for i in range(annotators):
-            name = f"sim-{judge.name}-{i + 1}"
-            rng = random.Random(f"{seed}:{name}:{key}")
-            votes.append(judge.decide(reward_a, reward_b, shown_left(name, key), rng))
-        verdict = aggregate(votes)
+        verdict = aggregate([vote(judge, name, key, reward_a, reward_b, seed)[1:]
+                             for name in annotator_names(judge, annotators)])
         chosen, rejected = (c["b"], c["a"]) if verdict.choice == "b" else (c["a"], c["b"])
         rows.append({
             "prompt": c["prompt"],

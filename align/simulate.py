@@ -19,16 +19,28 @@ from align.judges import GoldJudge
 from align.store import Pair, Prompt, Response
 
 
-def shown_left(annotator: str, pair_id: int) -> str:
+def shown_left(annotator: str, pair_id: object) -> str:
     """Deterministic per (annotator, pair): which response the annotator sees on the left."""
     digest = hashlib.sha256(f"{annotator}:{pair_id}".encode()).digest()
     return "a" if digest[0] % 2 == 0 else "b"
 
 
+def annotator_names(judge: GoldJudge, annotators: int) -> list[str]:
+    return [f"sim-{judge.name}-{i + 1}" for i in range(annotators)]
+
+
+def vote(judge: GoldJudge, name: str, key: object, reward_a: float, reward_b: float,
+         seed: int) -> tuple[str, str, int]:
+    """(left, choice, strength): annotator `name`'s seeded vote on the pair `key` (a pair id, or any stable key)."""
+    left = shown_left(name, key)
+    choice, strength = judge.decide(reward_a, reward_b, left, random.Random(f"{seed}:{name}:{key}"))
+    return left, choice, strength
+
+
 def simulate(store, judge: GoldJudge, annotators: int = 3, seed: int = 0, pair_ids: Optional[list[int]] = None) -> dict[str, int]:
     """Have `annotators` simulated annotators vote once on every pair (that they have not voted on)."""
     source = f"sim:{judge.name}"
-    names = [f"sim-{judge.name}-{i + 1}" for i in range(annotators)]
+    names = annotator_names(judge, annotators)
     done = {(v.annotator, v.pair_id) for v in st.effective_votes(store, source=source)}
     counts = {"votes": 0, "skipped_no_gold": 0, "pairs": 0}
     for pair in _pairs_with_text(store, pair_ids):
@@ -40,9 +52,7 @@ def simulate(store, judge: GoldJudge, annotators: int = 3, seed: int = 0, pair_i
         for name in names:
             if (name, pair["id"]) in done:
                 continue
-            rng = random.Random(f"{seed}:{name}:{pair['id']}")
-            left = shown_left(name, pair["id"])
-            choice, strength = judge.decide(reward_a, reward_b, left, rng)
+            left, choice, strength = vote(judge, name, pair["id"], reward_a, reward_b, seed)
             st.add_vote(store, pair["id"], name, choice, strength=strength, left=left, source=source,
                         rationale=f"gold reward a={reward_a:.2f} b={reward_b:.2f}")
             counts["votes"] += 1
