@@ -20,9 +20,11 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from align.errors import ModelError
 
@@ -188,11 +190,46 @@ def choose_chat_template(tokenizer: "PreTrainedTokenizerBase", choice: Optional[
                     "chatml, a .jinja file or the template text)", spec)
 
 
+# load_model's cache while `shared_models()` is open: one loaded copy per (weights, options, device)
+_SHARED: ContextVar[Optional[dict]] = ContextVar("align_shared_models", default=None)
+
+
+@contextmanager
+def shared_models() -> Iterator[None]:
+    """Within it, `load_model` loads each model once and hands later callers the same (model, tokenizer).
+
+    For read-only users that load the same versions several times, as `align eval` does (sampling, KL, drift
+    and token credit each load a version, and loading a run merges every adapter of its chain): none of them may
+    change the weights, the dtype or the tokenizer. The copies are freed when the outermost block ends.
+    """
+    token = _SHARED.set({}) if _SHARED.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _SHARED.reset(token)
+
+
 def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load model and tokenizer for a spec; an adapter is merged into its base (see module docstring)."""
+    """Load model and tokenizer for a spec; an adapter is merged into its base (see module docstring).
+
+    Inside `shared_models()`, a second load of the same weights with the same options returns the first one.
+    """
+    resolved = resolve_model(args.model, args.revision)
+    cache = _SHARED.get()
+    if cache is None or args.load_in_4bit:
+        return _load_model(resolved, args, device)
+    key = (resolved.path, resolved.adapters, resolved.revision, args.dtype, args.attn_implementation,
+           args.chat_template, device)
+    if key not in cache:
+        cache[key] = _load_model(resolved, args, device)
+    return cache[key]
+
+
+def _load_model(resolved: ResolvedModel, args: "ModelArgs",
+                device: Optional[str]) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_model(args.model, args.revision)
     tokenizer = load_tokenizer(resolved, args.chat_template)
     kwargs = {"dtype": resolve_dtype(args.dtype), "revision": resolved.revision}
     if args.attn_implementation:

@@ -7,7 +7,7 @@ import torch
 
 from align.config import LoraArgs, ModelArgs
 from align.errors import ModelError
-from align.models import apply_lora, load_model, resolve_model, save_trained, tiny_tokenizer
+from align.models import apply_lora, load_model, resolve_model, save_trained, shared_models, tiny_tokenizer
 
 
 def test_tiny_tokenizer_round_trips_any_text():
@@ -23,6 +23,19 @@ def test_local_model_dir_loads(tiny_model_dir):
     assert model.config.vocab_size == len(tok)
     assert model.dtype == torch.float32
 
+
+
+def test_shared_models_load_each_model_once_inside_the_block(tiny_model_dir):
+    spec = ModelArgs(model=str(tiny_model_dir))
+    with shared_models():
+        first = load_model(spec)
+        with shared_models():  # a nested block shares the outer one's copies
+            assert load_model(ModelArgs(model=str(tiny_model_dir)))[0] is first[0]
+        assert load_model(spec)[1] is first[1]
+        other = load_model(ModelArgs(model=str(tiny_model_dir), dtype="bfloat16"))[0]  # other options: its own copy
+        assert other is not first[0] and other.dtype == torch.bfloat16 and first[0].dtype == torch.float32
+    assert load_model(spec)[0] is not first[0]  # outside: a fresh copy each time
+    assert load_model(spec)[0] is not load_model(spec)[0]
 
 @pytest.mark.parametrize(
     "spec, message",

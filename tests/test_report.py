@@ -258,6 +258,37 @@ def dpo_run(tiny_model_dir, tmp_path_factory):
     return train_dpo(*configs(tiny_model_dir, files, root / "v1-dpo", max_steps=3, eval_steps=1))
 
 
+
+def test_eval_loads_each_version_once(dpo_run, tiny_model_dir, tmp_path, monkeypatch):
+    """Sampling, KL, drift and token credit all need v1-dpo and its parent: each is loaded (and merged) once."""
+    import align.models
+    from align import store as st
+    from align.data import read_jsonl
+    from align.generation import SamplingSettings
+    from align.prompts import resolve_prompts
+    from align.report.compare import EvalSpec, run_eval
+
+    loads = []
+    real = align.models._load_model
+
+    def counted(resolved, args, device):
+        loads.append((resolved.path, resolved.adapters))
+        return real(resolved, args, device)
+
+    monkeypatch.setattr(align.models, "_load_model", counted)
+    rows = resolve_prompts("tasks:eval", per_family=1, limit=4)
+    spec = EvalSpec(models=[str(tiny_model_dir), str(dpo_run)], prompt_rows=rows, judges=["gold"], n=1,
+                    settings=SamplingSettings(temperature=1.0, max_new_tokens=8, seed=0), n_boot=50, credit_pairs=2,
+                    heldout_pairs=read_jsonl(dpo_run.parent / "eval.jsonl"))
+    with st.connect(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        report = run_eval(store, spec, embed=None)
+    # the sections that load both models again ran: KL re-scores under the parent, credit needs both
+    assert len(report["kl"]["per_version"]) == 2
+    assert report["credit"]["per_version"]["v1-dpo"]["reference"] == str(tiny_model_dir)
+    assert len(report["credit"]["per_version"]["v1-dpo"]["pairs"]) == 2
+    assert sorted(loads) == sorted({(str(tiny_model_dir), ()), (str(tiny_model_dir), (str(dpo_run / "adapter"),))})
+    assert len(loads) == 2
+
 def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
     from align.commands.report import build_runs_report
     from align.report import write_report

@@ -19,6 +19,7 @@ from align import store as st
 from align.errors import AlignError
 from align.generation import SamplingSettings, vllm_missing
 from align.judges import GoldJudge, RewardJudge
+from align.models import shared_models
 from align.report import artifacts, clusters, stats
 from align.report.credit import eval_credit
 from align.report.drift import drift
@@ -107,6 +108,13 @@ def load_prompts(store, prompt_ids: Sequence[int]) -> dict[int, dict]:
 @discard_unused_on_failure
 def run_eval(store, spec: EvalSpec, embed: Optional[Callable] = clusters.DEFAULT) -> dict:
     """Sample, judge and summarise; returns the report as a JSON-ready dict (see align.report.html for rendering)."""
+    # Sampling, KL, drift and token credit each load a version (a run merges every adapter of its chain): shared,
+    # each is loaded once.
+    with shared_models():
+        return _evaluate(store, spec, embed)
+
+
+def _evaluate(store, spec: EvalSpec, embed: Optional[Callable]) -> dict:
     if not spec.prompt_rows:
         raise AlignError("the prompt set is empty: give a JSONL with at least one prompt (or a larger --per_family)")
     if len(spec.models) < 1:
