@@ -560,8 +560,11 @@ def print_summary(demo: Demo, table: dict) -> None:
     gains = rl.get("gain_low") or {}
     if rolled and kept == curve[0][0] and gains:
         best_step, best_gold = max(curve[1:], key=lambda c: c[1])
+        low = gains.get(str(best_step), float("nan"))
+        best = ("is no higher than the start" if best_gold <= curve[0][1] else
+                f"has a 95% gain interval from {low:+.3f}, not above 0")
         why = (f"; v3 is the starting policy (v2): no evaluation beat it beyond noise (the best, step {best_step} "
-               f"at {fmt(best_gold)}, has a gain interval from {gains.get(str(best_step), float('nan')):+.3f})")
+               f"at {fmt(best_gold)}, {best})")
     elif rolled:
         why = (f"; v3 is the policy of step {kept}, its best gold evaluation"
                + (" that beat the start beyond noise" if gains else "")

@@ -403,7 +403,12 @@ def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert line.endswith("; v3 is the starting policy (v2): no evaluation beat it beyond noise (the best, step 3 at "
-                         "0.513, has a gain interval from -0.021).")
+                         "0.513, has a 95% gain interval from -0.021, not above 0).")
+    table["rlhf"]["gold_curve"] = [(0, 0.5), (3, 0.5), (6, 0.49), (9, 0.45), (12, 0.424)]  # none above the start
+    table["rlhf"]["gain_low"]["3"] = 0.0
+    print_summary(demo, table)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
+    assert line.endswith("(the best, step 3 at 0.500, is no higher than the start).")
     table["rlhf"]["policy/kept_step"] = 12  # the last policy was the best: nothing rolled back
     print_summary(demo, table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
