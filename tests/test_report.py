@@ -53,6 +53,59 @@ def test_eval_report_values(built):
     assert page.count("data:image/png;base64,") >= 4
 
 
+
+def test_each_distinct_answer_is_judged_once():
+    """Versions that give the same answer share one judge call for it, and so get exactly the same score."""
+    from align.judges import GoldJudge
+    from align.prompts import resolve_prompts
+    from align.report.compare import _judge_all
+
+    calls = []
+
+    class Counting(GoldJudge):
+        def score(self, prompts, texts):
+            calls.append(list(texts))
+            return super().score(prompts, texts)
+
+    rows = [r for r in resolve_prompts("tasks:eval", per_family=1) if r["family"] == "keyword"]
+    prompts = {7: rows[0]}
+    word = rows[0]["gold"]["keyword"]
+    samples = {"a": {7: [{"text": f"It is {word}."}, {"text": "No."}]},
+               "b": {7: [{"text": "No."}, {"text": f"It is {word}."}]}}
+    scores = _judge_all(Counting(), prompts, [7], samples)
+    assert calls == [[f"It is {word}.", "No."]]
+    assert scores == {"a": {7: [1.0, 0.0]}, "b": {7: [0.0, 1.0]}}
+
+
+def test_kl_scores_each_distinct_answer_once_under_the_reference(built, monkeypatch):
+    """Two versions with the same answers: the reference re-scores them once, and both get the same estimate."""
+    import align.report.sections as sections
+    from align import store as st
+    from align.generation import SamplingSettings
+    from align.prompts import resolve_prompts
+    from align.report.compare import load_prompts, load_samples
+    from align.store.versions import find_version
+
+    _, report, url, models = built
+    scored = []
+    real = sections.score_completions
+
+    def counted(model, prompt_ids, completions, *args, **kwargs):
+        scored.extend(completions)
+        return real(model, prompt_ids, completions, *args, **kwargs)
+
+    monkeypatch.setattr(sections, "score_completions", counted)
+    settings = SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0)
+    with st.connect(url) as store:
+        ids = list(dict.fromkeys(st.add_prompts(store, resolve_prompts("tasks:eval", per_family=1, limit=6))))
+        a, b = (find_version(store, v["name"]) for v in report["versions"])
+        own = load_samples(store, b.id, ids, 1, settings)
+        kl = sections.kl_to_reference(a, [b, a], load_prompts(store, ids), {a.name: own, b.name: own}, settings,
+                                      n_boot=50)
+    assert len(scored) == len({tuple(c) for c in scored}) == 6  # b's six answers, once: a's row reuses them
+    assert kl["per_version"][a.name] == kl["per_version"][b.name]
+    assert kl["per_version"][b.name]["kl"] == pytest.approx(report["kl"]["per_version"][b.name]["kl"], abs=1e-6)
+
 def test_eval_samples_are_stored_with_provenance(built):
     from sqlalchemy import func, select
 

@@ -200,16 +200,13 @@ def _section(report: dict, key: str, build: Callable[[], Any]) -> None:
 
 
 def _judge_all(judge, prompts: dict, prompt_ids: Sequence[int], samples: dict) -> dict:
-    """{version: {prompt_id: [score per sample]}}, one batched call per version."""
-    out = {}
-    for name, by_prompt in samples.items():
-        flat = [(pid, r) for pid in prompt_ids for r in by_prompt[pid]]
-        values = judge.score([prompts[pid] for pid, _ in flat], [r["text"] for _, r in flat])
-        per: dict[int, list[float]] = defaultdict(list)
-        for (pid, _), value in zip(flat, values):
-            per[pid].append(float(value))
-        out[name] = dict(per)
-    return out
+    """{version: {prompt_id: [score per sample]}}. Each distinct answer to a prompt is scored once, in one batched
+    call: versions often give the same answer (greedy above all), and it then gets exactly the same score."""
+    keys = list(dict.fromkeys((pid, r["text"]) for by_prompt in samples.values() for pid in prompt_ids
+                              for r in by_prompt[pid]))
+    values = dict(zip(keys, judge.score([prompts[pid] for pid, _ in keys], [text for _, text in keys])))
+    return {name: {pid: [float(values[(pid, r["text"])]) for r in by_prompt[pid]] for pid in prompt_ids}
+            for name, by_prompt in samples.items()}
 
 
 def _share(by_prompt: dict, test: Callable[[dict], bool]) -> float:

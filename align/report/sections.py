@@ -80,6 +80,7 @@ def kl_to_reference(reference, versions: Sequence, prompts: dict, samples: dict,
         return f"reference {reference.name} cannot be loaded here: {err}"
     model.eval()
     out: dict[str, Any] = {"reference": reference.name, "per_version": {}, "skipped": {}}
+    ref_logp: dict[tuple, float] = {}  # (prompt, token ids): versions often share answers (greedy above all)
     for v in versions:
         if (v.tokenizer_hash, v.chat_template_hash) != (reference.tokenizer_hash, reference.chat_template_hash):
             out["skipped"][v.name] = "a different tokenizer or chat template than the reference: token ids differ"
@@ -89,12 +90,14 @@ def kl_to_reference(reference, versions: Sequence, prompts: dict, samples: dict,
         if not items:
             out["skipped"][v.name] = "no stored token ids and log-probs"
             continue
-        ref_logps = []
-        for start in range(0, len(items), 8):
-            part = items[start:start + 8]
+        keys = [(pid, tuple(r["token_ids"])) for pid, r in items]
+        todo = [k for k in dict.fromkeys(keys) if k not in ref_logp]
+        for start in range(0, len(todo), 8):
+            part = todo[start:start + 8]
             raw, _ = score_completions(model, [render(tokenizer, prompts[pid]["messages"]) for pid, _ in part],
-                                       [r["token_ids"] for _, r in part], None, tokenizer.pad_token_id)
-            ref_logps += [math.fsum(t) for t in raw]
+                                       [list(ids) for _, ids in part], None, tokenizer.pad_token_id)
+            ref_logp.update((k, math.fsum(t)) for k, t in zip(part, raw))
+        ref_logps = [ref_logp[k] for k in keys]
         out["per_version"][v.name] = stats.kl_estimate([r["logp"] for _, r in items], ref_logps,
                                                        [len(r["token_ids"]) for _, r in items], n_boot, seed)
     if settings.temperature != 1.0 or settings.truncates:
