@@ -15,16 +15,18 @@ the right DPO/RLHF reference, with no frozen copy to keep in memory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from align.errors import ModelError
 
@@ -190,24 +192,61 @@ def choose_chat_template(tokenizer: "PreTrainedTokenizerBase", choice: Optional[
                     "chatml, a .jinja file or the template text)", spec)
 
 
-# load_model's cache while `shared_models()` is open: one loaded copy per (weights, options, device)
-_SHARED: ContextVar[Optional[dict]] = ContextVar("align_shared_models", default=None)
+class _Shared:
+    """load_model's cache while `shared_models()` is open: (model, tokenizer) per (weights, options, device), least
+    recently used first, dropped from the front while their weights pass `max_bytes` (the newest always stays)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, tuple[Any, Any, int]] = OrderedDict()
+
+    def get(self, key: tuple, load: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        else:
+            model, tokenizer = load()
+            self.entries[key] = (model, tokenizer, weight_bytes(model))
+            while len(self.entries) > 1 and sum(e[2] for e in self.entries.values()) > self.max_bytes:
+                self.entries.popitem(last=False)
+        model, tokenizer, _ = self.entries[key]
+        return model, tokenizer
+
+
+_SHARED: ContextVar[Optional[_Shared]] = ContextVar("align_shared_models", default=None)
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes held by a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 @contextmanager
-def shared_models() -> Iterator[None]:
+def shared_models(max_bytes: Optional[int] = None) -> Iterator[None]:
     """Within it, `load_model` loads each model once and hands later callers the same (model, tokenizer).
 
     For read-only users that load the same versions several times, as `align eval` does (sampling, KL, drift
     and token credit each load a version, and loading a run merges every adapter of its chain): none of them may
-    change the weights, the dtype or the tokenizer. The copies are freed when the outermost block ends.
+    change the weights, the dtype or the tokenizer. The loaded models stay while their weights fit `max_bytes`
+    (default: a quarter of the machine's RAM; the least recently used goes first, so several large versions load
+    again rather than run out of memory). They are freed when the outermost block ends.
     """
-    token = _SHARED.set({}) if _SHARED.get() is None else None
+    if _SHARED.get() is not None:  # a nested block shares the outer one's models
+        yield
+        return
+    budget = max_bytes if max_bytes is not None else physical_memory_bytes() // 4
+    token = _SHARED.set(_Shared(budget))
     try:
         yield
     finally:
-        if token is not None:
-            _SHARED.reset(token)
+        _SHARED.reset(token)
 
 
 def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -216,14 +255,12 @@ def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTra
     Inside `shared_models()`, a second load of the same weights with the same options returns the first one.
     """
     resolved = resolve_model(args.model, args.revision)
-    cache = _SHARED.get()
-    if cache is None or args.load_in_4bit:
+    shared = _SHARED.get()
+    if shared is None or args.load_in_4bit:
         return _load_model(resolved, args, device)
     key = (resolved.path, resolved.adapters, resolved.revision, args.dtype, args.attn_implementation,
            args.chat_template, device)
-    if key not in cache:
-        cache[key] = _load_model(resolved, args, device)
-    return cache[key]
+    return shared.get(key, lambda: _load_model(resolved, args, device))
 
 
 def _load_model(resolved: ResolvedModel, args: "ModelArgs",

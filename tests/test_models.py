@@ -7,7 +7,8 @@ import torch
 
 from align.config import LoraArgs, ModelArgs
 from align.errors import ModelError
-from align.models import apply_lora, load_model, resolve_model, save_trained, shared_models, tiny_tokenizer
+from align.models import (apply_lora, load_model, physical_memory_bytes, resolve_model, save_trained, save_tiny_model,
+                          shared_models, tiny_tokenizer, weight_bytes)
 
 
 def test_tiny_tokenizer_round_trips_any_text():
@@ -36,6 +37,26 @@ def test_shared_models_load_each_model_once_inside_the_block(tiny_model_dir):
         assert other is not first[0] and other.dtype == torch.bfloat16 and first[0].dtype == torch.float32
     assert load_model(spec)[0] is not first[0]  # outside: a fresh copy each time
     assert load_model(spec)[0] is not load_model(spec)[0]
+
+
+def test_shared_models_drop_the_least_recently_used_past_their_budget(tiny_model_dir, tmp_path):
+    specs = [ModelArgs(model=str(tiny_model_dir))] + [ModelArgs(model=str(save_tiny_model(tmp_path / f"m{i}", seed=i)))
+                                                       for i in (1, 2)]
+    model = load_model(specs[0])[0]
+    size = weight_bytes(model)
+    assert size == sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * 4 for b in model.buffers())
+    with shared_models(max_bytes=2 * size):  # room for two
+        a, b = load_model(specs[0])[0], load_model(specs[1])[0]
+        assert load_model(specs[0])[0] is a  # a is now the most recently used
+        c = load_model(specs[2])[0]  # b goes
+        assert load_model(specs[0])[0] is a and load_model(specs[2])[0] is c
+        assert load_model(specs[1])[0] is not b
+    with shared_models(max_bytes=0):  # nothing fits: only the newest stays
+        a = load_model(specs[0])[0]
+        assert load_model(specs[0])[0] is a
+        load_model(specs[1])
+        assert load_model(specs[0])[0] is not a
+    assert physical_memory_bytes() > 2**30  # the default budget is a quarter of it
 
 @pytest.mark.parametrize(
     "spec, message",
