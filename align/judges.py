@@ -70,7 +70,7 @@ class RewardJudge:
         if not run_dir:
             raise AlignError("the reward judge needs a reward-model run directory: --judge reward:RUN_DIR")
         self.run_dir = run_dir
-        self.model, self.tokenizer, self.stats = load_reward_model(run_dir)
+        self.model, self.tokenizer, self.stats = load_reward_model(run_dir, device="auto")
         self.batch_size = batch_size
 
     def check(self, prompts: Sequence[dict]) -> None:  # a reward model scores any prompt

@@ -220,6 +220,33 @@ def weight_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def inference_device() -> Optional[str]:
+    """Where read-only users (generation, evaluation, judges) put a model: this process's CUDA GPU when one is
+    visible (LOCAL_RANK under a launcher), else None: the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return None
+
+
+def resolve_device(device: Optional[str]) -> Optional[str]:
+    """`device` as given, "auto" as `inference_device()`."""
+    return inference_device() if device == "auto" else device
+
+
+def _default_budget() -> int:
+    """A quarter of the RAM, or of the GPU's memory where models go to a GPU and it has less."""
+    limit = physical_memory_bytes()
+    device = inference_device()
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        limit = min(limit, gpu) if limit else gpu
+    return limit // 4
+
+
 def physical_memory_bytes() -> int:
     """This machine's RAM (0 where the OS does not say)."""
     try:
@@ -235,13 +262,14 @@ def shared_models(max_bytes: Optional[int] = None) -> Iterator[None]:
     For read-only users that load the same versions several times, as `align eval` does (sampling, KL, drift
     and token credit each load a version, and loading a run merges every adapter of its chain): none of them may
     change the weights, the dtype or the tokenizer. The loaded models stay while their weights fit `max_bytes`
-    (default: a quarter of the machine's RAM; the least recently used goes first, so several large versions load
-    again rather than run out of memory). They are freed when the outermost block ends.
+    (default: a quarter of the machine's RAM, or of the GPU's memory where models go to a GPU; the least recently
+    used goes first, so several large versions load again rather than run out of memory). They are freed when the
+    outermost block ends.
     """
     if _SHARED.get() is not None:  # a nested block shares the outer one's models
         yield
         return
-    budget = max_bytes if max_bytes is not None else physical_memory_bytes() // 4
+    budget = max_bytes if max_bytes is not None else _default_budget()
     token = _SHARED.set(_Shared(budget))
     try:
         yield
@@ -252,8 +280,10 @@ def shared_models(max_bytes: Optional[int] = None) -> Iterator[None]:
 def load_model(args: "ModelArgs", device: Optional[str] = None) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load model and tokenizer for a spec; an adapter is merged into its base (see module docstring).
 
+    `device`: None keeps the model on the CPU (trainers place it themselves), "auto" is `inference_device()`.
     Inside `shared_models()`, a second load of the same weights with the same options returns the first one.
     """
+    device = resolve_device(device)
     resolved = resolve_model(args.model, args.revision)
     shared = _SHARED.get()
     if shared is None or args.load_in_4bit:

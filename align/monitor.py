@@ -352,7 +352,7 @@ def push_audit_pairs(
         ]
         policy_response_ids = st.add_responses(store, policy_rows)
         if reference_model is None:
-            reference_model, tokenizer = load_model(ModelArgs(model=reference_spec))
+            reference_model, tokenizer = load_model(ModelArgs(model=reference_spec), device="auto")
         reference_rows = []
         for batch in sample_responses(reference_model, tokenizer, prompts, 1, settings, batch_size=8):
             for sample in batch:

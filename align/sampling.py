@@ -53,7 +53,7 @@ def generate_to_store(
     if todo:
         warn_if_truncating(settings)
         version = find_version(store, name)
-        model, tokenizer = load_model(ModelArgs(model=loadable_spec(version)))
+        model, tokenizer = load_model(ModelArgs(model=loadable_spec(version)), device="auto")
         prompts = [as_messages(row.get("messages") or row["prompt"]) for row in prompt_rows]
         done = 0
         with tqdm(total=todo, desc=f"sampling {name}", unit="response") as bar:
@@ -104,7 +104,7 @@ def rescore(store, sample: int = 200, seed: int = 0) -> dict[str, dict[str, floa
         by_version.setdefault(version.name, []).append((response, prompt, version))
     report = {}
     for name, items in by_version.items():
-        model, tokenizer = load_model(ModelArgs(model=loadable_spec(items[0][2])))
+        model, tokenizer = load_model(ModelArgs(model=loadable_spec(items[0][2])), device="auto")
         worst_raw = worst_sample = 0.0
         # One response per pass: each may have its own decoding settings, and padding would change nothing here.
         for response, prompt, _ in items:

@@ -7,8 +7,8 @@ import torch
 
 from align.config import LoraArgs, ModelArgs
 from align.errors import ModelError
-from align.models import (apply_lora, load_model, physical_memory_bytes, resolve_model, save_trained, save_tiny_model,
-                          shared_models, tiny_tokenizer, weight_bytes)
+from align.models import (apply_lora, inference_device, load_model, physical_memory_bytes, resolve_device, resolve_model,
+                          save_trained, save_tiny_model, shared_models, tiny_tokenizer, weight_bytes)
 
 
 def test_tiny_tokenizer_round_trips_any_text():
@@ -57,6 +57,22 @@ def test_shared_models_drop_the_least_recently_used_past_their_budget(tiny_model
         load_model(specs[1])
         assert load_model(specs[0])[0] is not a
     assert physical_memory_bytes() > 2**30  # the default budget is a quarter of it
+
+
+def test_inference_device_is_this_process_gpu_when_one_is_visible(monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device() is None and resolve_device("auto") is None and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: what a GPU machine sees
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert inference_device() == "cuda:1" == resolve_device("auto")
+    assert resolve_device(None) is None  # trainers place their models themselves
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import align.models
+
+    monkeypatch.setattr(align.models, "inference_device", lambda: "meta")  # a device this CPU has: no weights
+    model, _ = load_model(ModelArgs(model=str(tiny_model_dir)), device="auto")
+    assert next(model.parameters()).device.type == "meta"
+    assert next(load_model(ModelArgs(model=str(tiny_model_dir)))[0].parameters()).device.type == "cpu"
 
 @pytest.mark.parametrize(
     "spec, message",

@@ -267,7 +267,7 @@ def test_runs_report(tmp_path):
         build_runs_report([str(tmp_path / "missing")])
 
 
-def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
+def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path, monkeypatch):
     """judge "both": reward-model scores and win rates beside gold, and its accuracy on held-out pairs."""
     from align import store as st
     from align.generation import SamplingSettings
@@ -285,6 +285,11 @@ def test_both_judges_with_a_tiny_reward_model(built, tiny_model_dir, tmp_path):
                     settings=SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0))
     with st.connect(built[2]) as store:  # the samples are already stored: nothing is generated again
         report = run_eval(store, spec, embed=None)
+    import align.models
+    from align.judges import RewardJudge
+
+    monkeypatch.setattr(align.models, "inference_device", lambda: "meta")  # a device this CPU has: no weights
+    assert next(RewardJudge(str(run)).model.parameters()).device.type == "meta"  # the judge goes where models go
     assert set(report["win_rates"]) == {"gold", "reward"}
     pairs = report["win_rates"]["reward"]["pairs"]
     assert pairs[0]["win_rate"] + pairs[1]["win_rate"] == pytest.approx(1.0)
@@ -321,14 +326,16 @@ def test_eval_loads_each_version_once(dpo_run, tiny_model_dir, tmp_path, monkeyp
     from align.prompts import resolve_prompts
     from align.report.compare import EvalSpec, run_eval
 
-    loads = []
+    loads, devices = [], []
     real = align.models._load_model
 
     def counted(resolved, args, device):
         loads.append((resolved.path, resolved.adapters))
+        devices.append(device)
         return real(resolved, args, device)
 
     monkeypatch.setattr(align.models, "_load_model", counted)
+    monkeypatch.setattr(align.models, "inference_device", lambda: "cpu")  # what a GPU machine's would be: cuda:0
     rows = resolve_prompts("tasks:eval", per_family=1, limit=4)
     spec = EvalSpec(models=[str(tiny_model_dir), str(dpo_run)], prompt_rows=rows, judges=["gold"], n=1,
                     settings=SamplingSettings(temperature=1.0, max_new_tokens=8, seed=0), n_boot=50, credit_pairs=2,
@@ -340,7 +347,7 @@ def test_eval_loads_each_version_once(dpo_run, tiny_model_dir, tmp_path, monkeyp
     assert report["credit"]["per_version"]["v1-dpo"]["reference"] == str(tiny_model_dir)
     assert len(report["credit"]["per_version"]["v1-dpo"]["pairs"]) == 2
     assert sorted(loads) == sorted({(str(tiny_model_dir), ()), (str(tiny_model_dir), (str(dpo_run / "adapter"),))})
-    assert len(loads) == 2
+    assert len(loads) == 2 and devices == ["cpu", "cpu"]  # every version on the inference device
 
 def test_runs_report_shows_the_overfitting_gap(dpo_run, tmp_path):
     from align.commands.report import build_runs_report

@@ -124,7 +124,7 @@ def run_credit(run: Path, k: int, seed: int = 0, rows: Optional[list[dict]] = No
     if method == "reward":
         from align.trainers.reward import load_reward_model  # deferred: torch
 
-        model, tokenizer, stats = load_reward_model(str(run))
+        model, tokenizer, stats = load_reward_model(str(run), device="auto")
         pairs = [{"prompt": _prompt_text(r["prompt"]), "label": r.get("label", "chosen"),
                   **{s: {"tokens": pieces(tokenizer, ids), "ids": ids}
                      for s in SIDES for ids in [_ids(r, s, tokenizer)]}} for r in picked]
@@ -133,8 +133,8 @@ def run_credit(run: Path, k: int, seed: int = 0, rows: Optional[list[dict]] = No
     if not info.get("parent_spec"):
         return f"{info.get('name')}: version.json names no parent to compare with"
     try:
-        policy, tokenizer = load_model(ModelArgs(model=str(run)))
-        reference, _ = load_model(ModelArgs(model=info["parent_spec"]))
+        policy, tokenizer = load_model(ModelArgs(model=str(run)), device="auto")
+        reference, _ = load_model(ModelArgs(model=info["parent_spec"]), device="auto")
     except AlignError as err:
         return f"{info.get('name')}: {err}"
     beta = float(config.get("beta") or 1.0)
@@ -170,8 +170,8 @@ def eval_credit(store, versions: Sequence, rows: Optional[list[dict]], judges: S
             continue
         parent = get_model_version(store, v.parent_id)
         try:
-            policy, tokenizer = load_model(ModelArgs(model=loadable_spec(v)))
-            reference, _ = load_model(ModelArgs(model=loadable_spec(parent)))
+            policy, tokenizer = load_model(ModelArgs(model=loadable_spec(v)), device="auto")
+            reference, _ = load_model(ModelArgs(model=loadable_spec(parent)), device="auto")
         except AlignError as err:
             out["skipped"][v.name] = str(err)
             continue

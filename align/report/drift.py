@@ -141,7 +141,7 @@ def drift(store, versions: Sequence, samples: dict, prompt_ids: Sequence[int],
         if embed is not None:
             row["embedding"] = embedding_shift(new, old, prompt_ids, embed)
         try:
-            model, tokenizer = load_model(ModelArgs(model=loadable_spec(v)))
+            model, tokenizer = load_model(ModelArgs(model=loadable_spec(v)), device="auto")
             row["support"] = support(store, v, parent, model.eval(), tokenizer)
             del model
         except AlignError as err:

@@ -75,7 +75,7 @@ def kl_to_reference(reference, versions: Sequence, prompts: dict, samples: dict,
     from align.config import ModelArgs  # deferred: align.config imports torch (through align.weighting)
 
     try:
-        model, tokenizer = load_model(ModelArgs(model=loadable_spec(reference)))
+        model, tokenizer = load_model(ModelArgs(model=loadable_spec(reference)), device="auto")
     except AlignError as err:
         return f"reference {reference.name} cannot be loaded here: {err}"
     model.eval()

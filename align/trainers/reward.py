@@ -28,7 +28,7 @@ from align.data import as_messages, data_record, prompt_ids
 from align.errors import ConfigError, ModelError
 from align.losses import reward_example_losses, reward_pairwise_loss
 from align.memory import auto_batch
-from align.models import load_model, load_tokenizer, resolve_dtype, resolve_model, save_trained
+from align.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model, save_trained
 from align.packing import packed_rewards, preference_collator, restore_attention
 from align.preference import PreferenceCollator, load_pair_sets, response_text, score_pairs, tokenize_sets
 from align.publish import push
@@ -229,7 +229,7 @@ def train_reward(
 
 
 def load_reward_model(run_dir: str | Path, device: Optional[str] = None) -> tuple[Any, Any, dict[str, float]]:
-    """(model in eval mode, tokenizer, stats {mean, std, n}) of a reward run directory."""
+    """(model in eval mode, tokenizer, stats {mean, std, n}) of a reward run directory; `device` as in load_model."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = Path(run_dir)
@@ -251,6 +251,7 @@ def load_reward_model(run_dir: str | Path, device: Optional[str] = None) -> tupl
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    device = resolve_device(device)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer, stats
