@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from align.commands.parser import ArgumentParser, optional_float
 from align.config import LoraArgs, ModelArgs, TrainArgs, WeightingArgs
 from align.models import DEFAULT_MODEL, load_model
@@ -47,7 +45,7 @@ def main(argv: list[str]) -> None:
         check_columns(pset, args.scheme)  # before loading a model
     if args.scheme != "none":
         model, tokenizer = load_model(ModelArgs(model=args.model, revision=args.revision, dtype=args.dtype),
-                                      device="cuda" if torch.cuda.is_available() else None)
+                                      device="auto")
     if tokenizer is not None:
         full, _, _ = tokenize_pairs(pset, tokenizer)  # untruncated: the stored log-probs cover every token
     else:
