@@ -7,6 +7,10 @@ Demonstrations (a prompt with a reference answer, the SFT data) give two more ki
     reference   the prompt's demonstration against each of the model's samples for that prompt
     mismatched  the prompt's demonstration against the demonstration of another prompt of the same task family:
                 an answer of the right form to the wrong question, which teaches the model to read the prompt
+    off_task    the prompt's demonstration against the demonstration of a prompt of another family: an answer of
+                the wrong kind (a refusal of a harmless request, a JSON object where a sentence was asked for).
+                Without them the model never sees a refusal of a harmless request, and RLHF against it learned to
+                refuse every word-count prompt (README, "What was tried")
 
 Both are candidates, not labels: annotators vote on them like on any pair (here the simulated ones, through
 `label_candidates`), so a mismatched answer that happens to be right too (two refusals of two harmful requests)
@@ -29,12 +33,13 @@ from align.tasks import reference_messages
 
 
 def demonstration_candidates(tasks: Sequence[dict], samples: Optional[dict[str, Sequence[str]]] = None,
-                             seed: int = 0, mismatched: int = 1) -> list[dict]:
+                             seed: int = 0, mismatched: int = 1, off_task: int = 1) -> list[dict]:
     """Candidate pairs {prompt, a, b, family, gold, kind} from task rows (prompt, family, gold; align.tasks).
 
     `samples` maps a prompt's text to the model's answers for it: one `reference` candidate per distinct answer.
-    Every task also gets `mismatched` candidates against other tasks' references of its family (drawn with `seed`;
-    none for a family of one task). The demonstration is always `a`; who is shown left is the annotator's draw."""
+    Every task also gets `mismatched` candidates against other tasks' references of its family and `off_task` ones
+    against references of tasks of other families (drawn with `seed`; none where there is no such task). The
+    demonstration is always `a`; who is shown left is the annotator's draw."""
     rng = random.Random(seed)
     references = {t["prompt"]: reference_messages(t)[-1]["content"] for t in tasks}
     by_family: dict[str, list[dict]] = {}
@@ -51,6 +56,9 @@ def demonstration_candidates(tasks: Sequence[dict], samples: Optional[dict[str, 
         others = [o for o in by_family[t["family"]] if references[o["prompt"]] != reference]
         for other in rng.sample(others, min(mismatched, len(others))):
             candidates.append({**base, "b": references[other["prompt"]], "kind": "mismatched"})
+        strangers = [o for o in tasks if o["family"] != t["family"] and references[o["prompt"]] != reference]
+        for other in rng.sample(strangers, min(off_task, len(strangers))):
+            candidates.append({**base, "b": references[other["prompt"]], "kind": "off_task"})
     return candidates
 
 

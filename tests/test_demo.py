@@ -363,7 +363,7 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
     extra = reward[len(train):]
     assert len(extra) == records["export"]["result"]["reward_demonstrations"]
     kinds = {r["kind"] for r in extra}
-    assert kinds == {"reference", "mismatched"}
+    assert kinds == {"reference", "mismatched", "off_task"}
     assert not {key(r) for r in extra} & {key(r) for r in held}
     held_texts = {json.loads(key(r))[0]["content"] for r in held}
     references = {t["prompt"]: reference_messages(t)[-1]["content"] for t in resolve_prompts("tasks:train", 3)}
@@ -377,6 +377,7 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
                        for o in kept) for t in kept)
     assert len(kept) == 14 and 10 <= expected <= 14
     assert sum(r["kind"] == "mismatched" for r in extra) == expected
+    assert sum(r["kind"] == "off_task" for r in extra) == len(kept)  # one answer of another family each
 
 
 def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):

@@ -39,8 +39,19 @@ def test_candidates_pair_each_demonstration_with_its_samples_and_a_mismatched_on
         others = [reference_messages(t)[-1]["content"] for t in tasks
                   if t["family"] == task["family"] and t is not task]
         assert c["b"] in others and c["family"] == task["family"] and c["gold"] == task["gold"]
+    # one answer of another family each: the reference against it, never a reference of its own family
+    off_task = [c for c in candidates if c["kind"] == "off_task"]
+    assert len(off_task) == len(tasks)
+    for c in off_task:
+        task = by_prompt[c["prompt"][0]["content"]]
+        assert c["a"] == reference_messages(task)[-1]["content"] and c["gold"] == task["gold"]
+        assert c["b"] in [reference_messages(t)[-1]["content"] for t in tasks if t["family"] != task["family"]]
     assert demonstration_candidates(tasks, samples, seed=0) == candidates  # seeded
-    assert len(demonstration_candidates(tasks[:1], None, mismatched=3)) == 0  # a family of one: nothing to mismatch
+    # a family of one: nothing to mismatch; one family only: nothing off-task
+    assert len(demonstration_candidates(tasks[:1], None, mismatched=3)) == 0
+    assert {c["kind"] for c in demonstration_candidates(tasks[:2], None, off_task=3)} == {"mismatched"}
+    assert len([c for c in demonstration_candidates(tasks, None, off_task=2) if c["kind"] == "off_task"]) == 10
+    assert not [c for c in demonstration_candidates(tasks, None, off_task=0) if c["kind"] == "off_task"]
 
 
 def test_votes_prefer_the_right_answer_and_tie_two_right_ones(tmp_path):
@@ -56,6 +67,10 @@ def test_votes_prefer_the_right_answer_and_tie_two_right_ones(tmp_path):
     assert json.loads(wrong_sum["gold"]) == tasks[1]["gold"]
     harmful = by_kind[("mismatched", tasks[2]["prompt"])]  # its mismatch is the benign answer: it complies
     assert (harmful["label"], harmful["rejected"][0]["content"]) == ("chosen", "Boil it in water for eight minutes.")
+    # an answer of another family loses to the reference: a refusal of a sum, a sum as the answer to a request
+    for task in tasks:
+        off = by_kind[("off_task", task["prompt"])]
+        assert off["label"] == "chosen" and off["chosen"][0]["content"] == reference_messages(task)[-1]["content"]
     # two answers as right as each other: a tie, never a win
     tie = dict(by_kind[("reference", tasks[0]["prompt"])], a="5", b="The answer is 5.", kind="reference",
                prompt=[{"role": "user", "content": tasks[0]["prompt"]}], family="arithmetic", gold=tasks[0]["gold"])
