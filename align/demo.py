@@ -76,7 +76,7 @@ class DemoSize:
 
 SIZES = {
     "small": DemoSize(v0_per_family=3, v1_per_family=8, n=4, v1_n=6, max_new_tokens=48, sft_steps=36, dpo_steps=8,
-                      reward_steps=40, rlhf_steps=4, rlhf_evaluations=5, rlhf_eval_per_family=3, eval_per_family=10,
+                      reward_steps=52, rlhf_steps=4, rlhf_evaluations=5, rlhf_eval_per_family=3, eval_per_family=10,
                       eval_n=1, sft_eval_samples=16),
     "full": DemoSize(v0_per_family=40, v1_per_family=40, n=4, v1_n=6, max_new_tokens=128, sft_steps=300,
                      dpo_steps=200, reward_steps=300, reward_learning_rate=1e-3, rlhf_steps=150, rlhf_evaluations=11,
@@ -188,7 +188,7 @@ def stage_reward(demo: Demo) -> dict:
     return _train(demo, "reward", "reward", demo.size.reward_steps, [
         "--model", str(demo.path("v1-sft")), "--train_file", str(demo.path("prefs_reward.jsonl")),
         # its held-out accuracy is measured once, in float32, by the eval stage (prefs_heldout.jsonl)
-        "--eval_file", "none", "--learning_rate", str(demo.size.reward_learning_rate), "--save_steps", "10",
+        "--eval_file", "none", "--learning_rate", str(demo.size.reward_learning_rate), "--save_steps", "13",
     ])
 
 
