@@ -85,3 +85,25 @@ def test_dynamic_weighting_is_refused_for_reward_models(tiny_model_dir, tmp_path
     weighting = WeightingArgs(weighting_scheme="sequence", weighting_target="dynamic")
     with pytest.raises(ConfigError, match="dynamic applies to DPO"):
         train_reward(model, lora, data, reward, weighting, train)
+
+
+def test_reward_stats_of_a_large_set_come_from_a_seeded_sample_of_its_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    import align.trainers.reward as reward_module
+
+    assert reward_module.stats_subset(3, max_pairs=5) == [0, 1, 2]
+    subset = reward_module.stats_subset(10, max_pairs=4)
+    assert len(subset) == 4 == len(set(subset)) and subset == sorted(subset) and max(subset) < 10
+    assert reward_module.stats_subset(10, max_pairs=4) == subset  # seeded
+    monkeypatch.setattr(reward_module, "STATS_MAX_PAIRS", 4)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    rows = pair_rows(tokenizer, n=10)
+    out = tmp_path / "rm"
+    train_reward(*reward_configs(tiny_model_dir, write_pairs(tmp_path / "train.jsonl", rows), "none", out))
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert stats["n"] == 8
+    model, tok, _ = load_reward_model(out)
+    picked = [rows[i] for i in reward_module.stats_subset(10, max_pairs=4)]
+    rewards = torch.tensor(score(model, tok, [r["prompt"] for r in picked] * 2,
+                                 [r["chosen"] for r in picked] + [r["rejected"] for r in picked]), dtype=torch.float64)
+    assert stats["mean"] == pytest.approx(rewards.mean().item(), abs=1e-4)
+    assert stats["std"] == pytest.approx(rewards.std().item(), abs=1e-4)
