@@ -9,8 +9,9 @@ Demonstrations (a prompt with a reference answer, the SFT data) give two more ki
                 an answer of the right form to the wrong question, which teaches the model to read the prompt
     off_task    the prompt's demonstration against the demonstration of a prompt of another family: an answer of
                 the wrong kind (a refusal of a harmless request, a JSON object where a sentence was asked for).
-                Without them the model never sees a refusal of a harmless request, and RLHF against it learned to
-                refuse every word-count prompt (README, "What was tried")
+                Without them the model sees refusals of harmless requests only among the refusal family's
+                prompts; it scored one to a word-count prompt above a right answer, and RLHF against it learned
+                to refuse every word-count prompt (README, "What was tried")
 
 Both are candidates, not labels: annotators vote on them like on any pair (here the simulated ones, through
 `label_candidates`), so a mismatched answer that happens to be right too (two refusals of two harmful requests)
