@@ -44,8 +44,11 @@ def demonstration_candidates(tasks: Sequence[dict], samples: Optional[dict[str, 
     rng = random.Random(seed)
     references = {t["prompt"]: reference_messages(t)[-1]["content"] for t in tasks}
     by_family: dict[str, list[dict]] = {}
+    families_of: dict[str, set[str]] = {}  # a reference text -> the families with a task that has it
     for t in tasks:
         by_family.setdefault(t["family"], []).append(t)
+        families_of.setdefault(references[t["prompt"]], set()).add(t["family"])
+    outside: dict[str, list[dict]] = {}  # a family -> the tasks of the others, built once (not once per task)
     candidates = []
     for t in tasks:
         reference = references[t["prompt"]]
@@ -57,7 +60,11 @@ def demonstration_candidates(tasks: Sequence[dict], samples: Optional[dict[str, 
         others = [o for o in by_family[t["family"]] if references[o["prompt"]] != reference]
         for other in rng.sample(others, min(mismatched, len(others))):
             candidates.append({**base, "b": references[other["prompt"]], "kind": "mismatched"})
-        strangers = [o for o in tasks if o["family"] != t["family"] and references[o["prompt"]] != reference]
+        if t["family"] not in outside and off_task:
+            outside[t["family"]] = [o for o in tasks if o["family"] != t["family"]]
+        strangers = outside.get(t["family"], [])
+        if families_of[reference] - {t["family"]}:  # another family has this very answer: not a stranger's
+            strangers = [o for o in strangers if references[o["prompt"]] != reference]
         for other in rng.sample(strangers, min(off_task, len(strangers))):
             candidates.append({**base, "b": references[other["prompt"]], "kind": "off_task"})
     return candidates
