@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages, summary
+from align.demo import SIZES, STAGES, Demo, DemoSize, prompt_sets, run_stages
+from align.demo_summary import summary
 from align.errors import AlignError
 from align.prompts import resolve_prompts
 from align.tasks import reference_messages
@@ -156,7 +157,7 @@ def test_summary_table_comes_from_the_report_and_the_runs(finished):
 
 
 def test_summary_compares_each_stage_with_its_parent_and_says_what_is_significant(finished, capsys):
-    from align.demo import print_summary
+    from align.demo_summary import print_summary
 
     demo, records = finished
     table = summary(demo, records)
@@ -173,7 +174,7 @@ def test_summary_compares_each_stage_with_its_parent_and_says_what_is_significan
                                 "significantly worse" if c["high"] < 0.5 else "not significant")
     # the RLHF run evaluated before its first step and every step after (2 steps, 3 evaluations asked for)
     assert [step for step, _ in table["rlhf"]["gold_curve"]] == [0, 1, 2]
-    print_summary(demo, table)
+    print_summary(table)
     out = capsys.readouterr().out
     assert "(7 held-out task prompts, greedy)" in out
     for c in table["comparisons"]:
@@ -186,7 +187,7 @@ def test_summary_compares_each_stage_with_its_parent_and_says_what_is_significan
 @pytest.mark.parametrize("low, high, words", [(0.52, 0.7, "significantly better"), (0.3, 0.48, "significantly worse"),
                                               (0.45, 0.62, "not significant"), (0.5, 0.8, "not significant")])
 def test_a_difference_is_significant_only_when_its_interval_excludes_one_half(low, high, words):
-    from align.demo import verdict
+    from align.demo_summary import verdict
 
     assert verdict(low, high) == words
 
@@ -312,7 +313,7 @@ def test_mixed_precision_bf16_reaches_transformers_trainers_on_a_cpu(method, tmp
 
 
 def test_summary_says_how_far_a_quiet_monitor_was_from_flagging(tmp_path, finished, capsys):
-    from align.demo import divergence, print_summary
+    from align.demo_summary import divergence, print_summary
 
     demo, records = finished
     assert summary(demo, records)["rlhf"]["divergence"] is None  # 3 evaluations: fewer than the monitor's window
@@ -327,7 +328,7 @@ def test_summary_says_how_far_a_quiet_monitor_was_from_flagging(tmp_path, finish
     assert seen["gold_drop"] == pytest.approx(0.038, abs=1e-3) and (seen["window"], seen["min_drop"]) == (5, 0.05)
     table = summary(demo, records)
     table["rlhf"]["divergence"] = seen
-    print_summary(demo, table)
+    print_summary(table)
     assert ("quiet (over its last 5 evaluations: proxy ρ +0.97, gold ρ -0.89, gold's fitted change -0.038; it flags "
             "proxy ρ ≥ 0.8 with gold ρ ≤ -0.8 and a fall ≥ 0.05)") in capsys.readouterr().out
     assert divergence(tmp_path / "absent.json") is None
@@ -381,36 +382,36 @@ def test_export_holds_out_whole_prompts_of_every_family(finished):
 
 
 def test_summary_says_which_policy_the_rlhf_run_kept(finished, capsys):
-    from align.demo import print_summary
+    from align.demo_summary import print_summary
 
     demo, records = finished
     table = summary(demo, records)
     table["rlhf"].update({"monitor/flagged": 1, "policy/kept_step": 3, "eval/gold_reward": 0.513,
                           "policy/dropped/gold_reward": 0.424, "kl": 0.0011,
                           "gold_curve": [(0, 0.5), (3, 0.513), (6, 0.49), (9, 0.45), (12, 0.424)], "gain_low": {}})
-    print_summary(demo, table)
+    print_summary(table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert "KL 0.0011 nats/token for the policy kept" in line and "FLAGGED the run" in line
     assert line.endswith("; v3 is the policy of step 3, its best gold evaluation (0.513), not of step 12 (0.424).")
     # keep_policy best_beyond_noise (the demo's): the summary says the kept step beat the start beyond noise...
     table["rlhf"]["gain_low"] = {"3": 0.004, "6": -0.01, "9": -0.05, "12": -0.08}
-    print_summary(demo, table)
+    print_summary(table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert line.endswith("; v3 is the policy of step 3, its best gold evaluation that beat the start beyond noise "
                          "(0.513), not of step 12 (0.424).")
     # ... or, when none did, that v3 is v2's policy, and how far the best evaluation was from beating it
     table["rlhf"].update({"policy/kept_step": 0, "eval/gold_reward": 0.5, "kl": 0.0})
     table["rlhf"]["gain_low"]["3"] = -0.021
-    print_summary(demo, table)
+    print_summary(table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert line.endswith("; v3 is the starting policy (v2): no evaluation beat it beyond noise (the best, step 3 at "
                          "0.513, has a 95% gain interval from -0.021, not above 0).")
     table["rlhf"]["gold_curve"] = [(0, 0.5), (3, 0.5), (6, 0.49), (9, 0.45), (12, 0.424)]  # none above the start
     table["rlhf"]["gain_low"]["3"] = 0.0
-    print_summary(demo, table)
+    print_summary(table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert line.endswith("(the best, step 3 at 0.500, is no higher than the start).")
     table["rlhf"]["policy/kept_step"] = 12  # the last policy was the best: nothing rolled back
-    print_summary(demo, table)
+    print_summary(table)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RLHF: "))
     assert "at the last step" in line and "v3 is the policy" not in line
