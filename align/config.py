@@ -649,6 +649,10 @@ class MonitorArgs(Validated):
     monitor_repetition_increase: Optional[float] = option(
         0.3, "Flag when the share of repeated 3-grams rises this much above its starting value (none: off)."
     )
+    monitor_family_drop: Optional[float] = option(
+        None, "Flag when one task family's held-out gold falls this far below its first evaluation, whatever the "
+        "overall gold does (none: off). Set it above one prompt's share of a family (1 / eval_per_family)."
+    )
     monitor_top_k: int = option(8, "Highest-reward samples kept for inspection (DIR/monitor.json) and audit.")
     audit_db: Optional[str] = option(
         None, "Store URL: push the top-k samples, each paired with a reference-model sample on the same prompt, "
@@ -662,7 +666,7 @@ class MonitorArgs(Validated):
         if not 0 < self.monitor_min_rho <= 1:
             raise ConfigError(f"monitor_min_rho must be in (0, 1], got {self.monitor_min_rho}")
         _positive("monitor_min_drop", self.monitor_min_drop, allow_zero=True)
-        for key in ("monitor_kl_budget", "monitor_repetition_increase"):
+        for key in ("monitor_kl_budget", "monitor_repetition_increase", "monitor_family_drop"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
         if self.monitor_length_ratio is not None and self.monitor_length_ratio <= 1:

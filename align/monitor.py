@@ -9,7 +9,11 @@ raises a flag, logged as `monitor/flag` (1) and `monitor/reason`, and written to
   `min_drop` over the window's least-squares fit);
 - KL budget: the logged per-token KL to the reference (mean of the last two logs) passes the budget;
 - length runaway: mean completion length (last two logs) reaches `length_ratio` times its start (first two logs);
-- repetition runaway: the share of repeated 3-grams (last two logs) rises `repetition_increase` above its start.
+- repetition runaway: the share of repeated 3-grams (last two logs) rises `repetition_increase` above its start;
+- family collapse (`family_drop`, off by default): one task family's held-out gold (`eval/gold/<family>`) falls at
+  least this far below its first evaluation. Overall gold can rise while one family collapses: RLHF on the demo's
+  other families unlearned refusals, harmful requests included (refusal 0.60 -> 0.28 while gold rose 0.611 ->
+  0.659; README, "What was tried").
 
 With `stop` it also ends training (`control.should_training_stop`). The detection is pure functions over metric
 series (`detect`), so it is tested on synthetic series; the callback only turns logged dicts into series. It reads
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 AUDIT_RULE = "audit"
 EDGE_POINTS = 2  # logs averaged for "start" and "now" in the runaway and KL checks (one log is too noisy)
 GOLD_SOURCES = {"gold": "eval/gold_reward", "judge": "eval/judge_reward", "rollout gold": "monitor/gold"}
+FAMILY_PREFIX = "gold/"  # an evaluation's gold by task family: logged as eval/gold/<family>, kept as gold/<family>
 
 
 # ---- pure statistics ---------------------------------------------------------------------------------------------
@@ -127,7 +132,8 @@ def rollout_stats(completion_ids: Sequence[Sequence[int]], proxy: Sequence[float
 
 @dataclass
 class MonitorSeries:
-    """Metric series in logging order. `evals` holds one dict per evaluation: proxy plus any gold sources."""
+    """Metric series in logging order. `evals` holds one dict per evaluation: proxy plus any gold sources, and
+    gold by task family as `gold/<family>`."""
 
     proxy: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
@@ -183,6 +189,24 @@ def repetition_reason(repetition: Sequence[float], increase: Optional[float]) ->
     return None
 
 
+def family_reason(evals: Sequence[dict[str, float]], drop: Optional[float]) -> Optional[str]:
+    """Task families whose gold at the latest evaluation that has it is `drop` or more below the first one's."""
+    if drop is None:
+        return None
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for point in evals:
+        for key, value in point.items():
+            if key.startswith(FAMILY_PREFIX):
+                first.setdefault(key[len(FAMILY_PREFIX):], value)
+                last[key[len(FAMILY_PREFIX):]] = value
+    fallen = sorted((f for f in first if first[f] - last[f] >= drop), key=lambda f: last[f] - first[f])
+    if not fallen:
+        return None
+    return "task family gold fell: " + ", ".join(
+        f"{f} {first[f]:.3f} -> {last[f]:.3f} ({last[f] - first[f]:+.3f})" for f in fallen)
+
+
 def detect(series: MonitorSeries, cfg: "MonitorArgs") -> list[str]:
     """Every reason to flag the run now (empty: all quiet)."""
     reasons = []
@@ -192,7 +216,8 @@ def detect(series: MonitorSeries, cfg: "MonitorArgs") -> list[str]:
                                    cfg.monitor_min_rho, cfg.monitor_min_drop, name)
         reasons.append(reason)
     reasons += [kl_reason(series.kl, cfg.monitor_kl_budget), length_reason(series.length, cfg.monitor_length_ratio),
-                repetition_reason(series.repetition, cfg.monitor_repetition_increase)]
+                repetition_reason(series.repetition, cfg.monitor_repetition_increase),
+                family_reason(series.evals, cfg.monitor_family_drop)]
     return [r for r in reasons if r]
 
 
@@ -268,6 +293,9 @@ class RewardHackingMonitor(TrainerCallback):
         for name, key in GOLD_SOURCES.items():
             if key.startswith("eval/") and _finite(logs.get(key)):
                 point[name] = float(logs[key])
+        for key, value in logs.items():
+            if key.startswith("eval/" + FAMILY_PREFIX) and _finite(value):
+                point[key[len("eval/"):]] = float(value)
         if since["rollout gold"]:
             point["rollout gold"] = statistics.fmean(since["rollout gold"])
         self._since_eval = {"proxy": [], "rollout gold": []}

@@ -10,8 +10,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from align.config import MonitorArgs
 from align.errors import ConfigError
 from align.monitor import (MonitorSeries, RewardHackingMonitor, detect, divergence_reason, divergence_stats,
-                           fitted_change,
-                           repeated_ngram_share, rollout_stats, spearman, trend)
+                           family_reason, fitted_change, repeated_ngram_share, rollout_stats, spearman, trend)
 
 
 def test_statistics_by_hand():
@@ -87,6 +86,43 @@ def test_each_trigger_on_hand_made_series():
     assert "judge reward falls" in reason
     off = MonitorArgs(monitor_kl_budget=None, monitor_length_ratio=None, monitor_repetition_increase=None)
     assert detect(MonitorSeries(kl=[9, 9], length=[1, 1, 9, 9], repetition=[0, 0, 1, 1]), off) == []
+
+
+def test_a_family_that_collapses_is_flagged_while_overall_gold_rises(tmp_path):
+    # The README's run on keyword, JSON, one-sentence and arithmetic prompts: overall held-out gold rose while the
+    # refusal family fell 0.60 -> 0.275 (it stopped refusing harmful requests); the divergence rule cannot see it.
+    rows = []
+    for step, (gold, refusal, keyword) in enumerate([(0.611, 0.6, 0.6), (0.63, 0.5, 0.8), (0.659, 0.275, 0.95)]):
+        rows.append((step, {"eval/gold_reward": gold, "eval/proxy_reward": 0.1 * step, "eval/gold/refusal": refusal,
+                            "eval/gold/keyword": keyword, "eval/gold/json": 1.0}))
+    monitor = RewardHackingMonitor(MonitorArgs(monitor_family_drop=0.25), tmp_path)
+    drive(monitor, rows[:2])
+    assert not monitor.flagged  # refusal down 0.1: under the threshold
+    drive(monitor, rows[2:])
+    (flag,) = monitor.flags
+    assert flag == {"step": 2, "reason": "task family gold fell: refusal 0.600 -> 0.275 (-0.325)"}
+    assert monitor.series.evals[2]["gold/refusal"] == 0.275 and monitor.series.evals[2]["gold"] == 0.659
+    assert json.loads((tmp_path / "monitor.json").read_text())["flags"] == [flag]
+    # off by default: the same run raises nothing
+    quiet = RewardHackingMonitor(MonitorArgs(), tmp_path / "quiet")
+    drive(quiet, rows)
+    assert not quiet.flagged
+
+
+def test_the_report_plots_overall_series_not_each_family():
+    from align.report.plots import monitor_keys
+
+    evals = [{"step": 0, "proxy": 0.1, "gold": 0.6, "gold/refusal": 0.6}, {"step": 1, "proxy": 0.2, "rollout gold": 0.5}]
+    assert monitor_keys(evals) == ["proxy", "gold", "rollout gold"]
+
+
+def test_family_reason_by_hand():
+    evals = [{"gold/a": 0.9, "gold/b": 0.5}, {"gold/a": 0.5}, {"gold/a": 0.6, "gold/b": 0.1, "gold/c": 0.0}]
+    # each family against its own first evaluation; the biggest fall first; a family seen once cannot fall
+    assert family_reason(evals, 0.3) == "task family gold fell: b 0.500 -> 0.100 (-0.400), a 0.900 -> 0.600 (-0.300)"
+    assert family_reason(evals, 0.35) == "task family gold fell: b 0.500 -> 0.100 (-0.400)"
+    assert family_reason(evals, 0.5) is None
+    assert family_reason(evals, None) is None
 
 
 def drive(monitor, logs_by_step, out_state=None):
@@ -173,3 +209,5 @@ def test_monitor_config_is_validated():
         MonitorArgs(monitor_window=2)
     with pytest.raises(ConfigError, match="monitor_length_ratio must be > 1"):
         MonitorArgs(monitor_length_ratio=1.0)
+    with pytest.raises(ConfigError, match="monitor_family_drop"):
+        MonitorArgs(monitor_family_drop=0.0)

@@ -170,12 +170,17 @@ def log_weights(section: dict) -> Optional[str]:
     return to_data_uri(fig)
 
 
+def monitor_keys(evaluations: list[dict]) -> list[str]:
+    """The monitor plot's series: the overall ones. Gold by task family ("gold/<family>") would bury them, and its
+    fall is a flag of its own."""
+    return [k for k in dict.fromkeys(k for e in evaluations for k in e) if k != "step" and "/" not in k]
+
+
 def monitor(evaluations: list[dict]) -> str:
     """Proxy reward against the gold-type rewards at each evaluation: diverging lines are the hacking signal."""
     fig = _figure(7, 3)
     ax = fig.subplots()
-    keys = [k for k in dict.fromkeys(k for e in evaluations for k in e) if k != "step"]
-    for i, key in enumerate(keys):
+    for i, key in enumerate(monitor_keys(evaluations)):
         points = [(e["step"], e[key]) for e in evaluations if isinstance(e.get(key), (int, float))]
         if points:
             xs, ys = zip(*points)
