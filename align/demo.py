@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from align import config as cfg, store as st
 from align.config import WeightingArgs
 from align.data import read_jsonl, write_jsonl
+from align.demo_summary import print_summary, summary
 from align.demonstrations import demonstration_candidates, label_candidates
 from align.errors import AlignError
 from align.generation import SamplingSettings
@@ -36,7 +37,6 @@ from align.prompts import repo_file, resolve_prompts
 from align.report import write_report
 from align.report.clusters import DEFAULT as embedder
 from align.report.compare import EvalSpec, run_eval
-from align.demo_summary import print_summary, summary
 from align.runs import last_checkpoint, write_json
 from align.sampling import generate_to_store
 from align.simulate import simulate

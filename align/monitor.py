@@ -198,8 +198,9 @@ def family_reason(evals: Sequence[dict[str, float]], drop: Optional[float]) -> O
     for point in evals:
         for key, value in point.items():
             if key.startswith(FAMILY_PREFIX):
-                first.setdefault(key[len(FAMILY_PREFIX):], value)
-                last[key[len(FAMILY_PREFIX):]] = value
+                family = key[len(FAMILY_PREFIX):]
+                first.setdefault(family, value)
+                last[family] = value
     fallen = sorted((f for f in first if first[f] - last[f] >= drop), key=lambda f: last[f] - first[f])
     if not fallen:
         return None
