@@ -12,6 +12,10 @@ round times both settings in turn after one warm-up round; the median over round
 the two settings are compared too (they must agree to float round-off). Since issue #19 the DPO step's "on" is the
 default chunked path (`align.logprobs.score_tokens`: the head over scored tokens only, no (B, T, V) logits), so
 `dpo_step` compares today's default with the full-logits path over every position.
+
+Lever `completion_tokens_only` (align.trainers.rlhf): TRL's fused LM head, which RLOO's and GRPO's log-prob passes
+run, projects only the completion tokens on a CPU rather than every position. Timed as `rloo_logps`: one such pass,
+forward + backward, over left-padded prompts + completions, labels on the completions only (as TRL sets them).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import itertools
 import random
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 @contextmanager
-def lever(on: bool):
+def logits_lever(on: bool):
     import align.logprobs as lp
 
     original = lp.accepts_logits_to_keep, lp.plain_head
@@ -65,6 +69,30 @@ def dpo_step(model, prompts, completions) -> tuple[float, list[float]]:
     return time.perf_counter() - started, out["chosen_logps"].tolist()
 
 
+@contextmanager
+def fused_head_lever(on: bool):
+    from align.trainers.rlhf import completion_tokens_only
+
+    with completion_tokens_only() if on else nullcontext():
+        yield
+
+
+def rloo_logps(model, prompts, completions) -> tuple[float, list[float]]:
+    """TRL's fused-head pass as RLOO runs it (`fused_lm_head=True`), forward + backward."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p + c for p, c in zip(prompts, completions)])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(c)) for p, c in zip(prompts, completions)])
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :width] = -100
+    started = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+    out.log_probs.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started, out.log_probs.detach().sum(-1).tolist()
+
+
 def gen_logps(model, prompts, completions) -> tuple[float, list[float]]:
     from align.generation import score_completions
 
@@ -75,6 +103,8 @@ def gen_logps(model, prompts, completions) -> tuple[float, list[float]]:
 
 def main() -> None:
     import torch
+
+    from trl.trainer.utils import add_fused_lm_head
 
     from align.config import LoraArgs, ModelArgs
     from align.models import apply_lora, load_model
@@ -91,18 +121,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(ModelArgs(model=args.model))
     model = apply_lora(model, LoraArgs(lora_dropout=0.0))
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy"))  # as RLOOTrainer does; other calls pass
     prompts, completions = make_batch(tokenizer, args.batch, args.completion, args.seed)
     lengths = [len(p) for p in prompts]
     print(f"{args.model}: batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, completions "
           f"{args.completion} tokens, {args.rounds} rounds after 1 warm-up")
     print(f"{'measure':<10}{'lever on (s)':>14}{'off (s)':>10}{'off/on':>8}{'max |Δ logp|':>14}")
-    for name, fn in (("dpo_step", dpo_step), ("gen_logps", gen_logps)):
+    for name, fn, lever in (("dpo_step", dpo_step, logits_lever), ("gen_logps", gen_logps, logits_lever),
+                            ("rloo_logps", rloo_logps, fused_head_lever)):
         times: dict[bool, list[float]] = {True: [], False: []}
         values = {}
         for round_ in range(args.rounds + 1):
             for on in (True, False) if round_ % 2 == 0 else (False, True):
-                model.train(name == "dpo_step")
-                with lever(on), torch.set_grad_enabled(name == "dpo_step"):
+                model.train(name != "gen_logps")
+                with lever(on), torch.set_grad_enabled(name != "gen_logps"):
                     seconds, values[on] = fn(model, prompts, completions)
                 if round_:
                     times[on].append(seconds)

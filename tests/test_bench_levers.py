@@ -14,7 +14,7 @@ def test_lever_on_and_off_agree(tiny_model_dir):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^(dpo_step|gen_logps)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
-    assert set(rows) == {"dpo_step", "gen_logps"}, result.stdout
+            re.finditer(r"^(dpo_step|gen_logps|rloo_logps)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
+    assert set(rows) == {"dpo_step", "gen_logps", "rloo_logps"}, result.stdout
     for on, off, ratio, diff in rows.values():  # times print with 4 decimals: too coarse to recheck the ratio
         assert float(on) > 0 and float(off) > 0 and float(ratio) > 0 and float(diff) < 1e-4

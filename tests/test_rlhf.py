@@ -240,3 +240,49 @@ def test_gain_beyond_noise_needs_a_paired_gain_whose_interval_is_above_zero():
     assert gain_low(start, start) == 0.0
     with pytest.raises(ValueError):
         gain_low([1.0], start)  # evaluations of different task sets are not paired
+
+
+def test_cpu_fused_head_scores_completion_tokens_only_with_the_same_logps_and_grads(monkeypatch):
+    """completion_tokens_only: TRL's fused LM head projects only the labelled rows on a CPU (the prompt's and the
+    padding's are skipped), and the per-token log-probs, entropies and LoRA gradients are those of TRL's
+    every-position path. Fails if a TRL release moves the switch (the lever would then silently be off)."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from align.config import LoraArgs
+    from align.models import apply_lora, tiny_model
+    from align.trainers.rlhf import completion_tokens_only
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    model = apply_lora(model, LoraArgs(lora_r=4, lora_alpha=8))
+    ids = torch.randint(5, 200, (3, 11))
+    attention = torch.ones_like(ids)
+    attention[0, 9:] = 0  # a completion that ended early: padding
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :6] = -100  # the prompt
+    rows: list[int] = []
+    chunked = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *args: rows.append(hidden.shape[0]) or chunked(hidden, *args))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, dict]:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        return out.log_probs.detach(), out.entropy.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    every = run()
+    with completion_tokens_only() as on:
+        compact = run()
+    assert on is True
+    assert rows == [3 * 10, int((labels[:, 1:] != -100).sum())] == [30, 13]  # completions of 3, 5 and 5 tokens
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # TRL's own choice is back afterwards
+    mask = labels[:, 1:] != -100
+    for a, b in zip(every[:2], compact[:2]):
+        assert torch.allclose(a[mask], b[mask], atol=1e-5) and not b[~mask].any()
+    assert every[2].keys() == compact[2].keys() and len(every[2]) > 0
+    for name, grad in every[2].items():
+        assert torch.allclose(grad, compact[2][name], atol=1e-5), name

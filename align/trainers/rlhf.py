@@ -20,6 +20,7 @@ without a value model to train and hold in memory (Ahmadian et al. 2024).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -271,6 +272,30 @@ def gain_low(rewards: Sequence[float], start: Sequence[float], seed: int = 0) ->
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def completion_tokens_only():
+    """Score only the completion tokens in TRL's fused LM head on a CPU; yield whether that is in effect.
+
+    RLOO's and GRPO's log-prob passes (old, reference, loss) project hidden states onto the vocabulary in tiles
+    (TRL's fused LM head). With Triton (CUDA, XPU) only the completion tokens are projected; elsewhere TRL projects
+    every position, prompt and padding included, so that tile shapes stay fixed for compilers (Neuron). Eager CPU
+    code has nothing to recompile, so here the CPU takes the completion-only path too: the same log-probs, about
+    6x fewer rows through the vocabulary (an RLOO step of the README's RLHF run 35 s -> 25 s on 2 cores;
+    bench/levers.py `rloo_logps`). TRL picks the path with a private function; if a TRL release renames it, this
+    changes nothing (tests/test_rlhf.py notices)."""
+    import trl.trainer.utils as trl_utils
+
+    chooses = getattr(trl_utils, "_use_triton", None)
+    if not callable(chooses):
+        yield False
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or chooses(device)
+    try:
+        yield True
+    finally:
+        trl_utils._use_triton = chooses
+
+
 def trainer_config(rl: RLHFArgs, train: TrainArgs, model_args: ModelArgs, out: Path) -> Any:
     """Our config, translated once into TRL's RLOOConfig or GRPOConfig."""
     import torch
@@ -387,7 +412,8 @@ def train_rlhf(
         trainer.ref_model = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
 
     checkpoint = runs.last_checkpoint(out) if train.resume else None
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with completion_tokens_only():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     metrics = final_metrics(trainer, result, evaluation)
     if monitor is not None:
         metrics.update({"monitor/flagged": int(monitor.flagged), "monitor/flags": len(monitor.flags)})
