@@ -16,6 +16,11 @@ default chunked path (`align.logprobs.score_tokens`: the head over scored tokens
 Lever `completion_tokens_only` (align.trainers.rlhf): TRL's fused LM head, which RLOO's and GRPO's log-prob passes
 run, projects only the completion tokens on a CPU rather than every position. Timed as `rloo_logps`: one such pass,
 forward + backward, over left-padded prompts + completions, labels on the completions only (as TRL sets them).
+
+Lever `bf16_rollouts` (align.trainers.rlhf): RLOO's rollouts on a CPU under `mixed_precision: bf16`, sampled under
+bf16 autocast with the frozen base weights cast once, against float32 sampling (what TRL's generate ran). Timed as
+`rollouts`: `--batch` sampled completions of exactly `--completion` tokens at temperature 0.7. Its last column is
+the largest difference of the first token's log-probs (bf16 against float32: not round-off, by design).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from contextlib import contextmanager, nullcontext
 
 
 @contextmanager
-def logits_lever(on: bool):
+def logits_lever(on: bool, model=None):
     import align.logprobs as lp
 
     original = lp.accepts_logits_to_keep, lp.plain_head
@@ -70,11 +75,36 @@ def dpo_step(model, prompts, completions) -> tuple[float, list[float]]:
 
 
 @contextmanager
-def fused_head_lever(on: bool):
+def fused_head_lever(on: bool, model=None):
     from align.trainers.rlhf import completion_tokens_only
 
     with completion_tokens_only() if on else nullcontext():
         yield
+
+
+@contextmanager
+def rollouts_lever(on: bool, model=None):
+    from align.trainers.rlhf import bf16_rollouts
+
+    with bf16_rollouts(model) if on else nullcontext():
+        yield
+
+
+def rollouts(model, prompts, completions) -> tuple[float, list[float]]:
+    """Sampled completions of exactly len(completions[0]) tokens; the values: the first token's log-probs, row 0."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    new = len(completions[0])
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new, min_new_tokens=new,
+                         do_sample=True, temperature=0.7, top_k=0, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+    seconds = time.perf_counter() - started
+    return seconds, out.scores[0][0].float().log_softmax(-1).tolist()
 
 
 def rloo_logps(model, prompts, completions) -> tuple[float, list[float]]:
@@ -116,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measures", default="dpo_step,gen_logps,rloo_logps,rollouts", help="Comma-separated.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,14 +158,16 @@ def main() -> None:
     print(f"{args.model}: batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, completions "
           f"{args.completion} tokens, {args.rounds} rounds after 1 warm-up")
     print(f"{'measure':<10}{'lever on (s)':>14}{'off (s)':>10}{'off/on':>8}{'max |Δ logp|':>14}")
-    for name, fn, lever in (("dpo_step", dpo_step, logits_lever), ("gen_logps", gen_logps, logits_lever),
-                            ("rloo_logps", rloo_logps, fused_head_lever)):
+    measures = {"dpo_step": (dpo_step, logits_lever), "gen_logps": (gen_logps, logits_lever),
+                "rloo_logps": (rloo_logps, fused_head_lever), "rollouts": (rollouts, rollouts_lever)}
+    for name in args.measures.split(","):
+        fn, lever = measures[name]
         times: dict[bool, list[float]] = {True: [], False: []}
         values = {}
         for round_ in range(args.rounds + 1):
             for on in (True, False) if round_ % 2 == 0 else (False, True):
-                model.train(name != "gen_logps")
-                with lever(on), torch.set_grad_enabled(name != "gen_logps"):
+                model.train(name in ("dpo_step", "rloo_logps"))
+                with lever(on, model), torch.set_grad_enabled(name in ("dpo_step", "rloo_logps")):
                     seconds, values[on] = fn(model, prompts, completions)
                 if round_:
                     times[on].append(seconds)

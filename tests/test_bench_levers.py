@@ -1,4 +1,5 @@
-"""bench/levers.py on the tiny model: both settings run and give the same log-probs."""
+"""bench/levers.py on the tiny model: both settings of each lever run and give the same log-probs (bf16 rollouts:
+within bf16's rounding)."""
 
 import re
 import subprocess
@@ -14,7 +15,9 @@ def test_lever_on_and_off_agree(tiny_model_dir):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^(dpo_step|gen_logps|rloo_logps)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
-    assert set(rows) == {"dpo_step", "gen_logps", "rloo_logps"}, result.stdout
-    for on, off, ratio, diff in rows.values():  # times print with 4 decimals: too coarse to recheck the ratio
-        assert float(on) > 0 and float(off) > 0 and float(ratio) > 0 and float(diff) < 1e-4
+            re.finditer(r"^(dpo_step|gen_logps|rloo_logps|rollouts)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
+    assert set(rows) == {"dpo_step", "gen_logps", "rloo_logps", "rollouts"}, result.stdout
+    for name, (on, off, ratio, diff) in rows.items():  # times print with 4 decimals: too coarse to recheck the ratio
+        assert float(on) > 0 and float(off) > 0 and float(ratio) > 0
+        # bf16 rollouts differ from float32 ones by bf16's rounding, by design; the other levers change no value
+        assert 0 < float(diff) < 0.1 if name == "rollouts" else float(diff) < 1e-4, name

@@ -1,6 +1,7 @@
 """RLHF on a tiny model: RLOO trains a LoRA policy against a (random-head) reward model, logs KL, reward, β and the
 gold evaluation, saves the run, resumes from its checkpoint and pushes audit pairs; GRPO runs a step."""
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -286,3 +287,69 @@ def test_cpu_fused_head_scores_completion_tokens_only_with_the_same_logps_and_gr
     assert every[2].keys() == compact[2].keys() and len(every[2]) > 0
     for name, grad in every[2].items():
         assert torch.allclose(grad, compact[2][name], atol=1e-5), name
+
+
+def test_bf16_rollouts_sample_what_plain_autocast_samples_and_give_the_float32_weights_back():
+    """bf16_rollouts casts the frozen base weights once instead of autocast casting them at every token: the same
+    bf16 matmuls, so the same samples; the head (tied to the embeddings) and the LoRA weights stay float32, and
+    afterwards every weight is its float32 self again."""
+    from align.config import LoraArgs
+    from align.models import apply_lora, tiny_model
+    from align.trainers.rlhf import bf16_rollouts
+
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(seed=5), LoraArgs(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # a trained adapter, not the zero one of step 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(5, 200, (4, 7))
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(11)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True,
+                             temperature=0.7, top_k=0, pad_token_id=0, output_scores=True,
+                             return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = sample()
+    with torch.no_grad(), bf16_rollouts(model):
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        cast = sample()
+    assert torch.equal(plain[0], cast[0]) and torch.equal(plain[1], cast[1])  # the same tokens from the same scores
+    assert {dtypes[n] for n in dtypes if "base_layer" in n} == {torch.bfloat16}
+    assert {dtypes[n] for n in dtypes if "lora_" in n or "embed" in n or "norm" in n} == {torch.float32}
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+    with torch.no_grad():
+        full = sample()
+    assert not torch.equal(full[1], plain[1])  # float32 scores differ: the test can tell the two paths apart
+
+
+def test_cpu_bf16_rlhf_samples_its_rollouts_under_bf16_rollouts(tiny_model_dir, reward_run, prompts_file, tmp_path,
+                                                                monkeypatch):
+    """`mixed_precision: bf16` on a CPU: every generation of rollouts runs inside bf16_rollouts, and not the gold
+    evaluations (float32). Fails if a TRL release stops calling the method the trainer hooks."""
+    import align.trainers.rlhf as rlhf
+
+    entered: list[torch.dtype] = []
+    original = rlhf.bf16_rollouts
+
+    @contextlib.contextmanager
+    def counting(model):
+        with original(model):
+            entered.append(torch.get_autocast_dtype("cpu"))
+            yield
+
+    monkeypatch.setattr(rlhf, "bf16_rollouts", counting)
+    out = tmp_path / "bf16"
+    model, lora, data, rl, monitor, train = configs(tiny_model_dir, reward_run, prompts_file, out,
+                                                    monitor=MonitorArgs(monitor=False), max_steps=2,
+                                                    mixed_precision="bf16")
+    train_rlhf(model, lora, data, rl, monitor, train)
+    assert entered == [torch.bfloat16, torch.bfloat16]  # one generation of rollouts per step, none for the evaluations
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]
+    assert [math.isfinite(r["loss"]) for r in rows if "loss" in r] == [True, True]
