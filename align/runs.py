@@ -63,10 +63,12 @@ def prepare_output_dir(path: str | Path, resume: bool) -> Path:
                              "choose a new or empty --output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        # The ranks of a distributed run prepare the directory together: marked first, so that another rank sees
+        # a run rather than a stranger's files, and one probe file per process.
+        (out / RUN_MARKER).touch()
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
-        (out / RUN_MARKER).touch()
     except OSError as exc:
         raise AlignError(f"output directory {out} is not writable ({exc.strerror})") from None
     if not resume and (last_checkpoint(out) is not None or (out / "version.json").exists()):

@@ -46,6 +46,31 @@ def test_run_directories_are_marked_and_reusable(tmp_path):
     assert prepare_output_dir(out, resume=False) == out
 
 
+def test_two_processes_preparing_one_run_directory_do_not_trip_over_each_other(tmp_path, monkeypatch):
+    """The ranks of a distributed run prepare the same directory at once. Another process preparing it between this
+    one's probe write and unlink (the interleaving that failed a 2-process CI run) finds a run, not a stranger's
+    files, and leaves this one's probe in place: each process probes with a file of its own."""
+    import subprocess
+    import sys
+    from pathlib import Path as P
+
+    out = tmp_path / "run"
+    write_text = P.write_text
+
+    def write_then_other_rank(self, *args, **kwargs):
+        written = write_text(self, *args, **kwargs)
+        if self.name.startswith(".write-test"):
+            other = subprocess.run([sys.executable, "-c", "import sys; from align.runs import prepare_output_dir; "
+                                    "prepare_output_dir(sys.argv[1], resume=True)", str(out)],
+                                   capture_output=True, text=True)
+            assert other.returncode == 0, other.stderr
+        return written
+
+    monkeypatch.setattr(P, "write_text", write_then_other_rank)
+    assert prepare_output_dir(out, resume=True) == out
+    assert sorted(p.name for p in out.iterdir()) == [RUN_MARKER]
+
+
 @pytest.mark.parametrize("existed", [False, True])
 def test_a_run_failing_before_training_leaves_nothing(tiny_model_dir, chat_files, tmp_path, existed):
     out = tmp_path / "new-run"
