@@ -90,13 +90,22 @@ def rollouts_lever(on: bool, model=None):
         yield
 
 
+def left_padded(prompts, completions=None):
+    """(ids, attention mask, prompt width): prompts padded on the left with 0, each followed by its completion."""
+    import torch
+
+    width = max(map(len, prompts))
+    rows = [p + c for p, c in zip(prompts, completions)] if completions is not None else prompts
+    ids = torch.tensor([[0] * (width - len(p)) + r for p, r in zip(prompts, rows)])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(r) for p, r in zip(prompts, rows)])
+    return ids, attention, width
+
+
 def rollouts(model, prompts, completions) -> tuple[float, list[float]]:
     """Sampled completions of exactly len(completions[0]) tokens; the values: the first token's log-probs, row 0."""
     import torch
 
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, attention, _ = left_padded(prompts)
     new = len(completions[0])
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -111,9 +120,7 @@ def rloo_logps(model, prompts, completions) -> tuple[float, list[float]]:
     """TRL's fused-head pass as RLOO runs it (`fused_lm_head=True`), forward + backward."""
     import torch
 
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p + c for p, c in zip(prompts, completions)])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(c)) for p, c in zip(prompts, completions)])
+    ids, attention, width = left_padded(prompts, completions)
     labels = ids.masked_fill(attention == 0, -100)
     labels[:, :width] = -100
     started = time.perf_counter()
@@ -131,6 +138,11 @@ def gen_logps(model, prompts, completions) -> tuple[float, list[float]]:
     return time.perf_counter() - started, [sum(r) for r in raw]
 
 
+# measure -> (what is timed, the lever it is timed on and off)
+MEASURES = {"dpo_step": (dpo_step, logits_lever), "gen_logps": (gen_logps, logits_lever),
+            "rloo_logps": (rloo_logps, fused_head_lever), "rollouts": (rollouts, rollouts_lever)}
+
+
 def main() -> None:
     import torch
 
@@ -146,8 +158,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--measures", default="dpo_step,gen_logps,rloo_logps,rollouts", help="Comma-separated.")
+    parser.add_argument("--measures", default=",".join(MEASURES), help="Comma-separated, of: " + ", ".join(MEASURES))
     args = parser.parse_args()
+    unknown = sorted(set(args.measures.split(",")) - set(MEASURES))
+    if unknown:
+        parser.error(f"--measures: unknown {', '.join(unknown)}; choose from {', '.join(MEASURES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(ModelArgs(model=args.model))
@@ -158,16 +173,15 @@ def main() -> None:
     print(f"{args.model}: batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, completions "
           f"{args.completion} tokens, {args.rounds} rounds after 1 warm-up")
     print(f"{'measure':<10}{'lever on (s)':>14}{'off (s)':>10}{'off/on':>8}{'max |Δ logp|':>14}")
-    measures = {"dpo_step": (dpo_step, logits_lever), "gen_logps": (gen_logps, logits_lever),
-                "rloo_logps": (rloo_logps, fused_head_lever), "rollouts": (rollouts, rollouts_lever)}
     for name in args.measures.split(","):
-        fn, lever = measures[name]
+        fn, lever = MEASURES[name]
+        training = name in ("dpo_step", "rloo_logps")  # forward + backward; the others sample or score
         times: dict[bool, list[float]] = {True: [], False: []}
         values = {}
         for round_ in range(args.rounds + 1):
             for on in (True, False) if round_ % 2 == 0 else (False, True):
-                model.train(name in ("dpo_step", "rloo_logps"))
-                with lever(on, model), torch.set_grad_enabled(name in ("dpo_step", "rloo_logps")):
+                model.train(training)
+                with lever(on, model), torch.set_grad_enabled(training):
                     seconds, values[on] = fn(model, prompts, completions)
                 if round_:
                     times[on].append(seconds)

@@ -21,3 +21,11 @@ def test_lever_on_and_off_agree(tiny_model_dir):
         assert float(on) > 0 and float(off) > 0 and float(ratio) > 0
         # bf16 rollouts differ from float32 ones by bf16's rounding, by design; the other levers change no value
         assert 0 < float(diff) < 0.1 if name == "rollouts" else float(diff) < 1e-4, name
+
+
+def test_an_unknown_measure_is_one_clear_line():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "levers.py"), "--measures", "rollouts,nope"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--measures: unknown nope; choose from dpo_step, gen_logps, rloo_logps, rollouts")
