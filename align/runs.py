@@ -418,6 +418,27 @@ def cpu_autocast(train: TrainArgs) -> bool:
     return train.mixed_precision == "bf16" and not torch.cuda.is_available()
 
 
+def checkpointing_option(enabled: bool) -> dict[str, bool]:
+    """transformers' TrainingArguments option for activation checkpointing, under the name this release reads:
+    5.25 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name still works, with a warning at
+    every run); older releases know only the old one."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def enable_checkpointing(model: Any, use_reentrant: bool) -> None:
+    """Turn activation checkpointing on in a transformers model (or a PEFT model around one), by the method this
+    release has (5.25 renamed gradient_checkpointing_enable, which now warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
 def preflight(train: TrainArgs) -> Optional[str]:
     """Checks that must fail before any training: the tracker's package, the hub (token and network)."""
     check_tracker(train.report_to)

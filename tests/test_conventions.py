@@ -129,6 +129,47 @@ def test_dataloader_num_workers_reaches_both_loops(tiny_model_dir, tmp_path):
     assert version(out)["metrics"]["global_step"] == 1
 
 
+def test_activation_checkpointing_reaches_sft_and_rlhf_configs_without_a_deprecation_warning(tmp_path):
+    """gradient_checkpointing: true turns checkpointing on in TRL's configs under the name the installed transformers
+    reads (5.25 renamed it; the old name warned at every run), and false leaves it off."""
+    import warnings
+
+    from align.config import RLHFArgs
+    from align.trainers.rlhf import trainer_config
+    from align.trainers.sft import trainer_args
+
+    for enabled in (True, False):
+        train = targs(tmp_path / "x", gradient_checkpointing=enabled, per_device_train_batch_size=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            built = [trainer_args(train, ModelArgs(), False, tmp_path),
+                     trainer_config(RLHFArgs(num_generations=2), train, ModelArgs(dtype="float32"), tmp_path)]
+        assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+        assert [args.gradient_checkpointing for args in built] == [enabled, enabled]
+
+
+def test_checkpointing_in_our_own_loop_is_on_and_says_nothing_deprecated(tiny_model_dir, tmp_path, monkeypatch):
+    """DPO and reward training run our loop (align/trainers/loop.py): gradient_checkpointing: true checkpoints the
+    decoder layers there too, without the deprecated transformers call."""
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    seen: list[bool] = []
+    original = PreTrainedModel.train
+
+    def train(self, mode=True):  # the loop puts the model in training mode after setting it up
+        seen.append(any(getattr(m, "gradient_checkpointing", False) for m in self.modules()))
+        return original(self, mode)
+
+    monkeypatch.setattr(PreTrainedModel, "train", train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run("dpo", tiny_model_dir, tmp_path, tmp_path / "gc", gradient_checkpointing=True)
+    assert [str(w.message) for w in caught if "checkpointing_enable" in str(w.message)] == []
+    assert seen and seen[-1] is True
+
+
 def test_base_model_without_chat_template(tiny_model_dir, tmp_path, caplog):
     from align.models import CHATML_TEMPLATE, load_tokenizer
 
@@ -176,3 +217,34 @@ def test_wheel_ships_every_data_file_the_packages_read(tmp_path):
             if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts}
     assert "labeling/deploy/nginx.conf" in data
     assert data - shipped == set()
+
+
+def test_make_setup_pins_every_declared_dependency_within_its_range():
+    """`make setup` installs under constraints.txt (the versions the README was measured with): every dependency that
+    pyproject.toml declares for it (core, test, postgres) is pinned there exactly, at a version its range admits, and
+    torch is left to the Makefile's TORCH_SPEC or the user's own build."""
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[\w.+-]+", version), f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]
+                + project["optional-dependencies"]["postgres"]]
+    for req in declared:
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req}"
+    assert "-c $(CONSTRAINTS)" in (root / "Makefile").read_text()

@@ -29,7 +29,10 @@ def _lora_lm(checkpointing=False):
         if "lora_B" in name:
             p.data.normal_(0, 0.1)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from align.runs import enable_checkpointing
+
+        enable_checkpointing(model, use_reentrant=False)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     return model
 
 

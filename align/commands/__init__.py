@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 from align import __version__
@@ -55,6 +56,8 @@ def run_guarded(func: Callable[[list[str]], None], argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("ALIGN_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # transformers 5.25 deprecates a model property that TRL and PEFT still read at every run: nothing a user can change
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         func(argv)
     except AlignError as exc:

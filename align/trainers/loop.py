@@ -251,7 +251,7 @@ def _setup(accelerator: Any, model: Any, task: Task, train: TrainArgs) -> tuple:
         # PEFT under ZeRO-3 crashes with non-reentrant checkpointing (TRL forces reentrant there too); reentrant
         # needs inputs that require grad when the embeddings are frozen.
         reentrant = accelerator.distributed_type == DistributedType.DEEPSPEED
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        runs.enable_checkpointing(model, use_reentrant=reentrant)
         if reentrant and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,

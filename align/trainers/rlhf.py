@@ -348,7 +348,7 @@ def trainer_config(rl: RLHFArgs, train: TrainArgs, model_args: ModelArgs, out: P
         lr_scheduler_type=train.lr_scheduler_type, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm, logging_steps=train.logging_steps, save_strategy="steps",
         save_steps=train.save_steps, save_total_limit=train.save_total_limit,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **runs.checkpointing_option(train.gradient_checkpointing),
         bf16=dtype == torch.bfloat16 or train.mixed_precision == "bf16", use_cpu=runs.cpu_autocast(train),
         fp16=dtype == torch.float16, seed=train.seed, data_seed=train.seed,
         # TensorBoard is our own callback (DIR/tensorboard); wandb and trackio are transformers'.

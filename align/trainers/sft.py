@@ -82,7 +82,7 @@ def trainer_args(train: TrainArgs, model_args: ModelArgs, has_eval: bool, out: P
         load_best_model_at_end=evaluate and train.early_stopping_patience > 0,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        gradient_checkpointing=train.gradient_checkpointing,
+        **runs.checkpointing_option(train.gradient_checkpointing),
         bf16=dtype == torch.bfloat16 or train.mixed_precision == "bf16",  # bf16: autocast over float32 weights
         use_cpu=runs.cpu_autocast(train),  # transformers asks for it to autocast bf16 on a CPU
         fp16=dtype == torch.float16,
