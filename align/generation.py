@@ -335,6 +335,9 @@ class SamplerLogps:
             return
         picked = tokens[:, None]
         self.raw.append((scores.gather(-1, picked) - torch.logsumexp(scores, -1, keepdim=True)).squeeze(-1))
+        if self.temperature == 0:  # greedy: the argmax is drawn with probability 1
+            self.sampled.append(torch.zeros_like(self.raw[-1]))
+            return
         scaled = scores / self.temperature  # what TemperatureLogitsWarper hands the sampler next
         self.sampled.append((scaled.gather(-1, picked) - torch.logsumexp(scaled, -1, keepdim=True)).squeeze(-1))
 
@@ -416,8 +419,9 @@ def vllm_missing() -> Optional[str]:
 
 def sampler_logps_usable(settings: SamplingSettings) -> bool:
     """The sampler's scores give both stored log-probs when they are the raw logits over the temperature: sampling
-    (temperature > 0) without top-k / top-p truncation. Greedy and truncated settings use the teacher-forced pass."""
-    return settings.temperature > 0 and not settings.truncates
+    without top-k / top-p truncation, and greedy decoding (its raw logits; 0 under the point mass it draws from, as
+    the teacher-forced pass stores). Truncated settings use the teacher-forced pass."""
+    return not settings.truncates
 
 
 def _attach_logps(model, tokenizer, samples: list[Sample], encoded: dict[int, list[int]], settings, batch_size: int = 16) -> None:

@@ -120,29 +120,35 @@ def test_unknown_cache_is_a_config_error(tiny):
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_sampler_logps_equal_teacher_forced_rescoring(tiny, temperature, cache):
     """Log-probs taken from the sampler's own logits (the default) equal the teacher-forced pass's for the same
-    samples, both stored fields, per token, within 1e-5, for left-padded batches of prompts of different lengths."""
+    samples, both stored fields, per token, within 1e-5, for left-padded batches of prompts of different lengths;
+    greedy decoding too (its sampled log-probs are 0: the argmax is drawn with probability 1)."""
     model, tok = tiny
     prompts = [[{"role": "user", "content": "hello " * k}] for k in range(1, 6)]
     settings = SamplingSettings(temperature=temperature, max_new_tokens=10, seed=1)
-    ours = [s for b in sample_responses(model, tok, prompts, 3, settings, batch_size=6, cache=cache) for s in b]
-    rescored = [s for b in sample_responses(model, tok, prompts, 3, settings, batch_size=6, cache=cache,
+    n = 1 if temperature == 0 else 3  # greedy: one answer per prompt
+    ours = [s for b in sample_responses(model, tok, prompts, n, settings, batch_size=6, cache=cache) for s in b]
+    rescored = [s for b in sample_responses(model, tok, prompts, n, settings, batch_size=6, cache=cache,
                                             logps_from="rescore") for s in b]
-    assert [s.token_ids for s in ours] == [s.token_ids for s in rescored] and len(ours) == 15
-    assert len({len(s.token_ids) for s in ours}) > 1  # some stopped early: their padded tail is not stored
+    assert [s.token_ids for s in ours] == [s.token_ids for s in rescored] and len(ours) == 5 * n
+    if temperature > 0:  # greedy answers of the random tiny model all run to max_new_tokens
+        assert len({len(s.token_ids) for s in ours}) > 1  # some stopped early: their padded tail is not stored
     for a, b in zip(ours, rescored):
         assert len(a.token_logps) == len(a.sample_token_logps) == len(a.token_ids)
         assert a.token_logps == pytest.approx(b.token_logps, abs=1e-5)
         assert a.sample_token_logps == pytest.approx(b.sample_token_logps, abs=1e-5)
     if temperature != 1.0:
         assert ours[0].sample_token_logps != ours[0].token_logps
+    if temperature == 0.0:
+        assert {v for s in ours for v in s.sample_token_logps} == {0.0}
 
 
-def test_truncating_or_greedy_settings_rescore(tiny, monkeypatch):
-    """top-p (applied after the point where the sampler's logits are read) and greedy take the teacher-forced pass:
-    their stored values are exactly the re-scoring's. An unknown source is a config error."""
+def test_truncating_settings_rescore(tiny, monkeypatch):
+    """top-p and top-k (applied after the point where the sampler's logits are read) take the teacher-forced pass:
+    their stored values are exactly the re-scoring's; greedy decoding does not. An unknown source is a config
+    error."""
     import align.generation as generation
 
     model, tok = tiny
@@ -150,7 +156,8 @@ def test_truncating_or_greedy_settings_rescore(tiny, monkeypatch):
     calls = []
     original = generation.score_completions
     monkeypatch.setattr(generation, "score_completions", lambda *a, **k: calls.append(1) or original(*a, **k))
-    for settings in (SamplingSettings(top_p=0.8, max_new_tokens=4), SamplingSettings(temperature=0, max_new_tokens=4)):
+    assert generation.sampler_logps_usable(SamplingSettings(temperature=0, max_new_tokens=4))
+    for settings in (SamplingSettings(top_p=0.8, max_new_tokens=4), SamplingSettings(top_k=5, max_new_tokens=4)):
         assert not generation.sampler_logps_usable(settings)
         (s,) = next(sample_responses(model, tok, prompts, 1, settings))
         raw, sampled = original(model, [prompt_ids(tok, prompts[0])], [s.token_ids], settings, tok.pad_token_id)
