@@ -21,6 +21,11 @@ Lever `bf16_rollouts` (align.trainers.rlhf): RLOO's rollouts on a CPU under `mix
 bf16 autocast with the frozen base weights cast once, against float32 sampling (what TRL's generate ran). Timed as
 `rollouts`: `--batch` sampled completions of exactly `--completion` tokens at temperature 0.7. Its last column is
 the largest difference of the first token's log-probs (bf16 against float32: not round-off, by design).
+
+Lever: greedy answers keep the log-probs of the logits they were decoded from (align.generation `SamplerLogps`),
+against a second, teacher-forced pass over them (before 2026-12-06). Timed as `greedy`: `sample_responses`, as
+`align eval --greedy` runs it, `--batch` prompts in one call, up to `--completion` new tokens; the values compared
+are every stored per-token log-prob (equal to float round-off).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import random
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 
 @contextmanager
@@ -47,7 +54,15 @@ def logits_lever(on: bool, model=None):
         lp.accepts_logits_to_keep, lp.plain_head = original
 
 
-def make_batch(tokenizer, batch: int, completion: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+@dataclass
+class Batch:
+    tokenizer: Any
+    messages: list  # the prompts as chat messages
+    prompts: list[list[int]]  # the same in the model's chat template, token ids
+    completions: list[list[int]]  # random completions, `--completion` tokens each
+
+
+def make_batch(tokenizer, batch: int, completion: int, seed: int) -> Batch:
     from align.prompts import resolve_prompts
     from align.data import as_messages, prompt_ids
 
@@ -56,19 +71,20 @@ def make_batch(tokenizer, batch: int, completion: int, seed: int) -> tuple[list[
     for row in resolve_prompts("tasks:train", per_family=-(-batch // 7)):
         by_family.setdefault(row["family"], []).append(row)
     rows = [row for group in itertools.zip_longest(*by_family.values()) for row in group if row][:batch]
-    prompts = [prompt_ids(tokenizer, as_messages(r["prompt"])) for r in rows]
+    messages = [as_messages(r["prompt"]) for r in rows]
+    prompts = [prompt_ids(tokenizer, m) for m in messages]
     completions = [[rng.randrange(100, len(tokenizer) - 100) for _ in range(completion)] for _ in prompts]
-    return prompts, completions
+    return Batch(tokenizer, messages, prompts, completions)
 
 
-def dpo_step(model, prompts, completions) -> tuple[float, list[float]]:
+def dpo_step(model, batch: Batch) -> tuple[float, list[float]]:
     from align.preference import PreferenceCollator, completion_logps
 
     features = [{"index": i, "prompt_ids": p, "chosen_ids": c, "rejected_ids": c[::-1], "is_tie": False,
-                 "soft_label": None} for i, (p, c) in enumerate(zip(prompts, completions))]
-    batch = PreferenceCollator(pad_token_id=0)(features)
+                 "soft_label": None} for i, (p, c) in enumerate(zip(batch.prompts, batch.completions))]
+    collated = PreferenceCollator(pad_token_id=0)(features)
     started = time.perf_counter()
-    out = completion_logps(model, batch)
+    out = completion_logps(model, collated)
     (out["chosen_logps"] - out["rejected_logps"]).sigmoid().log().mean().backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - started, out["chosen_logps"].tolist()
@@ -80,6 +96,19 @@ def fused_head_lever(on: bool, model=None):
 
     with completion_tokens_only() if on else nullcontext():
         yield
+
+
+@contextmanager
+def greedy_lever(on: bool, model=None):
+    import align.generation as generation
+
+    original = generation.sampler_logps_usable
+    if not on:  # off: greedy answers re-scored teacher-forced, as before
+        generation.sampler_logps_usable = lambda settings: settings.temperature > 0 and original(settings)
+    try:
+        yield
+    finally:
+        generation.sampler_logps_usable = original
 
 
 @contextmanager
@@ -101,12 +130,12 @@ def left_padded(prompts, completions=None):
     return ids, attention, width
 
 
-def rollouts(model, prompts, completions) -> tuple[float, list[float]]:
-    """Sampled completions of exactly len(completions[0]) tokens; the values: the first token's log-probs, row 0."""
+def rollouts(model, batch: Batch) -> tuple[float, list[float]]:
+    """Sampled completions of exactly `--completion` tokens; the values: the first token's log-probs, row 0."""
     import torch
 
-    ids, attention, _ = left_padded(prompts)
-    new = len(completions[0])
+    ids, attention, _ = left_padded(batch.prompts)
+    new = len(batch.completions[0])
     torch.manual_seed(0)
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=new, min_new_tokens=new,
@@ -116,11 +145,9 @@ def rollouts(model, prompts, completions) -> tuple[float, list[float]]:
     return seconds, out.scores[0][0].float().log_softmax(-1).tolist()
 
 
-def rloo_logps(model, prompts, completions) -> tuple[float, list[float]]:
+def rloo_logps(model, batch: Batch) -> tuple[float, list[float]]:
     """TRL's fused-head pass as RLOO runs it (`fused_lm_head=True`), forward + backward."""
-    import torch
-
-    ids, attention, width = left_padded(prompts, completions)
+    ids, attention, width = left_padded(batch.prompts, batch.completions)
     labels = ids.masked_fill(attention == 0, -100)
     labels[:, :width] = -100
     started = time.perf_counter()
@@ -130,17 +157,29 @@ def rloo_logps(model, prompts, completions) -> tuple[float, list[float]]:
     return time.perf_counter() - started, out.log_probs.detach().sum(-1).tolist()
 
 
-def gen_logps(model, prompts, completions) -> tuple[float, list[float]]:
+def gen_logps(model, batch: Batch) -> tuple[float, list[float]]:
     from align.generation import score_completions
 
     started = time.perf_counter()
-    raw, _ = score_completions(model, prompts, completions)
+    raw, _ = score_completions(model, batch.prompts, batch.completions)
     return time.perf_counter() - started, [sum(r) for r in raw]
+
+
+def greedy(model, batch: Batch) -> tuple[float, list[float]]:
+    """Greedy answers with their stored log-probs, all prompts in one generate() call; the values: every log-prob."""
+    from align.generation import SamplingSettings, sample_responses
+
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=len(batch.completions[0]))
+    started = time.perf_counter()
+    samples = [s for part in sample_responses(model, batch.tokenizer, batch.messages, 1, settings,
+                                              batch_size=len(batch.messages)) for s in part]
+    return time.perf_counter() - started, [v for s in samples for v in s.token_logps]
 
 
 # measure -> (what is timed, the lever it is timed on and off)
 MEASURES = {"dpo_step": (dpo_step, logits_lever), "gen_logps": (gen_logps, logits_lever),
-            "rloo_logps": (rloo_logps, fused_head_lever), "rollouts": (rollouts, rollouts_lever)}
+            "rloo_logps": (rloo_logps, fused_head_lever), "rollouts": (rollouts, rollouts_lever),
+            "greedy": (greedy, greedy_lever)}
 
 
 def main() -> None:
@@ -168,8 +207,8 @@ def main() -> None:
     model, tokenizer = load_model(ModelArgs(model=args.model))
     model = apply_lora(model, LoraArgs(lora_dropout=0.0))
     add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy"))  # as RLOOTrainer does; other calls pass
-    prompts, completions = make_batch(tokenizer, args.batch, args.completion, args.seed)
-    lengths = [len(p) for p in prompts]
+    batch = make_batch(tokenizer, args.batch, args.completion, args.seed)
+    lengths = [len(p) for p in batch.prompts]
     print(f"{args.model}: batch {args.batch}, prompts {min(lengths)}-{max(lengths)} tokens, completions "
           f"{args.completion} tokens, {args.rounds} rounds after 1 warm-up")
     print(f"{'measure':<10}{'lever on (s)':>14}{'off (s)':>10}{'off/on':>8}{'max |Δ logp|':>14}")
@@ -182,7 +221,7 @@ def main() -> None:
             for on in (True, False) if round_ % 2 == 0 else (False, True):
                 model.train(training)
                 with lever(on, model), torch.set_grad_enabled(training):
-                    seconds, values[on] = fn(model, prompts, completions)
+                    seconds, values[on] = fn(model, batch)
                 if round_:
                     times[on].append(seconds)
         on, off = statistics.median(times[True]), statistics.median(times[False])

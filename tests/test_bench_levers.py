@@ -15,8 +15,8 @@ def test_lever_on_and_off_agree(tiny_model_dir):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^(dpo_step|gen_logps|rloo_logps|rollouts)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
-    assert set(rows) == {"dpo_step", "gen_logps", "rloo_logps", "rollouts"}, result.stdout
+            re.finditer(r"^(dpo_step|gen_logps|rloo_logps|rollouts|greedy)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)×\s+([\d.e+-]+)$", result.stdout, re.M)}
+    assert set(rows) == {"dpo_step", "gen_logps", "rloo_logps", "rollouts", "greedy"}, result.stdout
     for name, (on, off, ratio, diff) in rows.items():  # times print with 4 decimals: too coarse to recheck the ratio
         assert float(on) > 0 and float(off) > 0 and float(ratio) > 0
         # bf16 rollouts differ from float32 ones by bf16's rounding, by design; the other levers change no value
@@ -28,4 +28,4 @@ def test_an_unknown_measure_is_one_clear_line():
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
-        "--measures: unknown nope; choose from dpo_step, gen_logps, rloo_logps, rollouts")
+        "--measures: unknown nope; choose from dpo_step, gen_logps, rloo_logps, rollouts, greedy")

@@ -1,8 +1,8 @@
 """The eval report in a real headless Chromium: it loads with no network request and screenshots cleanly.
 
 Skipped when playwright or chromium is missing, unless ALIGN_REQUIRE_BROWSER=1 (then missing means failure).
-ALIGN_REPORT_HTML=path screenshots that report instead of the tiny-model fixture; ALIGN_UPDATE_DOCS=1 copies the
-screenshot to docs/report.png (the README's picture).
+ALIGN_REPORT_HTML=path screenshots that report instead of the tiny-model fixture; ALIGN_UPDATE_DOCS=1 saves the
+screenshot's first DOCS_HEIGHT pixels to docs/report.png (the README's picture).
 """
 
 from __future__ import annotations
